@@ -1,0 +1,95 @@
+"""The high-level Captioner: checkpoint -> images -> encoder -> decoding -> text.
+
+    captioner = Captioner.from_checkpoint("runs/shapes/best.pt")
+    captioner("photo.jpg")                                   # -> "a dog runs on the grass"
+    captioner.caption(["a.jpg", "https://...", pil_image], beam_size=3)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import Config
+from .data import build_transform
+from .decoding import greedy
+from .device import resolve_device, resolve_precision
+from .images import ImageLimits, ImageLoadError, describe, open_image
+from .model import CaptionModel
+from .vocab import Vocabulary
+
+
+@dataclass
+class CaptionResult:
+    input: str                  # a printable name of the input (path, URL, <bytes: n>, <PIL.Image ...>)
+    caption: str | None = None
+    error: str | None = None    # why this input got no caption
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        return {"input": self.input, "caption": self.caption} if self.ok else {"input": self.input, "error": self.error}
+
+
+class Captioner:
+    def __init__(self, model: CaptionModel, vocab: Vocabulary, cfg: Config, device=None, precision: str = "auto",
+                 limits: ImageLimits | None = None):
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.vocab, self.cfg, self.limits = vocab, cfg, limits
+        # the preprocessing the checkpoint was trained with, rebuilt from its config
+        self.transform = build_transform(cfg.data.image_size)
+        self.model = model.to(self.device).eval()
+        self.image_dtype = torch.float32
+        if self.precision != "fp32":
+            # the ResNet is most of the work: cast its weights once (autocast would re-cast them on every
+            # call) and use channels_last; the transformer stays in fp32, so captions barely move
+            self.image_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            self.model.encoder.to(self.image_dtype, memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device=None, precision: str = "auto",
+                        limits: ImageLimits | None = None) -> "Captioner":
+        model, vocab, cfg = load_checkpoint(path)
+        return cls(model, vocab, cfg, device, precision, limits)
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        """RGB PIL images -> transformer memory (B, L, d_model), in fp32."""
+        x = torch.stack([self.transform(im) for im in images]).to(self.device)
+        x = x.to(self.image_dtype, memory_format=torch.channels_last)
+        features = self.model.encoder(x).float()                 # (B, L, C)
+        return self.model.memory(features)
+
+    @torch.no_grad()
+    def caption(self, inputs, beam_size: int = 1, batch_size: int = 16, max_len: int | None = None) -> list[CaptionResult]:
+        """One result per input, in order; a bad input gets an error and the others still get captions."""
+        if isinstance(inputs, (str, Path, bytes)) or not hasattr(inputs, "__iter__"):
+            inputs = [inputs]
+        if beam_size != 1:
+            raise NotImplementedError("beam search is not available yet; use beam_size=1")
+        max_len = max_len or self.cfg.data.max_len
+        results, loaded = [], []
+        for x in inputs:
+            results.append(CaptionResult(describe(x)))
+            try:
+                loaded.append((len(results) - 1, open_image(x, self.limits)))
+            except ImageLoadError as e:
+                results[-1].error = str(e)
+        for start in range(0, len(loaded), batch_size):
+            chunk = loaded[start:start + batch_size]
+            memory = self.encode([im for _, im in chunk])
+            for (i, _), ids in zip(chunk, greedy(self.model, memory, self.vocab.bos, self.vocab.eos, max_len)):
+                results[i].caption = self.vocab.decode(ids)
+        return results
+
+    def __call__(self, x, beam_size: int = 1) -> str:
+        """The caption of one input; raises ImageLoadError when it cannot be read."""
+        result = self.caption([x], beam_size=beam_size)[0]
+        if not result.ok:
+            raise ImageLoadError(result.error)
+        return result.caption

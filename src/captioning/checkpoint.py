@@ -1,0 +1,92 @@
+"""One-file checkpoints: plain dicts of lists, numbers, strings and tensors.
+
+They load with ``torch.load(path, weights_only=True)``: the vocabulary is a
+list of tokens and the config a dict, nothing is pickled. Writes are atomic
+(temporary file in the same folder, fsync, os.replace), so a crash never
+leaves a half-written checkpoint behind.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, from_dict, to_dict
+from .model import CaptionModel, build_model
+from .vocab import Vocabulary
+
+FORMAT_VERSION = 1
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def model_checkpoint(model: CaptionModel, cfg: Config, vocab: Vocabulary, **extra) -> dict:
+    """What `load_checkpoint` needs to rebuild the model from the file alone."""
+    return {"format_version": FORMAT_VERSION, "config": to_dict(cfg), "vocab": vocab.to_list(),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a captioning checkpoint of format version {FORMAT_VERSION}")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, device="cpu") -> tuple[CaptionModel, Vocabulary, Config]:
+    """Rebuild (model in eval mode, vocabulary, config) from one checkpoint file."""
+    ckpt = read_checkpoint(path)
+    cfg = from_dict(ckpt["config"], check_paths=False)
+    cfg.model.pretrained = False  # the weights come from the file: never download
+    vocab = Vocabulary.from_list(ckpt["vocab"])
+    model = build_model(cfg.model, len(vocab), vocab.pad)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), vocab, cfg
+
+
+# RNG states as plain values, so that they survive weights_only loading
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "state": list(py_state), "gauss": py_gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,228 @@
+"""Captions on disk -> image-level splits -> batches.
+
+Readers turn each supported layout into a `Corpus` (image file name -> its
+captions, plus a split when the file brings one). Splits are always by image,
+never by caption row, so no image sits in two splits. A batch holds B images
+and all of their captions; `image_index` says which image each caption belongs
+to, so the image side runs once per image, not once per caption.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from .config import Config
+from .images import open_image
+from .vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Corpus:
+    images_dir: Path
+    captions: dict[str, list[str]]            # image file name -> captions, in file order
+    splits: dict[str, list[str]] | None = None  # given by the file (Karpathy), else made by `split_images`
+
+
+# ---------------------------------------------------------------- readers
+
+_ROW_NUMBER_TEXT = re.compile(r"^\s*(\d+)\s+(\S.*)$")
+
+
+def read_flickr30k(captions_file: str | Path) -> tuple[dict[str, list[str]], int]:
+    """The Kaggle `results.csv`: `image_name| comment_number| comment`.
+
+    Quotes and commas inside captions are kept as written (no CSV quoting: the
+    file has none). A row that lost its second `|` (`x.jpg| 4   A dog ...`) is
+    repaired. Returns the captions and the number of rows skipped.
+    """
+    captions: dict[str, list[str]] = {}
+    skipped = 0
+    with open(captions_file, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    if lines and lines[0].replace(" ", "").lower().startswith("image_name|"):
+        lines = lines[1:]
+    for line in lines:
+        if not line.strip():
+            continue
+        parts = line.split("|", 2)
+        name = parts[0].strip()
+        if len(parts) == 3:
+            text = parts[2].strip()
+        elif len(parts) == 2 and (m := _ROW_NUMBER_TEXT.match(parts[1])):
+            text = m.group(2).strip()   # the number and the caption ran together
+        else:
+            text = ""
+        if not name or not text:
+            skipped += 1
+            continue
+        captions.setdefault(name, []).append(text)
+    return captions, skipped
+
+
+def read_karpathy(captions_file: str | Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Karpathy's `dataset_flickr30k.json`, with its own split (restval joins train)."""
+    with open(captions_file) as f:
+        data = json.load(f)
+    captions, splits = {}, {s: [] for s in SPLITS}
+    for entry in data["images"]:
+        name = entry["filename"]
+        captions[name] = [s["raw"].strip() for s in entry["sentences"] if s.get("raw", "").strip()]
+        split = {"restval": "train"}.get(entry.get("split", "train"), entry.get("split", "train"))
+        splits.setdefault(split, []).append(name)
+    return captions, splits
+
+
+def read_csv(captions_file: str | Path) -> tuple[dict[str, list[str]], int]:
+    """A plain CSV with `image,caption` columns (standard quoting)."""
+    captions, skipped = {}, 0
+    with open(captions_file, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+            raise ValueError(f"{captions_file}: expected a header with 'image' and 'caption' columns, "
+                             f"got {reader.fieldnames}")
+        for row in reader:
+            name, text = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
+            if not name or not text:
+                skipped += 1
+                continue
+            captions.setdefault(name, []).append(text)
+    return captions, skipped
+
+
+def read_corpus(cfg: Config) -> Corpus:
+    """Read the captions named by the config and drop those whose image is missing.
+
+    Unreadable rows and missing images are counted and reported in one warning
+    each, before any training starts.
+    """
+    d = cfg.data
+    images_dir, captions_file = Path(d.images).expanduser(), Path(d.captions).expanduser()
+    if d.format == "shapes" and not captions_file.is_file():
+        from .shapes import build_shapes
+        log.warning("Shapes data set not found at %s: generating %d images", captions_file.parent, d.shapes_images)
+        build_shapes(captions_file.parent, d.shapes_images)
+    splits, skipped = None, 0
+    if d.format in ("flickr30k", "shapes"):
+        captions, skipped = read_flickr30k(captions_file)
+    elif d.format == "karpathy":
+        captions, splits = read_karpathy(captions_file)
+    else:
+        captions, skipped = read_csv(captions_file)
+    if skipped:
+        log.warning("%s: skipped %d unreadable row(s)", captions_file, skipped)
+    present = set(os.listdir(images_dir))
+    missing = [name for name in captions if name not in present]
+    if missing:
+        log.warning("%s: %d of %d captioned image(s) are missing from %s and are left out (e.g. %s)",
+                    captions_file, len(missing), len(captions), images_dir, ", ".join(missing[:3]))
+        captions = {k: v for k, v in captions.items() if k in present}
+        if splits:
+            splits = {s: [n for n in names if n in present] for s, names in splits.items()}
+    if not captions:
+        raise ValueError(f"{captions_file}: no captioned image found in {images_dir}")
+    return Corpus(images_dir, captions, splits)
+
+
+# ---------------------------------------------------------------- splits
+
+def split_images(names: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Image-level split, deterministic from the seed and independent of file order."""
+    names = sorted(set(names))
+    random.Random(seed).shuffle(names)
+    n_val, n_test = round(len(names) * val_fraction), round(len(names) * test_fraction)
+    return {"train": sorted(names[n_val + n_test:]), "val": sorted(names[:n_val]),
+            "test": sorted(names[n_val:n_val + n_test])}
+
+
+def make_splits(corpus: Corpus, cfg: Config) -> dict[str, list[str]]:
+    if corpus.splits is not None:
+        return {s: list(corpus.splits.get(s, [])) for s in SPLITS}
+    return split_images(list(corpus.captions), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+
+
+def save_splits(splits: dict[str, list[str]], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(splits, indent=1))
+
+
+def load_splits(path: str | Path) -> dict[str, list[str]]:
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------- datasets
+
+def build_transform(image_size: int) -> transforms.Compose:
+    """The one preprocessing, used for training and inference alike.
+
+    A square resize, not a crop: a crop can cut out the very object a caption
+    names. No flips either: they would turn "left of" into a lie.
+    """
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size), antialias=True),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class CaptionDataset(Dataset):
+    """One item per image: (image tensor, [token id tensors of each caption], name)."""
+
+    def __init__(self, corpus: Corpus, names: list[str], vocab: Vocabulary, image_size: int, max_words: int):
+        self.images_dir = corpus.images_dir
+        self.names = list(names)
+        self.captions = [[torch.tensor(vocab.encode(c, max_words)) for c in corpus.captions[n]] for n in self.names]
+        self.transform = build_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        image = open_image(self.images_dir / self.names[i])
+        return self.transform(image), self.captions[i], self.names[i]
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor        # (B, 3, H, W)
+    tokens: torch.Tensor        # (N, T) every caption of every image, padded with <pad>
+    image_index: torch.Tensor   # (N,) which image each caption belongs to
+    names: list[str]
+
+    def to(self, device) -> "Batch":
+        return Batch(self.images.to(device, non_blocking=True), self.tokens.to(device, non_blocking=True),
+                     self.image_index.to(device, non_blocking=True), self.names)
+
+
+def collate(items, pad_id: int = 0) -> Batch:
+    images, caption_lists, names = zip(*items)
+    captions = [c for cs in caption_lists for c in cs]
+    index = torch.tensor([i for i, cs in enumerate(caption_lists) for _ in cs])
+    tokens = torch.nn.utils.rnn.pad_sequence(captions, batch_first=True, padding_value=pad_id)
+    return Batch(torch.stack(images), tokens, index, list(names))
+
+
+def build_loader(dataset: CaptionDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int = 0,
+                 epoch: int = 0, pad_id: int = 0) -> DataLoader:
+    """Training order depends only on (seed, epoch), so a resumed run sees the same order."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    # a last training batch of one image would break BatchNorm in a trainable backbone
+    drop_last = shuffle and len(dataset) > batch_size
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+                      num_workers=num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      collate_fn=functools.partial(collate, pad_id=pad_id))

@@ -1,0 +1,46 @@
+"""Where and in what precision to run: one answer for training and inference."""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+
+def resolve_device(name: str | None = "auto") -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available")
+    return device
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 matrix units (AMX or AVX-512 BF16), where bf16 is a real speed-up."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> bf16 on CUDA that has it (else fp16) and on bf16-capable CPUs, fp32 elsewhere."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs CUDA (on the CPU use bf16 or fp32)")
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,0 +1,150 @@
+"""The caption model: ResNet grid features -> nn.Transformer -> next-word logits.
+
+    image (B, 3, H, W)
+      -> Encoder: a torchvision ResNet without its pooling and classifier
+      -> grid features (B, h*w, C)                  # 7x7x2048 for ResNet-152 at 224 px
+      -> Linear(C, d_model) + 2-D sinusoidal position of each grid cell
+      -> nn.Transformer encoder -> memory (B, h*w, d_model)
+    tokens (N, T) -> embedding * sqrt(d_model) + 1-D sinusoidal position of each word
+      -> nn.Transformer decoder (causal + padding masks, cross-attends to memory)
+      -> Linear(d_model, V) -> logits (N, T, V)
+
+A batch may hold several captions per image: `image_index` (N,) maps each
+caption to its image, so the image side runs once per image.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torchvision
+from torch import nn
+
+from .config import ModelConfig
+
+
+class Encoder(nn.Module):
+    """A torchvision ResNet up to its last stage; frozen unless `trainable`.
+
+    The submodules keep torchvision's names (conv1, bn1, layer1, ...), so
+    ImageNet weights load with strict=True.
+    """
+
+    def __init__(self, backbone: str = "resnet152", pretrained: bool = True, trainable: bool = False):
+        super().__init__()
+        weights = "DEFAULT" if pretrained else None
+        resnet = torchvision.models.get_model(backbone, weights=weights)
+        self.body = nn.Sequential(OrderedDict((k, v) for k, v in resnet.named_children() if k not in ("avgpool", "fc")))
+        self.out_channels = resnet.fc.in_features
+        self.trainable = trainable
+        if not trainable:
+            self.body.requires_grad_(False)
+            self.body.eval()
+
+    def train(self, mode: bool = True):
+        # a frozen encoder keeps its BatchNorm statistics: always in eval mode
+        return super().train(mode and self.trainable)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.body(images)                    # (B, C, h, w)
+        return grid.flatten(2).transpose(1, 2)      # (B, h*w, C)
+
+
+def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Vaswani et al.'s encoding of `positions` (L,) -> (L, dim)."""
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    angles = positions.float()[:, None] * freq[None, :]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)   # interleaved sin, cos
+
+
+def grid_encoding(h: int, w: int, dim: int) -> torch.Tensor:
+    """2-D position of each cell of an h x w grid, row-major -> (h*w, dim): half rows, half columns."""
+    rows = sinusoid(torch.arange(h), dim // 2)                # (h, dim/2)
+    cols = sinusoid(torch.arange(w), dim // 2)                # (w, dim/2)
+    return torch.cat([rows[:, None, :].expand(h, w, -1), cols[None, :, :].expand(h, w, -1)], dim=-1).reshape(h * w, dim)
+
+
+class PositionalEncoding(nn.Module):
+    """Adds the sinusoidal position of each token along the token axis (dim 1)."""
+
+    def __init__(self, d_model: int, max_len: int):
+        super().__init__()
+        self.register_buffer("pe", sinusoid(torch.arange(max_len), d_model), persistent=False)  # (max_len, D)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        # x: (B, T, D); position t of every sequence gets pe[offset + t]
+        if offset + x.size(1) > self.pe.size(0):
+            raise ValueError(f"sequence of {offset + x.size(1)} tokens is longer than model.max_len={self.pe.size(0)}")
+        return x + self.pe[offset:offset + x.size(1)]
+
+
+def causal_mask(size: int, device=None) -> torch.Tensor:
+    """(T, T) bool, True where a query must not see a key (the future)."""
+    return torch.triu(torch.ones(size, size, dtype=torch.bool, device=device), diagonal=1)
+
+
+class CaptionModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int = 0):
+        super().__init__()
+        self.cfg, self.pad_id = cfg, pad_id
+        self.encoder = Encoder(cfg.backbone, cfg.pretrained, cfg.train_backbone)
+        self.project = nn.Linear(self.encoder.out_channels, cfg.d_model)
+        self.embed = nn.Embedding(vocab_size, cfg.d_model, padding_idx=pad_id)
+        self.positions = PositionalEncoding(cfg.d_model, cfg.max_len)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.transformer = nn.Transformer(
+            d_model=cfg.d_model, nhead=cfg.num_heads, num_encoder_layers=cfg.num_encoder_layers,
+            num_decoder_layers=cfg.num_decoder_layers, dim_feedforward=cfg.dim_feedforward,
+            dropout=cfg.dropout, batch_first=True)
+        self.head = nn.Linear(cfg.d_model, vocab_size)
+
+    # -- image side: once per image
+    def memory(self, features: torch.Tensor) -> torch.Tensor:
+        """Grid features (B, L, C) -> transformer memory (B, L, d_model)."""
+        L = features.size(1)
+        side = math.isqrt(L)
+        h, w = (side, side) if side * side == L else (1, L)
+        x = self.project(features) + grid_encoding(h, w, self.cfg.d_model).to(features.device, self.project.weight.dtype)
+        return self.transformer.encoder(self.dropout(x))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> memory (B, h*w, d_model)."""
+        return self.memory(self.encoder(images))
+
+    # -- word side
+    def embed_tokens(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(N, T) ids -> (N, T, d_model), scaled embedding plus word position."""
+        return self.dropout(self.positions(self.embed(tokens) * math.sqrt(self.cfg.d_model), offset))
+
+    def decode(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """memory (N, L, D) aligned with tokens (N, T) -> logits (N, T, V)."""
+        T = tokens.size(1)
+        x = self.transformer.decoder(
+            self.embed_tokens(tokens), memory,
+            tgt_mask=causal_mask(T, tokens.device), tgt_is_causal=True,
+            tgt_key_padding_mask=tokens == self.pad_id)
+        return self.head(x)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits (N, T, V) for `tokens` (N, T) = <bos> w1 ... wn <eos> <pad>...
+
+        `image_index` (N,) maps captions to images (default: one caption each);
+        `features` (B, L, C), when given, stand in for the frozen encoder's output.
+        """
+        memory = self.memory(features if features is not None else self.encoder(images))  # (B, L, D)
+        if image_index is not None:
+            memory = memory[image_index]                                               # (N, L, D)
+        return self.decode(memory, tokens)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int = 0) -> CaptionModel:
+    return CaptionModel(cfg, vocab_size, pad_id)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return trainable, frozen

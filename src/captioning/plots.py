@@ -1,0 +1,56 @@
+"""Figures: training history, and images with their captions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+
+def plot_history(history: list[dict], out_dir: str | Path) -> list[Path]:
+    """loss.png (train and val cross-entropy) and lr.png, from history.csv's rows."""
+    out_dir = Path(out_dir)
+    epochs = [h["epoch"] for h in history]
+    paths = []
+    for name, keys, ylabel in (("loss.png", ("train_loss", "val_loss"), "cross-entropy"),
+                               ("lr.png", ("lr",), "learning rate")):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for key in keys:
+            ax.plot(epochs, [h[key] for h in history], marker="o", ms=3, label=key.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        if len(keys) > 1:
+            ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths
+
+
+def show_captions(images, captions, titles=None, cols: int = 4, width: float = 3.2):
+    """A grid of images, each with its caption underneath; returns the figure."""
+    n = len(images)
+    cols = max(1, min(cols, n))
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, width * rows + 0.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (ax, image, caption) in enumerate(zip(axes.flat, images, captions)):
+        ax.imshow(image)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+        ax.text(0.5, -0.04, "\n".join(_wrap(caption, 34)), transform=ax.transAxes, ha="center", va="top", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines

@@ -1,0 +1,180 @@
+"""The training loop: plain functions, no trainer framework.
+
+`train_one_epoch` and `evaluate_loss` return dicts of averages; `fit` composes
+them with Adam, ExponentialLR stepped per epoch, early stopping on validation
+cross-entropy, checkpoints, history and plots. `fit(cfg, resume=RUN_DIR)`
+continues a run from its `last.pt`.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import model_checkpoint, read_checkpoint, rng_state, save_atomic, set_rng_state
+from .config import Config, from_dict, save_config
+from .data import CaptionDataset, build_loader, load_splits, make_splits, read_corpus, save_splits
+from .device import autocast, resolve_device, resolve_precision
+from .model import CaptionModel, build_model, count_parameters
+from .plots import plot_history
+from .vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "lr", "seconds")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: the run stops rather than save a broken model."""
+
+
+def caption_loss(model: CaptionModel, batch, precision: str, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Mean next-word cross-entropy over the batch's real tokens, and their count.
+
+    Training and validation call this same function.
+    """
+    inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]
+    with autocast(precision, device):
+        logits = model(batch.images, inputs, batch.image_index)          # (N, T-1, V)
+    n_tokens = int((targets != model.pad_id).sum())
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=model.pad_id)
+    return loss, n_tokens
+
+
+def train_one_epoch(model, loader, optimizer, scaler, precision, device, epoch: int, grad_clip: float = 0.0,
+                    progress: bool = True) -> dict:
+    model.train()
+    total, n_total = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
+    for step, batch in enumerate(bar):
+        loss, n = caption_loss(model, batch.to(device), precision, device)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {step}: stopping without "
+                                     "saving. Try a lower train.lr, train.grad_clip, or train.precision=fp32.")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        total, n_total = total + loss.item() * n, n_total + n
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return {"loss": total / max(n_total, 1), "tokens": n_total}
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, precision, device, progress: bool = False) -> dict:
+    model.eval()
+    total, n_total = 0.0, 0
+    for batch in tqdm(loader, desc="val", disable=not progress, leave=False):
+        loss, n = caption_loss(model, batch.to(device), precision, device)
+        total, n_total = total + loss.item() * n, n_total + n
+    return {"loss": total / max(n_total, 1), "tokens": n_total}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_history(history: list[dict], run_dir: Path) -> None:
+    with open(run_dir / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+    plot_history(history, run_dir)
+
+
+def prepare(cfg: Config, run_dir: Path, resume_ckpt: dict | None):
+    """Data, splits and vocabulary of a run: made fresh, or read back when resuming."""
+    corpus = read_corpus(cfg)
+    if resume_ckpt is not None:
+        splits = load_splits(run_dir / "splits.json")
+        vocab = Vocabulary.from_list(resume_ckpt["vocab"])
+    else:
+        splits = make_splits(corpus, cfg)
+        # built from training captions only: validation and test words stay unseen
+        vocab = Vocabulary.build((c for n in splits["train"] for c in corpus.captions[n]), cfg.data.min_freq)
+        save_splits(splits, run_dir / "splits.json")
+    for split in ("train", "val"):
+        if not splits[split]:
+            raise ValueError(f"the {split} split is empty: check data.val_fraction and the data set size")
+    datasets = {s: CaptionDataset(corpus, splits[s], vocab, cfg.data.image_size, cfg.data.max_len)
+                for s in ("train", "val")}
+    return datasets, vocab
+
+
+def fit(cfg: Config, resume: str | Path | None = None, overrides: list[str] = (), progress: bool = True) -> Path:
+    """Train (or continue) a run; returns its run directory."""
+    resume_ckpt = None
+    if resume is not None:
+        run_dir = Path(resume)
+        resume_ckpt = read_checkpoint(run_dir / "last.pt")
+        cfg = from_dict(resume_ckpt["config"], overrides)  # e.g. --set train.epochs=40 to go on longer
+    else:
+        run_dir = Path(cfg.run_dir)
+        if (run_dir / "last.pt").exists():
+            raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                                  "or choose another run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+
+    datasets, vocab = prepare(cfg, run_dir, resume_ckpt)
+    save_config(cfg, run_dir / "config.yaml")
+    model = build_model(cfg.model, len(vocab), vocab.pad).to(device)
+    trainable, frozen = count_parameters(model)
+    log.info("%d train / %d val images, %d words, %.1f M trainable + %.1f M frozen parameters, %s on %s",
+             len(datasets["train"]), len(datasets["val"]), len(vocab), trainable / 1e6, frozen / 1e6, precision, device)
+
+    # fused: one kernel for all parameters instead of ~10 per tensor (5x faster steps on the CPU)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, fused=True)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.train.gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    history, best_val, bad_epochs, start_epoch = [], math.inf, 0, 1
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["model"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        scheduler.load_state_dict(resume_ckpt["scheduler"])
+        scaler.load_state_dict(resume_ckpt["scaler"])
+        set_rng_state(resume_ckpt["rng"])
+        history, best_val, bad_epochs = resume_ckpt["history"], resume_ckpt["best_val"], resume_ckpt["bad_epochs"]
+        start_epoch = resume_ckpt["epoch"] + 1
+
+    t = cfg.train
+    val_loader = build_loader(datasets["val"], t.batch_size, False, t.num_workers, pad_id=vocab.pad)
+    for epoch in range(start_epoch, t.epochs + 1):
+        if t.patience and bad_epochs >= t.patience:
+            break
+        start = time.time()
+        train_loader = build_loader(datasets["train"], t.batch_size, True, t.num_workers, cfg.seed, epoch, vocab.pad)
+        lr = optimizer.param_groups[0]["lr"]
+        train_stats = train_one_epoch(model, train_loader, optimizer, scaler, precision, device, epoch,
+                                      t.grad_clip, progress)
+        val_stats = evaluate_loss(model, val_loader, precision, device)
+        scheduler.step()
+        history.append({"epoch": epoch, "train_loss": round(train_stats["loss"], 5),
+                        "val_loss": round(val_stats["loss"], 5), "lr": lr, "seconds": round(time.time() - start, 2)})
+        write_history(history, run_dir)
+        improved = val_stats["loss"] < best_val
+        best_val, bad_epochs = (val_stats["loss"], 0) if improved else (best_val, bad_epochs + 1)
+        if improved:
+            save_atomic(model_checkpoint(model, cfg, vocab, epoch=epoch, val_loss=val_stats["loss"]), run_dir / "best.pt")
+        save_atomic(model_checkpoint(
+            model, cfg, vocab, epoch=epoch, val_loss=val_stats["loss"], optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng_state(),
+            history=history, best_val=best_val, bad_epochs=bad_epochs), run_dir / "last.pt")
+        msg = (f"epoch {epoch}: train {train_stats['loss']:.4f}  val {val_stats['loss']:.4f}  lr {lr:.2e}  "
+               f"{history[-1]['seconds']:.0f}s{'  *best' if improved else ''}")
+        (tqdm.write if progress else log.info)(msg)
+    return run_dir

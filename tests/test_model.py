@@ -1,0 +1,117 @@
+"""The model's invariants, and the reference design's defects it must not repeat."""
+import pytest
+import torch
+
+from captioning.config import ModelConfig, load_config
+from captioning.model import PositionalEncoding, build_model, count_parameters, grid_encoding
+
+V = 50
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18", pretrained=False, d_model=32, num_heads=4, num_encoder_layers=1,
+                      num_decoder_layers=1, dim_feedforward=64, dropout=0.1, max_len=16)
+    # one decoder layer: with more, the causal mask alone leaks some word order, which would hide the bug below
+    return build_model(cfg, V).eval()
+
+
+def _memory(b=2, length=4, d=32):
+    return torch.randn(b, length, d, generator=torch.Generator().manual_seed(1))
+
+
+def _tokens(*rows):
+    return torch.tensor(rows)
+
+
+def test_word_order_changes_next_word_logits(model):
+    memory = _memory(1)
+    a = model.decode(memory, _tokens([1, 7, 8, 9, 10]))[:, -1]
+    b = model.decode(memory, _tokens([1, 9, 8, 7, 10]))[:, -1]   # same words, other order, same last word
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_batch_axis_positions_would_be_caught(model, monkeypatch):
+    """The reference added pe[batch index] to every word: the decoder then ignores word order."""
+    def buggy(self, x, offset=0):
+        return x + self.pe[: x.size(0)][:, None, :]
+    monkeypatch.setattr(PositionalEncoding, "forward", buggy)
+    memory = _memory(1)
+    a = model.decode(memory, _tokens([1, 7, 8, 9, 10]))[:, -1]
+    b = model.decode(memory, _tokens([1, 9, 8, 7, 10]))[:, -1]
+    assert torch.allclose(a, b, atol=1e-5)  # so test_word_order_changes_next_word_logits fails on that bug
+
+
+def test_positions_run_along_the_word_axis(model):
+    x = model.embed_tokens(torch.full((3, 4), 5))            # (B, T, D): one word repeated
+    assert torch.allclose(x[0], x[2])                          # every sequence gets the same positions
+    assert not torch.allclose(x[:, 0], x[:, 1])                # successive words get different ones
+
+
+def test_later_words_do_not_change_earlier_logits(model):
+    memory = _memory(1)
+    a = model.decode(memory, _tokens([1, 7, 8, 9, 10, 11]))
+    b = model.decode(memory, _tokens([1, 7, 8, 20, 21, 22]))
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-5)
+    assert not torch.allclose(a[:, 3:], b[:, 3:], atol=1e-4)
+
+
+def test_padding_changes_nothing(model):
+    memory = _memory(2)
+    short = model.decode(memory[:1], _tokens([1, 7, 8, 2]))
+    padded = model.decode(memory, _tokens([1, 7, 8, 2, 0, 0], [1, 5, 6, 7, 8, 2]))
+    assert torch.allclose(short, padded[:1, :4], atol=1e-5)
+    longer = model.decode(memory[1:], _tokens([1, 5, 6, 7, 8, 2]))
+    assert torch.allclose(longer, padded[1:], atol=1e-5)
+
+
+def test_image_index_equals_repeated_images(model):
+    images = torch.randn(2, 3, 64, 64)
+    tokens = _tokens([1, 7, 8, 2], [1, 5, 2, 0], [1, 9, 9, 2])
+    index = torch.tensor([0, 0, 1])
+    a = model(images, tokens, index)
+    b = model(images[index], tokens)
+    assert a.shape == (3, 4, V)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_grid_positions_are_distinct():
+    pe = grid_encoding(7, 7, 64)
+    assert pe.shape == (49, 64)
+    assert torch.cdist(pe, pe).add(torch.eye(49) * 1e3).min() > 0.1
+
+
+def test_frozen_encoder_stays_frozen_and_in_eval_mode():
+    model = build_model(ModelConfig(backbone="resnet18", pretrained=False, d_model=32, num_heads=4,
+                                    num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32), V)
+    model.train()
+    assert not model.encoder.training and model.transformer.training
+    assert all(not p.requires_grad for p in model.encoder.parameters())
+    running = model.encoder.body.bn1.running_mean.clone()
+    model(torch.randn(2, 3, 64, 64), _tokens([1, 4, 2], [1, 5, 2])).sum().backward()
+    assert torch.equal(running, model.encoder.body.bn1.running_mean)
+    assert all(p.grad is None for p in model.encoder.parameters())
+
+
+def test_encoder_keeps_torchvision_names_for_strict_loading():
+    import torchvision
+    resnet = torchvision.models.resnet18(weights=None)
+    model = build_model(ModelConfig(backbone="resnet18", pretrained=False, d_model=32, num_heads=4,
+                                    num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32), V)
+    state = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    model.encoder.body.load_state_dict(state, strict=True)
+
+
+def test_reference_parameter_counts():
+    """configs/flickr30k.yaml with the reference's 7,736 words: 53.1 M trainable + 58.1 M frozen."""
+    cfg = load_config("configs/flickr30k.yaml", ["model.pretrained=false"], check_paths=False)
+    trainable, frozen = count_parameters(build_model(cfg.model, 7736))
+    assert round(trainable / 1e6, 1) == 53.1 and round(frozen / 1e6, 1) == 58.1
+
+
+def test_dmodel128_variant():
+    cfg = load_config("configs/dmodel128.yaml", ["model.pretrained=false"], check_paths=False)
+    assert (cfg.model.d_model, cfg.model.num_heads) == (128, 4)
+    trainable, frozen = count_parameters(build_model(cfg.model, 7736))
+    assert trainable < 12e6 and round(frozen / 1e6, 1) == 58.1
