@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from .config import Config
+from .config import Config, ConfigError
 from .images import open_image
 from .vocab import Vocabulary
 
@@ -54,7 +54,7 @@ def read_flickr30k(captions_file: str | Path) -> tuple[dict[str, list[str]], int
     """
     captions: dict[str, list[str]] = {}
     skipped = 0
-    with open(captions_file, encoding="utf-8", errors="replace") as f:
+    with open(captions_file, encoding="utf-8-sig", errors="replace") as f:
         lines = f.read().splitlines()
     if lines and lines[0].replace(" ", "").lower().startswith("image_name|"):
         lines = lines[1:]
@@ -92,7 +92,7 @@ def read_karpathy(captions_file: str | Path) -> tuple[dict[str, list[str]], dict
 def read_csv(captions_file: str | Path) -> tuple[dict[str, list[str]], int]:
     """A plain CSV with `image,caption` columns (standard quoting)."""
     captions, skipped = {}, 0
-    with open(captions_file, newline="", encoding="utf-8") as f:
+    with open(captions_file, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
             raise ValueError(f"{captions_file}: expected a header with 'image' and 'caption' columns, "
@@ -118,6 +118,8 @@ def read_corpus(cfg: Config) -> Corpus:
         from .shapes import build_shapes
         log.warning("Shapes data set not found at %s: generating %d images", captions_file.parent, d.shapes_images)
         build_shapes(captions_file.parent, d.shapes_images)
+    if not images_dir.is_dir():
+        raise ConfigError(f"config key 'data.images': folder {d.images!r} does not exist")
     splits, skipped = None, 0
     if d.format in ("flickr30k", "shapes"):
         captions, skipped = read_flickr30k(captions_file)
@@ -222,7 +224,7 @@ def build_loader(dataset: CaptionDataset, batch_size: int, shuffle: bool, num_wo
     """Training order depends only on (seed, epoch), so a resumed run sees the same order."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     # a last training batch of one image would break BatchNorm in a trainable backbone
-    drop_last = shuffle and len(dataset) > batch_size
+    drop_last = shuffle and len(dataset) % batch_size == 1
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
                       num_workers=num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       collate_fn=functools.partial(collate, pad_id=pad_id))
