@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "lr", "seconds")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf: the run stops rather than save a broken model."""
 
 
