@@ -32,9 +32,13 @@ def make_memory(B, seed=1, dtype=torch.float32):
     return torch.randn(B, L, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+# seed and <eos> bias picked to give varied captions (which assert_nontrivial checks)
+POST_NORM = {"seed": 7, "eos_bias": 3.0}
+
+
 @pytest.fixture(scope="module")
 def model():
-    return make_model(eos_bias=8.0)
+    return make_model(**POST_NORM)
 
 
 def assert_nontrivial(captions, max_len):
@@ -45,10 +49,10 @@ def assert_nontrivial(captions, max_len):
 
 
 def log_prob(model, memory, ids, finished=True):
-    """Sum of log-probs of ids (+ <eos>) for one image, by the training path, <pad> excluded as in decoding."""
+    """Sum of log-probs of ids (+ <eos>) for one image, by the training path, <pad> and <bos> excluded as in decoding."""
     tokens = torch.tensor([[BOS] + ids + [EOS] * finished])
     logits = model.decode(memory[None], tokens[:, :-1])[0].float()
-    logits[:, PAD] = float("-inf")
+    logits[:, [PAD, BOS]] = float("-inf")
     return logits.log_softmax(-1).gather(1, tokens[0, 1:, None]).sum().item()
 
 
@@ -131,7 +135,7 @@ def test_greedy_matches_reference_and_stops_at_own_eos(model):
 
 
 # seeds and biases picked to give varied captions, which assert_nontrivial checks
-@pytest.mark.parametrize("norm_first, seed, eos_bias", [(False, 0, 8.0), (True, 1, 2.0)])
+@pytest.mark.parametrize("norm_first, seed, eos_bias", [(False, 7, 3.0), (True, 1, 4.0)])
 def test_greedy_batched_equals_one_at_a_time(norm_first, seed, eos_bias):
     model = make_model(seed=seed, norm_first=norm_first, eos_bias=eos_bias)
     memory = make_memory(6, seed=5)
@@ -165,7 +169,7 @@ def test_bf16_autocast_runs_and_mostly_agrees(model):
     assert len(pairs) >= 12
     assert sum(a == b for a, b in pairs) >= 0.7 * len(pairs)
     # a model cast to bf16, no autocast
-    model16 = make_model(eos_bias=8.0).bfloat16()
+    model16 = make_model(**POST_NORM).bfloat16()
     out = greedy(model16, memory.bfloat16(), BOS, EOS, max_len=15)
     assert sum(a == b for x, y in zip(fp32, out) for a, b in zip(x[:3], y[:3])) >= 0.7 * len(pairs)
 

@@ -115,3 +115,18 @@ def test_dmodel128_variant():
     assert (cfg.model.d_model, cfg.model.num_heads) == (128, 4)
     trainable, frozen = count_parameters(build_model(cfg.model, 7736))
     assert trainable < 12e6 and round(frozen / 1e6, 1) == 58.1
+
+
+@pytest.mark.parametrize("stages, grid, channels", [(2, 8 * 8, 128), (3, 4 * 4, 256), (4, 2 * 2, 512)])
+def test_fewer_stages_give_a_finer_grid(stages, grid, channels):
+    cfg = ModelConfig(backbone="resnet18", pretrained=False, backbone_stages=stages, d_model=32, num_heads=4,
+                      num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32)
+    model = build_model(cfg, V).eval()
+    assert model.encoder(torch.randn(1, 3, 64, 64)).shape == (1, grid, channels)
+    assert model(torch.randn(1, 3, 64, 64), _tokens([1, 4, 2])).shape == (1, 3, V)
+
+
+def test_words_positions_and_image_start_at_the_same_scale(model):
+    words = model.embed.weight[4:] * model.cfg.d_model ** 0.5      # (V-4, D) as embed_tokens scales them
+    assert 0.8 < words.std().item() < 1.2                          # positions are sin/cos: std ~0.7
+    assert torch.count_nonzero(model.embed.weight[model.pad_id]) == 0

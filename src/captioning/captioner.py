@@ -14,7 +14,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data import build_transform
-from .decoding import greedy
+from .decoding import beam_search, greedy
 from .device import resolve_device, resolve_precision
 from .images import ImageLimits, ImageLoadError, describe, open_image
 from .model import CaptionModel
@@ -66,25 +66,38 @@ class Captioner:
         return self.model.memory(features)
 
     @torch.no_grad()
-    def caption(self, inputs, beam_size: int = 1, batch_size: int = 16, max_len: int | None = None) -> list[CaptionResult]:
+    def decode(self, memory: torch.Tensor, beam_size: int = 1, max_len: int | None = None,
+               length_penalty: float = 1.0) -> list[str]:
+        """Memory (B, L, d_model) -> B captions, greedy (beam_size=1) or by beam search."""
+        max_len = max_len or self.cfg.data.max_len
+        bos, eos = self.vocab.bos, self.vocab.eos
+        if beam_size == 1:
+            ids = greedy(self.model, memory, bos, eos, max_len)
+        else:
+            ids = [hyps[0][0] for hyps in beam_search(self.model, memory, bos, eos, max_len, beam_size, length_penalty)]
+        return [self.vocab.decode(i) for i in ids]
+
+    @torch.no_grad()
+    def caption(self, inputs, beam_size: int = 1, batch_size: int = 16, max_len: int | None = None,
+                length_penalty: float = 1.0) -> list[CaptionResult]:
         """One result per input, in order; a bad input gets an error and the others still get captions."""
         if isinstance(inputs, (str, Path, bytes)) or not hasattr(inputs, "__iter__"):
             inputs = [inputs]
-        if beam_size != 1:
-            raise NotImplementedError("beam search is not available yet; use beam_size=1")
-        max_len = max_len or self.cfg.data.max_len
-        results, loaded = [], []
-        for x in inputs:
-            results.append(CaptionResult(describe(x)))
-            try:
-                loaded.append((len(results) - 1, open_image(x, self.limits)))
-            except ImageLoadError as e:
-                results[-1].error = str(e)
-        for start in range(0, len(loaded), batch_size):
-            chunk = loaded[start:start + batch_size]
-            memory = self.encode([im for _, im in chunk])
-            for (i, _), ids in zip(chunk, greedy(self.model, memory, self.vocab.bos, self.vocab.eos, max_len)):
-                results[i].caption = self.vocab.decode(ids)
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        inputs = list(inputs)
+        results = [CaptionResult(describe(x)) for x in inputs]
+        for start in range(0, len(inputs), batch_size):  # open a batch at a time: a folder never sits in memory
+            images = {}
+            for i in range(start, min(start + batch_size, len(inputs))):
+                try:
+                    images[i] = open_image(inputs[i], self.limits)
+                except ImageLoadError as e:
+                    results[i].error = str(e)
+            if images:
+                captions = self.decode(self.encode(list(images.values())), beam_size, max_len, length_penalty)
+                for i, caption in zip(images, captions):
+                    results[i].caption = caption
         return results
 
     def __call__(self, x, beam_size: int = 1) -> str:

@@ -40,6 +40,7 @@ class ModelConfig:
     backbone: str = "resnet152"      # any torchvision ResNet
     pretrained: bool = True          # torchvision's ImageNet weights (downloads once)
     train_backbone: bool = False     # frozen by default
+    backbone_stages: int = 4         # ResNet stages kept: 4 = all (stride 32), 3 = stride 16, 2 = stride 8
     d_model: int = 512
     num_heads: int = 8
     num_encoder_layers: int = 6
@@ -121,6 +122,7 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     need(d.shapes_images >= 10, "data.shapes_images", f"must be >= 10, got {d.shapes_images}")
     need(m.backbone.startswith("resnet") or m.backbone.startswith("wide_resnet") or m.backbone.startswith("resnext"),
          "model.backbone", f"must name a torchvision ResNet (resnet18 ... resnet152, resnext*, wide_resnet*), got {m.backbone!r}")
+    need(1 <= m.backbone_stages <= 4, "model.backbone_stages", f"must be 1 to 4, got {m.backbone_stages}")
     for key in ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "dim_feedforward"):
         need(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
     need(m.d_model % m.num_heads == 0, "model.d_model",

@@ -13,8 +13,8 @@ so a step costs one position per sequence, whatever the length so far.
 `greedy_reference` keeps the re-run-everything path: tests hold the two to the
 same logits and tokens, and the benchmark times one against the other.
 
-Both searches never emit <pad>: the training path masks <pad> keys
-(tgt_key_padding_mask) and the cache does not, and it is never a word anyway.
+Both searches never emit <pad> or <bos>: neither is ever a word, and the
+training path masks <pad> keys (tgt_key_padding_mask) where the cache does not.
 """
 from __future__ import annotations
 
@@ -154,8 +154,9 @@ def step(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor) -> torc
     return model.head(x)[:, 0]                                         # (N, V)
 
 
-def _no_pad(logits: torch.Tensor, pad_id: int) -> torch.Tensor:
-    return logits.index_fill(-1, torch.tensor([pad_id], device=logits.device), float("-inf"))
+def _words_only(logits: torch.Tensor, pad_id: int, bos: int) -> torch.Tensor:
+    """Logits with <pad> and <bos> ruled out: neither is ever a word."""
+    return logits.index_fill(-1, torch.tensor([pad_id, bos], device=logits.device), float("-inf"))
 
 
 # -----------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def greedy(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_le
     alive = list(range(B))                                            # the image each row of the cache decodes
     tokens = torch.full((B,), bos, dtype=torch.long, device=memory.device)
     for _ in range(max_len):
-        tokens = _no_pad(step(model, cache, tokens), model.pad_id).argmax(-1)   # (n,)
+        tokens = _words_only(step(model, cache, tokens), model.pad_id, bos).argmax(-1)   # (n,)
         going = tokens != eos
         for b, word in zip(alive, tokens.tolist()):
             if word != eos:
@@ -198,7 +199,7 @@ def greedy_reference(model: CaptionModel, memory: torch.Tensor, bos: int, eos: i
     tokens = torch.full((B, 1), bos, dtype=torch.long, device=memory.device)
     done = torch.zeros(B, dtype=torch.bool, device=memory.device)
     for _ in range(max_len):
-        logits = _no_pad(model.decode(memory, tokens)[:, -1], model.pad_id)   # (B, V)
+        logits = _words_only(model.decode(memory, tokens)[:, -1], model.pad_id, bos)   # (B, V)
         nxt = logits.argmax(-1).masked_fill(done, eos)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done |= nxt == eos
@@ -252,7 +253,7 @@ def beam_search(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, m
         return torch.tensor(xs, dtype=torch.long, device=device)
 
     for t in range(max_len):
-        logp = _no_pad(step(model, cache, tokens).float(), model.pad_id).log_softmax(-1)   # (n*K, V)
+        logp = _words_only(step(model, cache, tokens).float(), model.pad_id, bos).log_softmax(-1)   # (n*K, V)
         V = logp.size(-1)
         candidates = (sums[:, :, None] + logp.view(-1, K, V)).view(-1, K * V)            # (n, K*V)
         # a beam has one <eos>, so 2K candidates hold K that go on

@@ -33,7 +33,7 @@ COLORS = {
     "white": (240, 240, 240),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.10, "large": 0.19}   # radius as a fraction of the canvas side
+SIZES = {"small": 0.12, "large": 0.20}   # radius as a fraction of the canvas side
 GROUND_TRUTH = "shapes_ground_truth.json"
 CANVAS = 96
 

@@ -1,0 +1,107 @@
+"""Captioning speed: the reference design's per-word re-run against ours, side by side in one run.
+
+The reference-size model (ResNet-152 at 224 px, d_model 512, 6+6 layers, 7,736 words) with random
+weights -- speed does not depend on them -- and captions forced to 20 words (the <eos> logit is
+pinned to -inf, so the real `Captioner.caption` path runs all 20 steps). Measured:
+
+- reference: what the reference design did for each generated word: ResNet-152 and the whole
+  transformer over the prefix so far, fp32, one image;
+- ours: `Captioner.caption([image])` at the default precision (image preprocessing included);
+- encoder: the bare ResNet-152 forward at that same precision, batch 1;
+- batch 32: ours against the bare encoder, images per second.
+
+Last line: decode: speedup_vs_reference=X overhead_vs_encoder=Y batch_efficiency=Z rss_mb=W
+
+    python benchmarks/decode.py [--repeats 3] [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from captioning import Captioner
+from captioning.config import from_dict
+from captioning.data import build_transform
+from captioning.model import build_model
+from captioning.vocab import SPECIALS, Vocabulary
+
+WORDS = 20
+
+
+def timed(fn, repeats: int, sync) -> float:
+    """Median seconds of `repeats` calls after one warm-up."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def reference_caption(model, image: torch.Tensor, bos: int, words: int) -> list[int]:
+    """The reference design's decoding: every word re-runs the ResNet and the whole transformer."""
+    tokens = torch.full((1, 1), bos, dtype=torch.long, device=image.device)
+    for _ in range(words):
+        logits = model(image, tokens)[:, -1]            # (1, V): encoder, transformer encoder, decoder: all again
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    return tokens[0, 1:].tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    torch.manual_seed(0)
+    cfg = from_dict({"model": {"pretrained": False, "max_len": 64}, "data": {"max_len": WORDS}}, check_paths=False)
+    vocab = Vocabulary(list(SPECIALS) + [f"w{i}" for i in range(7736 - len(SPECIALS))])
+    model = build_model(cfg.model, len(vocab), vocab.pad).eval()
+    with torch.no_grad():
+        model.head.bias[vocab.eos] = float("-inf")     # force every caption to WORDS words
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(32)]
+
+    # the reference first, in fp32; then the Captioner casts the same model's encoder for its precision
+    model.to(device)
+    x1 = build_transform(cfg.data.image_size)(photos[0])[None].to(device)
+    t_reference = timed(lambda: reference_caption(model, x1, vocab.bos, WORDS), max(1, args.repeats // 2), sync)
+    captioner = Captioner(model, vocab, cfg, device=device, precision="auto")
+    assert len(captioner.caption([photos[0]])[0].caption.split()) == WORDS
+
+    def encoder_forward(batch):
+        x = batch.to(captioner.image_dtype, memory_format=torch.channels_last)
+        with torch.no_grad():
+            captioner.model.encoder(x)
+
+    x32 = torch.stack([captioner.transform(p) for p in photos]).to(device)
+    t_ours = timed(lambda: captioner.caption([photos[0]]), args.repeats, sync)
+    t_encoder = timed(lambda: encoder_forward(x1), args.repeats, sync)
+    t_ours32 = timed(lambda: captioner.caption(photos, batch_size=32), args.repeats, sync)
+    t_encoder32 = timed(lambda: encoder_forward(x32), args.repeats, sync)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    print(f"device {device}, precision {captioner.precision}, {torch.get_num_threads()} threads, {WORDS} words")
+    print(f"reference (fp32, re-run per word): {t_reference * 1e3:8.1f} ms / image")
+    print(f"ours, one image:                   {t_ours * 1e3:8.1f} ms / image")
+    print(f"bare encoder, one image:           {t_encoder * 1e3:8.1f} ms / image")
+    print(f"ours, batch 32:                    {32 / t_ours32:8.1f} images / s")
+    print(f"bare encoder, batch 32:            {32 / t_encoder32:8.1f} images / s")
+    print(f"decode: speedup_vs_reference={t_reference / t_ours:.1f} overhead_vs_encoder={t_ours / t_encoder:.2f} "
+          f"batch_efficiency={t_encoder32 / t_ours32:.2f} rss_mb={rss_mb:.0f}")
+
+
+if __name__ == "__main__":
+    main()
