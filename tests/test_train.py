@@ -44,6 +44,7 @@ def test_resume_ends_where_an_unbroken_run_ends(shapes_dir, tmp_path):
     fit(None, resume=tmp_path / "broken", overrides=["train.epochs=3"], progress=False)
     full, resumed = read_checkpoint(tmp_path / "full" / "last.pt"), read_checkpoint(tmp_path / "broken" / "last.pt")
     assert resumed["epoch"] == full["epoch"] == 3
+    assert resumed["step"] == full["step"] > 0 and full["step"] % 3 == 0   # the same steps in every epoch
     for key, value in full["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert [h["train_loss"] for h in full["history"]] == [h["train_loss"] for h in resumed["history"]]

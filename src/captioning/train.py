@@ -55,8 +55,9 @@ def train_one_epoch(model, loader, optimizer, scaler, precision, device, epoch: 
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
     for step, batch in enumerate(bar):
         loss, n = caption_loss(model, batch.to(device), precision, device)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, step {step}: stopping without "
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"loss is {value} at epoch {epoch}, step {step}: stopping without "
                                      "saving. Try a lower train.lr, train.grad_clip, or train.precision=fp32.")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -65,9 +66,9 @@ def train_one_epoch(model, loader, optimizer, scaler, precision, device, epoch: 
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        total, n_total = total + loss.item() * n, n_total + n
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    return {"loss": total / max(n_total, 1), "tokens": n_total}
+        total, n_total = total + value * n, n_total + n
+        bar.set_postfix(loss=f"{value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return {"loss": total / max(n_total, 1), "tokens": n_total, "steps": len(loader)}
 
 
 @torch.no_grad()
@@ -141,7 +142,7 @@ def fit(cfg: Config, resume: str | Path | None = None, overrides: list[str] = ()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, fused=True)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.train.gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    history, best_val, bad_epochs, start_epoch = [], math.inf, 0, 1
+    history, best_val, bad_epochs, start_epoch, step = [], math.inf, 0, 1, 0
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -149,7 +150,7 @@ def fit(cfg: Config, resume: str | Path | None = None, overrides: list[str] = ()
         scaler.load_state_dict(resume_ckpt["scaler"])
         set_rng_state(resume_ckpt["rng"])
         history, best_val, bad_epochs = resume_ckpt["history"], resume_ckpt["best_val"], resume_ckpt["bad_epochs"]
-        start_epoch = resume_ckpt["epoch"] + 1
+        start_epoch, step = resume_ckpt["epoch"] + 1, resume_ckpt["step"]
 
     t = cfg.train
     val_loader = build_loader(datasets["val"], t.batch_size, False, t.num_workers, pad_id=vocab.pad)
@@ -163,6 +164,7 @@ def fit(cfg: Config, resume: str | Path | None = None, overrides: list[str] = ()
                                       t.grad_clip, progress)
         val_stats = evaluate_loss(model, val_loader, precision, device)
         scheduler.step()
+        step += train_stats["steps"]
         history.append({"epoch": epoch, "train_loss": round(train_stats["loss"], 5),
                         "val_loss": round(val_stats["loss"], 5), "lr": lr, "seconds": round(time.time() - start, 2)})
         write_history(history, run_dir)
@@ -171,7 +173,7 @@ def fit(cfg: Config, resume: str | Path | None = None, overrides: list[str] = ()
         if improved:
             save_atomic(model_checkpoint(model, cfg, vocab, epoch=epoch, val_loss=val_stats["loss"]), run_dir / "best.pt")
         save_atomic(model_checkpoint(
-            model, cfg, vocab, epoch=epoch, val_loss=val_stats["loss"], optimizer=optimizer.state_dict(),
+            model, cfg, vocab, epoch=epoch, step=step, val_loss=val_stats["loss"], optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng_state(),
             history=history, best_val=best_val, bad_epochs=bad_epochs), run_dir / "last.pt")
         msg = (f"epoch {epoch}: train {train_stats['loss']:.4f}  val {val_stats['loss']:.4f}  lr {lr:.2e}  "
