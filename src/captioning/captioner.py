@@ -58,12 +58,15 @@ class Captioner:
         return cls(model, vocab, cfg, device, precision, limits)
 
     @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, H, W) -> grid features (B, L, C), in the encoder's precision."""
+        return self.model.encoder(x.to(self.device, self.image_dtype, memory_format=torch.channels_last))
+
+    @torch.no_grad()
     def encode(self, images) -> torch.Tensor:
         """RGB PIL images -> transformer memory (B, L, d_model), in fp32."""
-        x = torch.stack([self.transform(im) for im in images]).to(self.device)
-        x = x.to(self.image_dtype, memory_format=torch.channels_last)
-        features = self.model.encoder(x).float()                 # (B, L, C)
-        return self.model.memory(features)
+        x = torch.stack([self.transform(im) for im in images])
+        return self.model.memory(self.features(x).float())
 
     @torch.no_grad()
     def decode(self, memory: torch.Tensor, beam_size: int = 1, max_len: int | None = None,
