@@ -8,7 +8,9 @@ pinned to -inf, so the real `Captioner.caption` path runs all 20 steps). Measure
   transformer over the prefix so far, fp32, one image;
 - ours: `Captioner.caption([image])` at the default precision (image preprocessing included);
 - encoder: the bare ResNet-152 forward at that same precision, batch 1;
-- batch 32: ours against the bare encoder, images per second.
+- batch 32: ours against the bare encoder, images per second;
+- peak RSS of the process through the reference and our captioning (the bare batch-32 forward,
+  which holds all 32 images' activations at once, comes after and is printed on its own).
 
 Last line: decode: speedup_vs_reference=X overhead_vs_encoder=Y batch_efficiency=Z rss_mb=W
 
@@ -45,6 +47,10 @@ def timed(fn, repeats: int, sync) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux reports KiB
 
 
 @torch.no_grad()
@@ -85,8 +91,8 @@ def main() -> None:
     t_ours = timed(lambda: captioner.caption([photos[0]]), args.repeats, sync)
     t_encoder = timed(lambda: captioner.features(x1), args.repeats, sync)       # the Captioner's own encoder call
     t_ours32 = timed(lambda: captioner.caption(photos, batch_size=32), args.repeats, sync)
+    rss_mb = peak_rss_mb()                          # the reference and ours, before the bare batch-32 forward
     t_encoder32 = timed(lambda: captioner.features(x32), args.repeats, sync)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     print(f"device {device}, precision {captioner.precision}, {torch.get_num_threads()} threads, {WORDS} words")
     print(f"reference (fp32, re-run per word): {t_reference * 1e3:8.1f} ms / image")
@@ -94,6 +100,7 @@ def main() -> None:
     print(f"bare encoder, one image:           {t_encoder * 1e3:8.1f} ms / image")
     print(f"ours, batch 32:                    {32 / t_ours32:8.1f} images / s")
     print(f"bare encoder, batch 32:            {32 / t_encoder32:8.1f} images / s")
+    print(f"peak RSS: {rss_mb:.0f} MB captioning, {peak_rss_mb():.0f} MB after the bare batch-32 forward")
     print(f"decode: speedup_vs_reference={t_reference / t_ours:.1f} overhead_vs_encoder={t_ours / t_encoder:.2f} "
           f"batch_efficiency={t_encoder32 / t_ours32:.2f} rss_mb={rss_mb:.0f}")
 
