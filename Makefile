@@ -1,5 +1,6 @@
 # The two quick-start commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
 PYTHON ?= python3
+PORT   ?= 8765
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SHAPES := data/shapes
@@ -11,17 +12,21 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -r requirements.txt pytest
+	$(PY) -m pip install -r requirements.txt pytest papermill
 	touch $@
 
-# Build Shapes, train on it from scratch on the CPU, caption held-out images, score the test split.
+# Build Shapes, then run the two notebooks headless on it: training.ipynb trains from scratch on the
+# CPU and scores the test split; inference.ipynb captions a held-out image from its path and another
+# from a URL served on 127.0.0.1. The executed notebooks, checkpoints and figures land in $(RUN).
 demo: install
 	test -f $(SHAPES)/results.csv || $(PY) -m captioning shapes $(SHAPES) --images 3000
-	rm -rf $(RUN)
-	$(PY) -m captioning train --config configs/shapes.yaml
-	$(PY) -m captioning caption --checkpoint $(RUN)/best.pt \
-	    $$($(PY) -c "import json; print(*('$(SHAPES)/flickr30k_images/' + n for n in json.load(open('$(RUN)/splits.json'))['test'][:4]))")
-	$(PY) -m captioning evaluate --checkpoint $(RUN)/best.pt --split test --out $(RUN)/test_predictions.json
+	rm -rf $(RUN) && mkdir -p $(RUN)
+	$(PY) -m papermill training.ipynb $(RUN)/training.ipynb -p config configs/shapes.yaml
+	$(PY) -m http.server $(PORT) --bind 127.0.0.1 --directory $(SHAPES)/flickr30k_images >/dev/null 2>&1 & \
+	trap "kill $$!" EXIT; sleep 1; \
+	set -- $$($(PY) -c "import json; print(*json.load(open('$(RUN)/splits.json'))['test'][:2])"); \
+	$(PY) -m papermill inference.ipynb $(RUN)/inference.ipynb -p checkpoint $(RUN)/best.pt \
+	    -y "images: [$(SHAPES)/flickr30k_images/$$1, 'http://127.0.0.1:$(PORT)/$$2']"
 
 # The whole suite, slow end-to-end tests included (what CI runs).
 test: install

@@ -66,3 +66,32 @@ def test_evaluate_writes_the_report(tiny_run, tmp_path, capsys):
     assert set(report["references"]) == set(test) and all(len(r) == 5 for r in report["references"].values())
     assert 0.0 <= report["metrics"]["shapes_accuracy"] <= 1.0
     assert "shapes_accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_reports_coco_metrics_and_matches_scoring_its_own_predictions(tiny_run, tmp_path, capsys):
+    from captioning.metrics import METRICS, score_captions
+
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(out), "--precision", "fp32"]) == 0
+    report = json.loads(out.read_text())
+    assert set(METRICS) <= set(report["metrics"])
+    # the split is scored at once: the same numbers as scoring the written predictions in one call
+    predictions = {p["image"]: p["caption"] for p in report["predictions"]}
+    expected, _ = score_captions(predictions, report["references"])
+    for name in METRICS:
+        assert report["metrics"][name] == pytest.approx(expected[name], abs=1e-12), name
+    printed = capsys.readouterr().out
+    assert all(f"{name}: " in printed for name in METRICS)
+
+
+def test_evaluate_without_java_says_so_and_leaves_meteor_out(tiny_run, tmp_path, capsys, monkeypatch):
+    import captioning.metrics as metrics
+
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(out), "--precision", "fp32"]) == 0
+    report = json.loads(out.read_text())
+    assert report["metrics"]["METEOR"] is None and isinstance(report["metrics"]["CIDEr"], float)
+    assert any("METEOR" in note for note in report["notes"])
+    captured = capsys.readouterr()
+    assert "METEOR: n/a" in captured.out and "note:" in captured.err

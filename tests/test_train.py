@@ -17,7 +17,8 @@ def test_run_directory_holds_everything(shapes_dir, tmp_path):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "lr", "seconds"}
+    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "val_cider", "lr", "seconds"}
+    assert rows[0]["val_cider"] == ""                          # monitor=val_loss (the default) skips captioning
     assert float(rows[1]["lr"]) == pytest.approx(1e-3 * 0.9)   # ExponentialLR stepped once per epoch
     splits = json.loads((run / "splits.json").read_text())
     names = [set(splits[s]) for s in ("train", "val", "test")]
@@ -29,6 +30,41 @@ def test_run_directory_holds_everything(shapes_dir, tmp_path):
         assert isinstance(ckpt["vocab"], list) and isinstance(ckpt["config"], dict)
     model, vocab, cfg = load_checkpoint(run / "best.pt")
     assert cfg.model.d_model == 32 and len(vocab) == model.head.out_features
+
+
+def test_monitor_cider_picks_best_pt_by_validation_cider(shapes_dir, tmp_path, monkeypatch):
+    import captioning.train as train
+
+    scores = iter([0.2, 0.5])               # the val CIDEr of the epochs it is computed on
+
+    def fake_cider(*args):
+        return next(scores)
+    monkeypatch.setattr(train, "val_cider", fake_cider)
+    run = fit(tiny_config(shapes_dir, tmp_path / "run", "train.epochs=4", "train.monitor=cider",
+                          "train.eval_every=2"), progress=False)
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    # every 2nd epoch and the last: epochs 2 and 4
+    assert [r["val_cider"] for r in rows] == ["", "0.2", "", "0.5"]
+    best = read_checkpoint(run / "best.pt")
+    assert best["epoch"] == 4 and best["val_cider"] == 0.5
+    assert (run / "cider.png").is_file()
+
+
+def test_val_cider_scores_greedy_captions_of_the_val_split(tiny_run):
+    from captioning.data import CaptionDataset, load_splits, read_corpus
+    from captioning.train import val_cider
+
+    model, vocab, cfg = load_checkpoint(tiny_run / "best.pt")
+    corpus = read_corpus(cfg)
+    names = load_splits(tiny_run / "splits.json")["val"]
+    dataset = CaptionDataset(corpus, names, vocab, cfg.data.image_size, cfg.data.max_len)
+    score = val_cider(model, dataset, vocab, cfg, "fp32", torch.device("cpu"))
+    assert 0.0 <= score < 10.0
+    # scoring the references themselves (one held out as the prediction) is far above a barely trained model
+    from captioning.metrics import score_captions
+    refs = {n: corpus.captions[n] for n in names}
+    perfect = score_captions({n: c[0] for n, c in refs.items()}, refs, metrics=("CIDEr",))[0]["CIDEr"]
+    assert perfect > score
 
 
 def test_existing_run_is_not_overwritten(shapes_dir, tmp_path):

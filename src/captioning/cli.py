@@ -44,7 +44,9 @@ def _evaluate(args) -> int:
     report = evaluate(args.checkpoint, split=args.split, beam_size=args.beam, out=args.out,
                       device=args.device, precision=args.precision)
     for key, value in report["metrics"].items():
-        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {'n/a' if value is None else value}")
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

@@ -16,6 +16,7 @@ import yaml
 
 DATA_FORMATS = ("flickr30k", "karpathy", "csv", "shapes")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MONITORS = ("val_loss", "cider")
 
 
 class ConfigError(ValueError):
@@ -56,7 +57,10 @@ class TrainConfig:
     batch_size: int = 32             # images per step (each with all of its captions)
     lr: float = 5e-5
     gamma: float = 0.95              # ExponentialLR, stepped once per epoch
-    patience: int = 3                # epochs without a better val loss before stopping; 0 = never stop early
+    patience: int = 3                # evaluations without a better monitored value before stopping; 0 = never
+    monitor: str = "val_loss"        # what picks best.pt and stops early: val_loss (lower) | cider (val CIDEr, higher)
+    eval_every: int = 1              # monitor=cider: caption the val split every this many epochs (and the last)
+    eval_images: int = 0             # monitor=cider: val images captioned (the first N); 0 = all
     precision: str = "auto"          # auto | fp32 | bf16 | fp16
     cache_features: bool = False
     num_workers: int = 4
@@ -135,6 +139,9 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     need(0 < t.gamma <= 1, "train.gamma", f"must be in (0, 1], got {t.gamma}")
     need(t.patience >= 0, "train.patience", f"must be >= 0, got {t.patience}")
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {t.precision!r}")
+    need(t.monitor in MONITORS, "train.monitor", f"must be one of {MONITORS}, got {t.monitor!r}")
+    need(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
+    need(t.eval_images >= 0, "train.eval_images", f"must be >= 0, got {t.eval_images}")
     need(t.num_workers >= 0, "train.num_workers", f"must be >= 0, got {t.num_workers}")
     need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",

@@ -188,7 +188,8 @@ class CaptionDataset(Dataset):
     def __init__(self, corpus: Corpus, names: list[str], vocab: Vocabulary, image_size: int, max_words: int):
         self.images_dir = corpus.images_dir
         self.names = list(names)
-        self.captions = [[torch.tensor(vocab.encode(c, max_words)) for c in corpus.captions[n]] for n in self.names]
+        self.references = [corpus.captions[n] for n in self.names]     # the raw text, for caption metrics
+        self.captions = [[torch.tensor(vocab.encode(c, max_words)) for c in refs] for refs in self.references]
         self.transform = build_transform(image_size)
 
     def __len__(self) -> int:

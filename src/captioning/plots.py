@@ -7,15 +7,18 @@ import matplotlib.pyplot as plt
 
 
 def plot_history(history: list[dict], out_dir: str | Path) -> list[Path]:
-    """loss.png (train and val cross-entropy) and lr.png, from history.csv's rows."""
+    """loss.png (train and val cross-entropy) and lr.png, from history.csv's rows; cider.png too
+    when the run monitored validation CIDEr."""
     out_dir = Path(out_dir)
-    epochs = [h["epoch"] for h in history]
+    figures = [("loss.png", ("train_loss", "val_loss"), "cross-entropy"), ("lr.png", ("lr",), "learning rate")]
+    if any(h.get("val_cider") not in (None, "") for h in history):
+        figures.append(("cider.png", ("val_cider",), "validation CIDEr"))
     paths = []
-    for name, keys, ylabel in (("loss.png", ("train_loss", "val_loss"), "cross-entropy"),
-                               ("lr.png", ("lr",), "learning rate")):
+    for name, keys, ylabel in figures:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for key in keys:
-            ax.plot(epochs, [h[key] for h in history], marker="o", ms=3, label=key.replace("_", " "))
+            points = [(h["epoch"], float(h[key])) for h in history if h.get(key) not in (None, "")]
+            ax.plot(*zip(*points), marker="o", ms=3, label=key.replace("_", " "))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         if len(keys) > 1:
@@ -33,14 +36,16 @@ def show_captions(images, captions, titles=None, cols: int = 4, width: float = 3
     n = len(images)
     cols = max(1, min(cols, n))
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, width * rows + 0.4 * rows), squeeze=False)
+    wrapped = ["\n".join(_wrap(caption, 34)) for caption in captions]
+    lines = max((w.count("\n") + 1 for w in wrapped), default=1)     # room under each row for the longest caption
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, (width + 0.2 * lines + 0.3) * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for i, (ax, image, caption) in enumerate(zip(axes.flat, images, captions)):
+    for i, (ax, image, caption) in enumerate(zip(axes.flat, images, wrapped)):
         ax.imshow(image)
         if titles is not None:
             ax.set_title(titles[i], fontsize=8)
-        ax.text(0.5, -0.04, "\n".join(_wrap(caption, 34)), transform=ax.transAxes, ha="center", va="top", fontsize=9)
+        ax.text(0.5, -0.04, caption, transform=ax.transAxes, ha="center", va="top", fontsize=9)
     fig.tight_layout()
     return fig
 

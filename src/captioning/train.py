@@ -1,9 +1,10 @@
 """The training loop: plain functions, no trainer framework.
 
 `train_one_epoch` and `evaluate_loss` return dicts of averages; `fit` composes
-them with Adam, ExponentialLR stepped per epoch, early stopping on validation
-cross-entropy, checkpoints, history and plots. `fit(cfg, resume=RUN_DIR)`
-continues a run from its `last.pt`.
+them with Adam, ExponentialLR stepped per epoch, early stopping and best.pt on
+the monitored value (validation cross-entropy, the reference's choice, or
+validation CIDEr with `train.monitor=cider`), checkpoints, history and plots.
+`fit(cfg, resume=RUN_DIR)` continues a run from its `last.pt`.
 """
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ from tqdm.auto import tqdm
 from .checkpoint import model_checkpoint, read_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import Config, from_dict, save_config
 from .data import CaptionDataset, build_loader, load_splits, make_splits, read_corpus, save_splits
+from .decoding import greedy
 from .device import autocast, resolve_device, resolve_precision
+from .metrics import score_captions
 from .model import CaptionModel, build_model, count_parameters
 from .plots import plot_history
 from .vocab import Vocabulary
 
 log = logging.getLogger(__name__)
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "lr", "seconds")
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_cider", "lr", "seconds")   # val_cider: monitor=cider
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -79,6 +82,29 @@ def evaluate_loss(model, loader, precision, device, progress: bool = False) -> d
         loss, n = caption_loss(model, batch.to(device), precision, device)
         total, n_total = total + loss.item() * n, n_total + n
     return {"loss": total / max(n_total, 1), "tokens": n_total}
+
+
+@torch.no_grad()
+def predict_captions(model, loader, vocab: Vocabulary, precision, device, max_len: int) -> dict[str, str]:
+    """Greedy captions of every image the loader yields, by name."""
+    model.eval()
+    predictions = {}
+    for batch in loader:
+        with autocast(precision, device):
+            memory = model.encode(batch.images.to(device))
+        ids = greedy(model, memory.float(), vocab.bos, vocab.eos, max_len)
+        predictions.update(zip(batch.names, map(vocab.decode, ids)))
+    return predictions
+
+
+def val_cider(model, dataset: CaptionDataset, vocab: Vocabulary, cfg: Config, precision, device) -> float:
+    """CIDEr-D of greedy captions over the first train.eval_images val images (0 = all), scored at once."""
+    n = cfg.train.eval_images or len(dataset)
+    subset = torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
+    loader = build_loader(subset, cfg.train.batch_size, False, cfg.train.num_workers, pad_id=vocab.pad)
+    predictions = predict_captions(model, loader, vocab, precision, device, cfg.data.max_len)
+    references = {dataset.names[i]: dataset.references[i] for i in subset.indices}
+    return score_captions(predictions, references, metrics=("CIDEr",))[0]["CIDEr"]
 
 
 def seed_everything(seed: int) -> None:
@@ -142,7 +168,9 @@ def fit(cfg: Config, resume: str | Path | None = None, overrides: list[str] = ()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, fused=True)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.train.gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    history, best_val, bad_epochs, start_epoch, step = [], math.inf, 0, 1, 0
+    # best_val: the best monitored value so far (val loss: lower is better; CIDEr: higher)
+    sign = 1.0 if cfg.train.monitor == "val_loss" else -1.0
+    history, best_val, bad_epochs, start_epoch, step = [], sign * math.inf, 0, 1, 0
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -163,20 +191,29 @@ def fit(cfg: Config, resume: str | Path | None = None, overrides: list[str] = ()
         train_stats = train_one_epoch(model, train_loader, optimizer, scaler, precision, device, epoch,
                                       t.grad_clip, progress)
         val_stats = evaluate_loss(model, val_loader, precision, device)
+        cider = None
+        if t.monitor == "cider" and (epoch % t.eval_every == 0 or epoch == t.epochs):
+            cider = val_cider(model, datasets["val"], vocab, cfg, precision, device)
         scheduler.step()
         step += train_stats["steps"]
         history.append({"epoch": epoch, "train_loss": round(train_stats["loss"], 5),
-                        "val_loss": round(val_stats["loss"], 5), "lr": lr, "seconds": round(time.time() - start, 2)})
+                        "val_loss": round(val_stats["loss"], 5), "val_cider": "" if cider is None else round(cider, 5),
+                        "lr": lr, "seconds": round(time.time() - start, 2)})
         write_history(history, run_dir)
-        improved = val_stats["loss"] < best_val
-        best_val, bad_epochs = (val_stats["loss"], 0) if improved else (best_val, bad_epochs + 1)
+        value = val_stats["loss"] if t.monitor == "val_loss" else cider
+        improved = False
+        if value is not None:       # monitor=cider counts only the epochs it was computed
+            improved = sign * value < sign * best_val
+            best_val, bad_epochs = (value, 0) if improved else (best_val, bad_epochs + 1)
         if improved:
-            save_atomic(model_checkpoint(model, cfg, vocab, epoch=epoch, val_loss=val_stats["loss"]), run_dir / "best.pt")
+            save_atomic(model_checkpoint(model, cfg, vocab, epoch=epoch, val_loss=val_stats["loss"], val_cider=cider),
+                        run_dir / "best.pt")
         save_atomic(model_checkpoint(
             model, cfg, vocab, epoch=epoch, step=step, val_loss=val_stats["loss"], optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng_state(),
             history=history, best_val=best_val, bad_epochs=bad_epochs), run_dir / "last.pt")
-        msg = (f"epoch {epoch}: train {train_stats['loss']:.4f}  val {val_stats['loss']:.4f}  lr {lr:.2e}  "
+        msg = (f"epoch {epoch}: train {train_stats['loss']:.4f}  val {val_stats['loss']:.4f}  "
+               f"{'' if cider is None else f'CIDEr {cider:.3f}  '}lr {lr:.2e}  "
                f"{history[-1]['seconds']:.0f}s{'  *best' if improved else ''}")
         (tqdm.write if progress else log.info)(msg)
     return run_dir

@@ -1,0 +1,330 @@
+"""Frozen-encoder feature cache: each image's ResNet grid features, computed once, stored as fp16.
+
+With `model.train_backbone: false` the ResNet never changes, so running it on
+every training step recomputes the same numbers epoch after epoch; it is also
+most of the step's cost. `extract_features` runs it once per image, in
+batches, and writes the grid features into one raw memory-mapped file that
+training then reads instead:
+
+    <root>/<key>/features.f16     raw float16, shape (N, L, C), row i = names[i]
+    <root>/<key>/meta.json        key, names, shape, dtype and what went into the key
+    <root>/<key>/progress.json    {"done": rows written}: an interrupted run resumes there
+
+Sizes: Flickr30k's 31,783 images at 7x7x2048 (ResNet-152, 224 px) take
+31,783 * 49 * 2048 * 2 bytes = 6.4 GB; the page cache serves what fits in memory.
+
+The key (`cache_key`) covers everything that changes the features -- backbone,
+stages, weights, image size, preprocessing, the image files themselves -- so a
+change means a new folder, never a stale one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data import CaptionDataset, build_transform
+from .device import autocast, resolve_device, resolve_precision
+from .images import open_image
+from .model import Encoder
+
+FORMAT_VERSION = 1           # part of the key: a new layout never reads an old cache
+FEATURES_FILE, META_FILE, PROGRESS_FILE = "features.f16", "meta.json", "progress.json"
+
+
+# ---------------------------------------------------------------- the key
+
+def key_parts(cfg: Config, names: list[str], images_dir: str | Path | None = None) -> dict:
+    """What the features depend on, as plain values (stored in meta.json; hashed by `cache_key`)."""
+    m = cfg.model
+    images_dir = Path(images_dir if images_dir is not None else cfg.data.images).expanduser().resolve()
+    weights = torchvision.models.get_model_weights(m.backbone).DEFAULT if m.pretrained else None
+    files = hashlib.sha256()
+    for name in names:
+        st = os.stat(images_dir / name)
+        files.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return {
+        "format": FORMAT_VERSION,
+        "backbone": m.backbone,
+        "backbone_stages": m.backbone_stages,
+        "pretrained": m.pretrained,
+        "weights": weights.name if weights else "none",
+        "weights_url": weights.url if weights else "none",
+        # random weights come from the seed (see build_encoder); ImageNet weights do not
+        "seed": None if m.pretrained else cfg.seed,
+        "image_size": cfg.data.image_size,
+        "transform": repr(build_transform(cfg.data.image_size)),
+        "images_dir": str(images_dir),
+        "images": len(names),
+        "files_sha256": files.hexdigest(),   # names in order, each with its size and mtime_ns
+    }
+
+
+def cache_key(cfg: Config, names: list[str], images_dir: str | Path | None = None) -> str:
+    """16 hex digits naming the cache folder; `images_dir` defaults to cfg.data.images."""
+    return _digest(key_parts(cfg, names, images_dir))
+
+
+def _digest(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- encoder
+
+def build_encoder(cfg: Config) -> Encoder:
+    """The frozen encoder that `build_model(cfg.model, ...)` makes right after `torch.manual_seed(cfg.seed)`.
+
+    The encoder is the first module CaptionModel builds, so with random weights
+    (pretrained=False) seeding first gives the training model's very weights.
+    The global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        encoder = Encoder(cfg.model.backbone, cfg.model.pretrained, trainable=False, stages=cfg.model.backbone_stages)
+    return encoder.eval()
+
+
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    """sha256 of the weights and buffers, as fp32: tells apart encoders the key cannot (seed, checkpoint)."""
+    digest = hashlib.sha256()
+    for tensor in encoder.state_dict().values():
+        t = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype)
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- reading
+
+class FeatureCache:
+    """A (complete or partial) cache folder, read-only: `cache[i]` or `cache.get(name)` -> fp16 (L, C)."""
+
+    def __init__(self, folder: Path, meta: dict, done: int):
+        self.folder, self.meta, self.done = folder, meta, done
+        self.names: list[str] = meta["names"]
+        self.shape: tuple[int, int, int] = tuple(meta["shape"])     # (N, L, C)
+        self._rows = {name: i for i, name in enumerate(self.names)}
+        self._data = None
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "FeatureCache":
+        folder = Path(folder)
+        meta = json.loads((folder / META_FILE).read_text())
+        return cls(folder, meta, _read_done(folder))
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.shape[0]
+
+    @property
+    def data(self) -> np.memmap:
+        if self._data is None:   # opened lazily, so a DataLoader worker maps the file itself
+            self._data = np.memmap(self.folder / FEATURES_FILE, dtype=np.float16, mode="r", shape=self.shape)
+        return self._data
+
+    def __getstate__(self):
+        # pickling a memmap would copy the whole file into the pickle (spawned DataLoader workers)
+        return {**self.__dict__, "_data": None}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._rows
+
+    def index(self, name: str) -> int:
+        try:
+            return self._rows[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not in the feature cache {self.folder}") from None
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} out of range for a cache of {len(self)} images")
+        i = i % len(self)
+        if i >= self.done:
+            raise IndexError(f"row {i} of {self.folder} is not extracted yet ({self.done} of {len(self)} done)")
+        return torch.from_numpy(np.array(self.data[i]))     # (L, C) float16, a copy: the map is read-only
+
+    def get(self, name: str) -> torch.Tensor:
+        return self[self.index(name)]
+
+
+def _read_done(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / PROGRESS_FILE).read_text())["done"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
+
+
+def _write_json_atomic(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- writing
+
+class _Images(Dataset):
+    """Preprocessed images only, for extraction."""
+
+    def __init__(self, images_dir: Path, names: list[str], image_size: int):
+        self.images_dir, self.names, self.transform = images_dir, names, build_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(open_image(self.images_dir / self.names[i]))
+
+
+def _partial_cache(folder: Path, key: str, names: list[str]) -> FeatureCache | None:
+    """The cache already in `folder` if it is one for this key whose file has its full size, else None."""
+    try:
+        cache = FeatureCache.open(folder)
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+    n, L, C = cache.shape
+    path = folder / FEATURES_FILE
+    if cache.key != key or cache.names != names or not path.is_file() or path.stat().st_size != n * L * C * 2:
+        return None
+    return cache
+
+
+def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root: str | Path,
+                     encoder: nn.Module | None = None, batch_size: int = 64, device=None,
+                     precision: str = "auto", progress: bool = True) -> FeatureCache:
+    """Grid features of `names` (files in `images_dir`) cached under `root`/<key>; returns the complete cache.
+
+    A complete cache returns at once without running the encoder; a partial one
+    (the process was killed) continues from its recorded count. `encoder`
+    defaults to `build_encoder(cfg)`; one given must have the weights cfg
+    describes, is used as it is (not moved or cast; reduced precision by
+    autocast) and `device` defaults to where it lives.
+    """
+    if cfg.model.train_backbone:
+        raise ValueError("config key 'model.train_backbone': features can only be cached for a frozen encoder")
+    names = list(names)
+    if not names:
+        raise ValueError("no images to extract features of")
+    if len(set(names)) != len(names):
+        raise ValueError("the image list for the feature cache holds duplicate names")
+    images_dir = Path(images_dir).expanduser()
+    parts = key_parts(cfg, names, images_dir)
+    key = _digest(parts)
+    folder = Path(root).expanduser() / key
+
+    cache = _partial_cache(folder, key, names)
+    if cache is not None and cache.complete and encoder is None:
+        return cache
+    built = encoder is None
+    if built:
+        device = resolve_device(cfg.train.device if device is None else str(device))
+        encoder = build_encoder(cfg).to(device)
+    else:
+        device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    fingerprint = encoder_fingerprint(encoder)
+    if cache is not None and cache.meta["encoder_sha256"] != fingerprint:
+        raise ValueError(f"{folder}: cached with other encoder weights than these: with model.pretrained=false, "
+                         "build the model right after torch.manual_seed(cfg.seed), as build_encoder does, "
+                         "or delete the folder")
+    if cache is not None and cache.complete:
+        return cache
+    precision = resolve_precision(precision, device)
+    image_dtype, autocast_precision = torch.float32, precision
+    if built and precision != "fp32":
+        # as the Captioner does: cast the weights once rather than autocast re-casting them every batch
+        image_dtype, autocast_precision = (torch.bfloat16 if precision == "bf16" else torch.float16), "fp32"
+        encoder.to(image_dtype, memory_format=torch.channels_last)
+    done = cache.done if cache is not None else 0
+    data = None if cache is None else np.memmap(folder / FEATURES_FILE, dtype=np.float16, mode="r+", shape=cache.shape)
+
+    loader = DataLoader(_Images(images_dir, names[done:], cfg.data.image_size), batch_size=batch_size,
+                        num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
+    was_training = encoder.training
+    encoder.eval()
+    bar = tqdm(total=len(names), initial=done, desc="features", unit="img", disable=not progress)
+    try:
+        for images in loader:
+            with torch.no_grad(), autocast(autocast_precision, device):
+                x = images.to(device, image_dtype, non_blocking=True)
+                if image_dtype != torch.float32:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = encoder(x).float().cpu().numpy()                  # (B, L, C)
+            largest = float(np.abs(out).max())
+            if not largest <= np.finfo(np.float16).max:   # also catches NaN
+                raise FloatingPointError(f"features of {names[done]} and after reach {largest:.3g}, beyond float16: "
+                                         "unusable encoder weights (random weights of a deep ResNet grow with depth)")
+            rows = out.astype(np.float16)
+            if data is None:   # the first batch of a new cache gives (L, C)
+                folder.mkdir(parents=True, exist_ok=True)
+                shape = (len(names), *rows.shape[1:])
+                data = np.memmap(folder / FEATURES_FILE, dtype=np.float16, mode="w+", shape=shape)
+                _write_json_atomic({"done": 0}, folder / PROGRESS_FILE)
+                _write_json_atomic(_meta(key, names, shape, parts, fingerprint, precision, device), folder / META_FILE)
+            data[done:done + len(rows)] = rows
+            data.flush()   # the rows are on disk before the count says so
+            done += len(rows)
+            _write_json_atomic({"done": done}, folder / PROGRESS_FILE)
+            bar.update(len(rows))
+    finally:
+        bar.close()
+        encoder.train(was_training)
+        del data
+    return FeatureCache.open(folder)
+
+
+def _meta(key: str, names: list[str], shape: tuple, parts: dict, fingerprint: str, precision: str,
+          device: torch.device) -> dict:
+    return {"key": key, "shape": list(shape), "dtype": "float16", "file": FEATURES_FILE,
+            "key_parts": parts, "encoder_sha256": fingerprint,
+            # not in the key: bf16 vs fp32 moves the features by less than what training notices
+            "precision": precision, "device": str(device),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "names": names}
+
+
+# ---------------------------------------------------------------- training on features
+
+class FeatureDataset(Dataset):
+    """CaptionDataset's items with the image replaced by its cached features: (fp16 (L, C), [captions], name).
+
+    `data.collate` stacks them into Batch.images of shape (B, L, C); the model
+    takes them as `model(None, tokens, image_index, features=batch.images.float())`.
+    """
+
+    def __init__(self, cache: FeatureCache, dataset: CaptionDataset):
+        if not cache.complete:
+            raise ValueError(f"feature cache {cache.folder} is incomplete ({cache.done} of {len(cache)}): "
+                             "run extract_features again to finish it")
+        missing = [n for n in dataset.names if n not in cache]
+        if missing:
+            raise KeyError(f"{len(missing)} image(s) are not in the feature cache {cache.folder} (e.g. {missing[0]})")
+        self.cache = cache
+        self.names, self.captions, self.references = dataset.names, dataset.captions, dataset.references
+        self.rows = [cache.index(n) for n in self.names]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        return self.cache[self.rows[i]], self.captions[i], self.names[i]
