@@ -6,9 +6,10 @@ import sys
 import pytest
 
 from captioning.cli import main
+from conftest import tiny_config
 
 
-@pytest.mark.parametrize("command", ["train", "caption", "evaluate", "shapes"])
+@pytest.mark.parametrize("command", ["train", "caption", "evaluate", "shapes", "extract-features"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -95,3 +96,18 @@ def test_evaluate_without_java_says_so_and_leaves_meteor_out(tiny_run, tmp_path,
     assert any("METEOR" in note for note in report["notes"])
     captured = capsys.readouterr()
     assert "METEOR: n/a" in captured.out and "note:" in captured.err
+
+
+def test_extract_features_caches_every_image_once(shapes_dir, tmp_path, capsys):
+    from captioning.config import save_config
+    from captioning.features import FeatureCache
+
+    cfg = tiny_config(shapes_dir, tmp_path / "run", "model.train_backbone=false",
+                      f"data.features_dir={tmp_path / 'features'}")
+    save_config(cfg, tmp_path / "cfg.yaml")
+    assert main(["extract-features", "--config", str(tmp_path / "cfg.yaml"), "--batch-size", "16"]) == 0
+    (folder,) = (tmp_path / "features").iterdir()
+    cache = FeatureCache.open(folder)
+    assert cache.complete and len(cache) == 48 and str(folder) in capsys.readouterr().out
+    assert main(["extract-features", "--config", str(tmp_path / "cfg.yaml")]) == 0   # reused, not redone
+    assert len(list((tmp_path / "features").iterdir())) == 1

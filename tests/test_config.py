@@ -242,7 +242,7 @@ def test_save_then_load_round_trips(tmp_path):
     cfg = from_dict({"run_dir": "runs/rt", "seed": 11,
                      "data": {"format": "csv", "images": "imgs", "captions": "c.csv", "min_freq": 2,
                               "val_fraction": 0.1},
-                     "model": {"backbone": "resnet34", "pretrained": False, "train_backbone": True, "d_model": 256,
+                     "model": {"backbone": "resnet34", "pretrained": False, "train_backbone": False, "d_model": 256,
                                "num_heads": 4, "dropout": 0.25},
                      "train": {"lr": 1e-4, "gamma": 0.9, "precision": "bf16", "cache_features": True,
                                "grad_clip": 1.5}},

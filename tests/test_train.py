@@ -123,3 +123,94 @@ def test_one_batch_overfits(shapes_dir):
         optimizer.step()
     # 4 images x 5 captions: the loss cannot reach 0 (captions of one image differ) but falls far
     assert first > 2.5 and loss.item() < 0.6
+
+
+def _train_cli(*args):
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, "-m", "captioning", "train", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_ends_bit_exact(shapes_dir, tmp_path):
+    """kill -9 a CPU training run several times mid-epoch; `train --resume` each time; the final
+    weights and history equal an uninterrupted run's bit for bit (last.pt written every step)."""
+    import random
+    import time
+
+    from captioning.config import save_config
+
+    settings = ("train.epochs=4", "train.batch_size=4", "train.save_every=1", "model.dropout=0.1")
+    for name in ("full", "killed"):
+        save_config(tiny_config(shapes_dir, tmp_path / name, *settings), tmp_path / f"{name}.yaml")
+    assert _train_cli("--config", tmp_path / "full.yaml").wait() == 0
+
+    rng, interrupted, last = random.Random(0), 0, tmp_path / "killed" / "last.pt"
+    mtime = lambda: last.stat().st_mtime_ns if last.exists() else 0
+    proc = _train_cli("--config", tmp_path / "killed.yaml")
+    for _ in range(4):
+        # once this process has saved a step of its own, kill it at a random moment of the next ones
+        before = mtime()
+        while proc.poll() is None and mtime() == before:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.5))
+        if proc.poll() is None:
+            proc.kill()                                              # SIGKILL: no handler, no cleanup
+            interrupted += 1
+        proc.wait()
+        proc = _train_cli("--resume", tmp_path / "killed") if last.exists() else \
+            _train_cli("--config", tmp_path / "killed.yaml")
+    assert proc.wait() == 0
+    assert interrupted >= 3, "the kills came too late to interrupt training: the test proved nothing"
+
+    full, resumed = read_checkpoint(tmp_path / "full" / "last.pt"), read_checkpoint(tmp_path / "killed" / "last.pt")
+    assert resumed["epoch"] == full["epoch"] == 4 and resumed["step"] == full["step"]
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for key in ("train_loss", "val_loss"):
+        assert [h[key] for h in full["history"]] == [h[key] for h in resumed["history"]]
+
+
+def test_mid_epoch_checkpoint_resumes_with_the_next_batch(shapes_dir, tmp_path, monkeypatch):
+    """A run stopped right after a mid-epoch save goes on exactly as the unbroken run did."""
+    import captioning.train as train
+
+    settings = ("train.epochs=2", "train.batch_size=4", "train.save_every=3")
+    fit(tiny_config(shapes_dir, tmp_path / "full", *settings), progress=False)
+
+    real_save = train.save_atomic
+
+    def crash_after_first_mid_epoch_save(obj, path):
+        real_save(obj, path)
+        if obj.get("batch"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_atomic", crash_after_first_mid_epoch_save)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_config(shapes_dir, tmp_path / "broken", *settings), progress=False)
+    monkeypatch.undo()
+    saved = read_checkpoint(tmp_path / "broken" / "last.pt")
+    assert saved["epoch"] == 0 and saved["batch"] == 3 and saved["step"] == 3
+    fit(None, resume=tmp_path / "broken", progress=False)
+    full, resumed = read_checkpoint(tmp_path / "full" / "last.pt"), read_checkpoint(tmp_path / "broken" / "last.pt")
+    assert resumed["step"] == full["step"]
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert [h["train_loss"] for h in full["history"]] == [h["train_loss"] for h in resumed["history"]]
+
+
+def test_training_on_cached_features_matches_training_on_images(shapes_dir, tmp_path):
+    frozen = ("model.train_backbone=false", "model.dropout=0.0", f"data.features_dir={tmp_path / 'features'}")
+    plain = fit(tiny_config(shapes_dir, tmp_path / "plain", *frozen), progress=False)
+    cached = fit(tiny_config(shapes_dir, tmp_path / "cached", *frozen, "train.cache_features=true"), progress=False)
+    assert len(list((tmp_path / "features").iterdir())) == 1               # one cache, keyed
+    rows = [list(csv.DictReader(open(run / "history.csv"))) for run in (plain, cached)]
+    for a, b in zip(*rows):   # fp16 features: the same run within fp16 noise
+        assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=2e-3)
+        assert float(b["val_loss"]) == pytest.approx(float(a["val_loss"]), rel=2e-3)
+
+
+def test_cache_features_needs_a_frozen_encoder(shapes_dir, tmp_path):
+    from captioning.config import ConfigError
+    with pytest.raises(ConfigError, match="train.cache_features"):
+        tiny_config(shapes_dir, tmp_path, "train.cache_features=true", "model.train_backbone=true")

@@ -11,6 +11,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
+from typing import IO, Callable
 
 import numpy as np
 import torch
@@ -22,23 +23,29 @@ from .vocab import Vocabulary
 FORMAT_VERSION = 1
 
 
-def save_atomic(obj: dict, path: str | Path) -> None:
+def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> None:
+    """Write `path` whole or not at all: `write(f)` into a temporary file in the same folder, fsync,
+    os.replace (atomic on POSIX), then fsync the folder so the rename itself survives a power cut."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def model_checkpoint(model: CaptionModel, cfg: Config, vocab: Vocabulary, **extra) -> dict:

@@ -50,6 +50,19 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _extract_features(args) -> int:
+    from .config import load_config
+    from .data import read_corpus
+    from .features import extract_features
+
+    cfg = load_config(args.config, args.set)
+    corpus = read_corpus(cfg)
+    cache = extract_features(cfg, sorted(corpus.captions), corpus.images_dir, cfg.data.features_dir,
+                             batch_size=args.batch_size, device=args.device, precision=cfg.train.precision)
+    print(f"{len(cache)} images, features {tuple(cache.shape[1:])} fp16 in {cache.folder}")
+    return 0
+
+
 def _shapes(args) -> int:
     from .shapes import build_shapes
 
@@ -87,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("extract-features", help="cache the frozen encoder's features of every image (fp16)")
+    p.add_argument("--config", required=True, help="the training config (its model.backbone, data.*)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_extract_features)
 
     p = sub.add_parser("shapes", help="generate the synthetic Shapes data set (Kaggle Flickr30k layout)")
     p.add_argument("out_dir", metavar="OUT_DIR")

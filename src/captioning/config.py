@@ -34,6 +34,7 @@ class DataConfig:
     val_fraction: float = 0.05       # of images; ignored for karpathy (its own split)
     test_fraction: float = 0.05
     shapes_images: int = 3000        # format shapes: images to generate when the set is missing
+    features_dir: str = "data/features"  # train.cache_features: where the frozen encoder's features are cached
 
 
 @dataclass
@@ -62,8 +63,9 @@ class TrainConfig:
     eval_every: int = 1              # monitor=cider: caption the val split every this many epochs (and the last)
     eval_images: int = 0             # monitor=cider: val images captioned (the first N); 0 = all
     precision: str = "auto"          # auto | fp32 | bf16 | fp16
-    cache_features: bool = False
+    cache_features: bool = False     # frozen encoder: run it once per image into a fp16 cache (features.py)
     num_workers: int = 4
+    save_every: int = 0              # also write last.pt every this many steps, mid-epoch (0 = at epoch ends only)
     grad_clip: float = 0.0           # max gradient norm; 0 = off
     device: str = "auto"             # auto | cpu | cuda | cuda:N
 
@@ -142,6 +144,9 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     need(t.monitor in MONITORS, "train.monitor", f"must be one of {MONITORS}, got {t.monitor!r}")
     need(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
     need(t.eval_images >= 0, "train.eval_images", f"must be >= 0, got {t.eval_images}")
+    need(not (t.cache_features and m.train_backbone), "train.cache_features",
+         "needs a frozen encoder (model.train_backbone: false): a trained backbone's features change every step")
+    need(t.save_every >= 0, "train.save_every", f"must be >= 0, got {t.save_every}")
     need(t.num_workers >= 0, "train.num_workers", f"must be >= 0, got {t.num_workers}")
     need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",

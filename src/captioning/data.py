@@ -220,12 +220,35 @@ def collate(items, pad_id: int = 0) -> Batch:
     return Batch(torch.stack(images), tokens, index, list(names))
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of an epoch, a function of (seed, epoch) alone: a resumed run sees the same one."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
 def build_loader(dataset: CaptionDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int = 0,
-                 epoch: int = 0, pad_id: int = 0) -> DataLoader:
-    """Training order depends only on (seed, epoch), so a resumed run sees the same order."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+                 epoch: int = 0, pad_id: int = 0, skip_batches: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    """Batches of `dataset`, shuffled by `epoch_order` when `shuffle`; `skip_batches` starts mid-epoch
+    (a run resumed from a mid-epoch checkpoint goes on with the batch after the last one it took).
+
+    With `world` > 1 processes (DDP), `batch_size` is the global batch: process `rank` takes its
+    1/world share of each global batch, so the world's k-th step sees the images one process's k-th
+    step would. Training drops a last global batch that cannot be split evenly (every process must
+    take as many steps); evaluation shards the images rank::world and reduces the sums.
+    """
+    order = epoch_order(len(dataset), seed, epoch) if shuffle else list(range(len(dataset)))
     # a last training batch of one image would break BatchNorm in a trainable backbone
     drop_last = shuffle and len(dataset) % batch_size == 1
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
-                      num_workers=num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+    order = order[skip_batches * batch_size:]
+    if world > 1:
+        if shuffle:
+            share = batch_size // world
+            order = [i for k in range(0, len(order) - batch_size + 1, batch_size)
+                     for i in order[k + rank * share:k + (rank + 1) * share]]
+            batch_size, drop_last = share, False
+        else:
+            order = order[rank::world]
+    # the loader's own generator seeds its workers, so building one never draws from the global RNG
+    return DataLoader(dataset, batch_size=batch_size, sampler=order,
+                      generator=torch.Generator().manual_seed(seed), drop_last=drop_last, num_workers=num_workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       collate_fn=functools.partial(collate, pad_id=pad_id))

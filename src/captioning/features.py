@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .checkpoint import write_atomic
 from .config import Config
 from .data import CaptionDataset, build_transform
 from .device import autocast, resolve_device, resolve_precision
@@ -171,16 +171,7 @@ def _read_done(folder: Path) -> int:
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: json.dump(obj, f, indent=1), "w")
 
 
 # ---------------------------------------------------------------- writing
@@ -298,7 +289,7 @@ def _meta(key: str, names: list[str], shape: tuple, parts: dict, fingerprint: st
           device: torch.device) -> dict:
     return {"key": key, "shape": list(shape), "dtype": "float16", "file": FEATURES_FILE,
             "key_parts": parts, "encoder_sha256": fingerprint,
-            # not in the key: bf16 vs fp32 moves the features by less than what training notices
+            # not in the key, so that a cache made in bf16 on a GPU also serves an fp32 run on the CPU
             "precision": precision, "device": str(device),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "names": names}
 

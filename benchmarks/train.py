@@ -1,0 +1,140 @@
+"""Training speed: the reference design's pipeline against ours, one epoch each, side by side in one run.
+
+The reference-size model (ResNet-152 frozen at 224 px, d_model 512, 6+6 layers, 7,736 words, random
+weights -- speed does not depend on them) over a generated set of JPEGs (375x500, 5 captions of 12
+random words each). Measured:
+
+- reference: what the reference design did: one row per caption, so every step opens, decodes and
+  runs ResNet-152 on each of its 32 rows (5 times per image an epoch), fp32;
+- ours: the feature cache built in this same run (its time counted), then an epoch of
+  `train_one_epoch` on cached features at the default precision, the image side once per image
+  for all of its captions, with about as many caption rows per step (6 images = 30 rows).
+
+Last line: train: speedup_vs_reference=X reference_s=... ours_s=... cache_s=... epoch_s=...
+
+    python benchmarks/train.py [--images 32] [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from captioning.config import from_dict
+from captioning.data import Batch, CaptionDataset, Corpus, build_loader, collate
+from captioning.device import resolve_precision
+from captioning.features import FeatureDataset, extract_features
+from captioning.model import build_model
+from captioning.train import caption_loss, train_one_epoch
+from captioning.vocab import SPECIALS, Vocabulary
+
+WORDS, CAPTIONS = 12, 5
+
+
+def make_data(folder: Path, n: int, vocab_words: list[str], rng) -> Corpus:
+    captions = {}
+    for i in range(n):
+        name = f"{i:05d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(folder / name, quality=90)
+        captions[name] = [" ".join(rng.choice(vocab_words, WORDS)) for _ in range(CAPTIONS)]
+    return Corpus(folder, captions)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(encoder, images: torch.Tensor) -> None:
+    """Give the random ResNet's BatchNorm layers the statistics of one batch. Untouched, random weights
+    grow the features with depth (to ~1e8, past fp16); speed does not depend on the values."""
+    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.momentum = 1.0
+    encoder.body.train()
+    encoder.body(images)
+    encoder.body.eval()
+    for m in norms:
+        m.momentum = 0.1
+
+
+def reference_epoch(model, dataset: CaptionDataset, optimizer, device, rows_per_step: int = 32) -> None:
+    """One row per caption, shuffled; each row's image is opened and encoded again, in fp32."""
+    rows = [(i, j) for i in range(len(dataset)) for j in range(CAPTIONS)]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    model.train()
+    for start in range(0, len(rows), rows_per_step):
+        items = []
+        for k in order[start:start + rows_per_step]:
+            i, j = rows[k]
+            image, captions, name = dataset[i]                  # decode + transform per row, as the reference did
+            items.append((image, [captions[j]], name))
+        batch = collate(items).to(device)
+        batch = Batch(batch.images, batch.tokens, None, batch.names)   # no sharing: the ResNet runs per row
+        loss, _ = caption_loss(model, batch, "fp32", device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    precision = resolve_precision("auto", device)
+
+    rng = np.random.default_rng(0)
+    vocab_words = [f"w{i}" for i in range(7736 - len(SPECIALS))]
+    vocab = Vocabulary(list(SPECIALS) + vocab_words)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "images").mkdir()
+        corpus = make_data(tmp / "images", args.images, vocab_words, rng)
+        cfg = from_dict({"data": {"format": "csv", "images": str(tmp / "images"), "max_len": WORDS},
+                         "model": {"pretrained": False},
+                         "train": {"precision": "auto", "num_workers": 0, "batch_size": 6, "cache_features": True}},
+                        check_paths=False)
+        names = sorted(corpus.captions)
+        dataset = CaptionDataset(corpus, names, vocab, cfg.data.image_size, cfg.data.max_len)
+
+        def fresh():
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg.model, len(vocab), vocab.pad).to(device)
+            calibrate_batchnorm(model.encoder, torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device))
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                         fused=device.type in ("cpu", "cuda"))
+            return model, optimizer
+
+        model, optimizer = fresh()
+        start = time.perf_counter()
+        reference_epoch(model, dataset, optimizer, device)
+        sync()
+        t_reference = time.perf_counter() - start
+
+        model, optimizer = fresh()
+        start = time.perf_counter()
+        cache = extract_features(cfg, names, corpus.images_dir, tmp / "features", encoder=model.encoder,
+                                 batch_size=32, device=device, precision=precision, progress=False)
+        sync()
+        t_cache = time.perf_counter() - start
+        loader = build_loader(FeatureDataset(cache, dataset), cfg.train.batch_size, True, 0, pad_id=vocab.pad)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        train_one_epoch(model, loader, optimizer, scaler, precision, device, 1, progress=False)
+        sync()
+        t_ours = time.perf_counter() - start
+
+    n, rows = args.images, args.images * CAPTIONS
+    print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads, {n} images x {CAPTIONS} captions")
+    print(f"reference (ResNet per caption row, fp32): {t_reference:8.1f} s   {n / t_reference:6.2f} images/s")
+    print(f"ours (cache + epoch on features):         {t_ours:8.1f} s   {n / t_ours:6.2f} images/s")
+    print(f"  of which the feature cache:             {t_cache:8.1f} s; the epoch itself {t_ours - t_cache:.1f} s")
+    print(f"train: speedup_vs_reference={t_reference / t_ours:.1f} reference_s={t_reference:.1f} ours_s={t_ours:.1f} "
+          f"cache_s={t_cache:.1f} epoch_s={t_ours - t_cache:.1f} rows={rows} precision={precision}")
+
+
+if __name__ == "__main__":
+    main()
