@@ -214,3 +214,18 @@ def test_cache_features_needs_a_frozen_encoder(shapes_dir, tmp_path):
     from captioning.config import ConfigError
     with pytest.raises(ConfigError, match="train.cache_features"):
         tiny_config(shapes_dir, tmp_path, "train.cache_features=true", "model.train_backbone=true")
+
+
+def test_bf16_training_on_the_cpu_learns_like_fp32(shapes_dir, tmp_path):
+    runs = {p: fit(tiny_config(shapes_dir, tmp_path / p, "train.epochs=1", f"train.precision={p}"), progress=False)
+            for p in ("fp32", "bf16")}
+    loss = {p: float(next(csv.DictReader(open(run / "history.csv")))["train_loss"]) for p, run in runs.items()}
+    assert loss["bf16"] == pytest.approx(loss["fp32"], rel=0.05)     # bf16 autocast: the same run, roughly
+    assert read_checkpoint(runs["bf16"] / "best.pt")["model"]["head.weight"].dtype == torch.float32   # fp32 master
+
+
+def test_fp16_needs_cuda(shapes_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        fit(tiny_config(shapes_dir, tmp_path / "run", "train.precision=fp16"), progress=False)
