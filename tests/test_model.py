@@ -130,3 +130,45 @@ def test_words_positions_and_image_start_at_the_same_scale(model):
     words = model.embed.weight[4:] * model.cfg.d_model ** 0.5      # (V-4, D) as embed_tokens scales them
     assert 0.8 < words.std().item() < 1.2                          # positions are sin/cos: std ~0.7
     assert torch.count_nonzero(model.embed.weight[model.pad_id]) == 0
+
+
+def _nn_decode(model, memory, tokens):
+    """The plain nn.TransformerDecoder call on memory (N, L, D) copied per caption, with both masks."""
+    x = model.transformer.decoder(model.embed_tokens(tokens), memory,
+                                  tgt_mask=torch.triu(torch.ones(tokens.size(1), tokens.size(1), dtype=torch.bool), 1),
+                                  tgt_is_causal=True, tgt_key_padding_mask=tokens == model.pad_id)
+    return model.head(x)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_shared_cross_attention_equals_nn_transformer_decoder(norm_first):
+    """decode() projects each image's cross-attention keys/values once for all of its captions; the
+    logits and every gradient equal nn.TransformerDecoder's on memory copied to each caption."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18", pretrained=False, d_model=32, num_heads=4, num_encoder_layers=1,
+                      num_decoder_layers=2, dim_feedforward=64, dropout=0.1, max_len=16)
+    model = build_model(cfg, V).eval()              # no dropout: the two paths draw their masks differently
+    for layer in model.transformer.decoder.layers:
+        layer.norm_first = norm_first
+    memory = _memory(3, length=5).requires_grad_()
+    tokens = _tokens([1, 7, 8, 2, 0, 0], [1, 5, 6, 7, 8, 2], [1, 9, 2, 0, 0, 0], [1, 4, 4, 4, 4, 2])
+    index = torch.tensor([0, 0, 2, 1])
+    real = tokens != model.pad_id                   # what <pad> positions compute, the loss ignores
+
+    def logits_and_grads(fn):
+        model.zero_grad()
+        memory.grad = None
+        logits = fn()
+        (logits[real] * torch.linspace(-1, 1, V)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits[real].detach(), grads, memory.grad.clone()
+
+    ours, ours_grads, ours_memory = logits_and_grads(lambda: model.decode(memory, tokens, index))
+    ref, ref_grads, ref_memory = logits_and_grads(lambda: _nn_decode(model, memory[index], tokens))
+    assert not torch.allclose(ours[:4], ours[4:8], atol=1e-3)        # the captions do differ
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert ours_grads.keys() == ref_grads.keys() and len(ref_grads) > 20
+    for name, grad in ref_grads.items():
+        assert torch.allclose(ours_grads[name], grad, atol=1e-5), name
+    assert torch.allclose(ours_memory, ref_memory, atol=1e-5)
+    assert ours_memory[1].abs().sum() > 0                            # image 1 gets its caption's gradient

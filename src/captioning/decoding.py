@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import CaptionModel
+from .model import CaptionModel, attention, cross_keys_values, feed_forward, in_proj, merge_heads, split_heads
 
 
 # -----------------------------------------------------------------------------
@@ -66,37 +66,17 @@ class DecoderCache:
         return cache
 
 
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    N, T, D = x.shape
-    return x.view(N, T, num_heads, D // num_heads).transpose(1, 2)    # (N, H, T, hd)
-
-
-def _in_proj(attn: nn.MultiheadAttention, part: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows `part` of the packed [q; k; v] input projection of `attn`."""
-    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[part]
-    return attn.in_proj_weight[part], bias
-
-
-def _attention(attn: nn.MultiheadAttention, q, k, v) -> torch.Tensor:
-    # (.., Tq, hd) x (.., Tk, hd) -> (.., Tq, hd); every query sees every key, so no mask
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0)
-
-
 @torch.no_grad()
 def init_cache(model: CaptionModel, memory: torch.Tensor, group: int = 1) -> DecoderCache:
     """An empty cache for memory.size(0) * group sequences, `group` per image of memory (B, L, D)."""
-    M, L, D = memory.shape
+    M = memory.size(0)
     self_k, self_v, cross_k, cross_v = [], [], [], []
     for layer in model.transformer.decoder.layers:
-        if layer.self_attn.in_proj_weight is None or layer.multihead_attn.in_proj_weight is None:
-            raise NotImplementedError("cached decoding reads packed q/k/v weights (kdim == vdim == d_model)")
-        attn = layer.multihead_attn
-        kv = F.linear(memory, *_in_proj(attn, slice(D, 3 * D)))          # (M, L, 2D)
-        k, v = (_split_heads(t, attn.num_heads) for t in kv.chunk(2, dim=-1))  # (M, H, L, hd)
+        k, v = cross_keys_values(layer, memory)                            # (M, H, L, hd)
         cross_k.append(k)
         cross_v.append(v)
         # empty, in the dtype the projections give (bf16 under autocast) so appending never upcasts
-        empty = k.new_empty(M * group, attn.num_heads, 0, k.size(-1))
+        empty = k.new_empty(M * group, k.size(1), 0, k.size(-1))
         self_k.append(empty)
         self_v.append(empty)
     return DecoderCache(self_k, self_v, cross_k, cross_v)
@@ -104,32 +84,27 @@ def init_cache(model: CaptionModel, memory: torch.Tensor, group: int = 1) -> Dec
 
 def _self_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, cache: DecoderCache, i: int) -> torch.Tensor:
     attn = layer.self_attn
-    N, _, D = x.shape
     # the whole parameter, not a slice of it: autocast caches the bf16 copy of a parameter, not of a view
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)          # (N, 1, 3D)
-    q, k, v = (_split_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))   # (N, H, 1, hd)
+    q, k, v = (split_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))    # (N, H, 1, hd)
     cache.self_k[i] = torch.cat([cache.self_k[i], k], dim=2)          # (N, H, t+1, hd)
     cache.self_v[i] = torch.cat([cache.self_v[i], v], dim=2)
     # the one new query may see every cached key, itself included: the causal mask has nothing to hide.
     # (is_causal=True would be wrong here: it aligns the mask top-left and would show only key 0)
-    y = _attention(attn, q, cache.self_k[i], cache.self_v[i])         # (N, H, 1, hd)
-    return layer.dropout1(attn.out_proj(y.transpose(1, 2).reshape(N, 1, D)))
+    y = attention(attn, q, cache.self_k[i], cache.self_v[i])          # (N, H, 1, hd)
+    return layer.dropout1(attn.out_proj(merge_heads(y)))
 
 
 def _cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, cache: DecoderCache, i: int) -> torch.Tensor:
     attn = layer.multihead_attn
     N, _, D = x.shape
     M, H, L, hd = cache.cross_k[i].shape
-    q = F.linear(x, *_in_proj(attn, slice(0, D)))                     # (N, 1, D)
+    q = F.linear(x, *in_proj(attn, slice(0, D)))                      # (N, 1, D)
     # the G sequences of one image share its keys: line their queries up on the query axis
     # of that image instead of copying its keys G times
     q = q.view(M, N // M, H, hd).transpose(1, 2)                      # (M, H, G, hd)
-    y = _attention(attn, q, cache.cross_k[i], cache.cross_v[i])       # (M, H, G, hd)
+    y = attention(attn, q, cache.cross_k[i], cache.cross_v[i])        # (M, H, G, hd)
     return layer.dropout2(attn.out_proj(y.transpose(1, 2).reshape(N, 1, D)))
-
-
-def _feed_forward(layer: nn.TransformerDecoderLayer, x: torch.Tensor) -> torch.Tensor:
-    return layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
 
 
 @torch.no_grad()
@@ -144,11 +119,11 @@ def step(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor) -> torc
         if layer.norm_first:
             x = x + _self_attention(layer, layer.norm1(x), cache, i)
             x = x + _cross_attention(layer, layer.norm2(x), cache, i)
-            x = x + _feed_forward(layer, layer.norm3(x))
+            x = x + feed_forward(layer, layer.norm3(x))
         else:
             x = layer.norm1(x + _self_attention(layer, x, cache, i))
             x = layer.norm2(x + _cross_attention(layer, x, cache, i))
-            x = layer.norm3(x + _feed_forward(layer, x))
+            x = layer.norm3(x + feed_forward(layer, x))
     if model.transformer.decoder.norm is not None:
         x = model.transformer.decoder.norm(x)
     return model.head(x)[:, 0]                                         # (N, V)

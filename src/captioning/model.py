@@ -10,7 +10,8 @@
       -> Linear(d_model, V) -> logits (N, T, V)
 
 A batch may hold several captions per image: `image_index` (N,) maps each
-caption to its image, so the image side runs once per image.
+caption to its image, so the image side runs once per image -- the ResNet, the
+transformer encoder, and each decoder layer's cross-attention keys and values.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import math
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -83,9 +85,42 @@ class PositionalEncoding(nn.Module):
         return x + self.pe[offset:offset + x.size(1)]
 
 
-def causal_mask(size: int, device=None) -> torch.Tensor:
-    """(T, T) bool, True where a query must not see a key (the future)."""
-    return torch.triu(torch.ones(size, size, dtype=torch.bool, device=device), diagonal=1)
+# -- the pieces of nn.TransformerDecoderLayer, read from its own weights (here and in decoding.py)
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    N, T, D = x.shape
+    return x.view(N, T, num_heads, D // num_heads).transpose(1, 2)    # (N, H, T, hd)
+
+
+def merge_heads(y: torch.Tensor) -> torch.Tensor:
+    N, H, T, hd = y.shape
+    return y.transpose(1, 2).reshape(N, T, H * hd)                    # (N, T, D)
+
+
+def in_proj(attn: nn.MultiheadAttention, part: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows `part` of the packed [q; k; v] input projection of `attn`."""
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[part]
+    return attn.in_proj_weight[part], bias
+
+
+def attention(attn: nn.MultiheadAttention, q, k, v, is_causal: bool = False) -> torch.Tensor:
+    # (.., Tq, hd) x (.., Tk, hd) -> (.., Tq, hd), with the attention dropout of `attn` while training
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0,
+                                          is_causal=is_causal)
+
+
+def feed_forward(layer: nn.TransformerDecoderLayer, x: torch.Tensor) -> torch.Tensor:
+    return layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+
+
+def cross_keys_values(layer: nn.TransformerDecoderLayer, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's cross-attention keys and values of memory (B, L, D) -> two (B, H, L, hd)."""
+    attn, D = layer.multihead_attn, memory.size(-1)
+    if attn.in_proj_weight is None:
+        raise NotImplementedError("the decoder reads packed q/k/v weights (kdim == vdim == d_model)")
+    kv = F.linear(memory, *in_proj(attn, slice(D, 3 * D)))              # (B, L, 2D)
+    k, v = kv.chunk(2, dim=-1)
+    return split_heads(k, attn.num_heads), split_heads(v, attn.num_heads)
 
 
 class CaptionModel(nn.Module):
@@ -126,14 +161,46 @@ class CaptionModel(nn.Module):
         """(N, T) ids -> (N, T, d_model), scaled embedding plus word position."""
         return self.dropout(self.positions(self.embed(tokens) * math.sqrt(self.cfg.d_model), offset))
 
-    def decode(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """memory (N, L, D) aligned with tokens (N, T) -> logits (N, T, V)."""
-        T = tokens.size(1)
-        x = self.transformer.decoder(
-            self.embed_tokens(tokens), memory,
-            tgt_mask=causal_mask(T, tokens.device), tgt_is_causal=True,
-            tgt_key_padding_mask=tokens == self.pad_id)
+    def decode(self, memory: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """memory (B, L, D) and tokens (N, T) -> logits (N, T, V); caption n reads image image_index[n]
+        (default: image n).
+
+        nn.TransformerDecoder's layers, run as nn.TransformerDecoderLayer.forward runs them (both
+        norm_first settings; a test holds the two to the same logits), but each layer projects the
+        cross-attention keys and values from the B images once and lets their captions share them,
+        instead of projecting memory copied to every caption: with 5 captions an image that was a
+        fifth of a training step. Padding is on the right (<eos> <pad> ...), so the causal mask alone
+        keeps every word from seeing a <pad>; what <pad> positions compute, the loss ignores.
+        """
+        x = self.embed_tokens(tokens)                                      # (N, T, D)
+        for layer in self.transformer.decoder.layers:
+            k, v = cross_keys_values(layer, memory)                        # (B, H, L, hd)
+            if image_index is not None:
+                k, v = k.index_select(0, image_index), v.index_select(0, image_index)   # (N, H, L, hd)
+            if layer.norm_first:
+                x = x + self._self_attention(layer, layer.norm1(x))
+                x = x + self._cross_attention(layer, layer.norm2(x), k, v)
+                x = x + feed_forward(layer, layer.norm3(x))
+            else:
+                x = layer.norm1(x + self._self_attention(layer, x))
+                x = layer.norm2(x + self._cross_attention(layer, x, k, v))
+                x = layer.norm3(x + feed_forward(layer, x))
+        if self.transformer.decoder.norm is not None:
+            x = self.transformer.decoder.norm(x)
         return self.head(x)
+
+    @staticmethod
+    def _self_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor) -> torch.Tensor:
+        attn = layer.self_attn
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)         # (N, T, 3D)
+        q, k, v = (split_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))
+        return layer.dropout1(attn.out_proj(merge_heads(attention(attn, q, k, v, is_causal=True))))
+
+    @staticmethod
+    def _cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k, v) -> torch.Tensor:
+        attn = layer.multihead_attn
+        q = split_heads(F.linear(x, *in_proj(attn, slice(0, x.size(-1)))), attn.num_heads)   # (N, H, T, hd)
+        return layer.dropout2(attn.out_proj(merge_heads(attention(attn, q, k, v))))
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None,
                 features: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,9 +210,7 @@ class CaptionModel(nn.Module):
         `features` (B, L, C), when given, stand in for the frozen encoder's output.
         """
         memory = self.memory(features if features is not None else self.encoder(images))  # (B, L, D)
-        if image_index is not None:
-            memory = memory[image_index]                                               # (N, L, D)
-        return self.decode(memory, tokens)
+        return self.decode(memory, tokens, image_index)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int = 0) -> CaptionModel:
