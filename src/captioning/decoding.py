@@ -1,9 +1,9 @@
 """Turning transformer memory into word ids: greedy and beam search over a key/value cache.
 
-Training runs `model.transformer.decoder` over whole captions. Decoding one
-word at a time that way re-runs every earlier word, and re-projects the image
-memory into keys and values, at every step. Here the same weights are read
-layer by layer instead:
+Training runs the decoder layers over whole captions (`CaptionModel.decode`).
+Decoding one word at a time that way re-runs every earlier word, and
+re-projects the image memory into keys and values, at every step. Here the
+same layers are run one position at a time instead:
 
     init_cache(model, memory)     cross-attention keys/values from memory, once per image
     step(model, cache, tokens)    one new word per sequence -> next-word logits (N, V);
@@ -13,8 +13,9 @@ so a step costs one position per sequence, whatever the length so far.
 `greedy_reference` keeps the re-run-everything path: tests hold the two to the
 same logits and tokens, and the benchmark times one against the other.
 
-Both searches never emit <pad> or <bos>: neither is ever a word, and the
-training path masks <pad> keys (tgt_key_padding_mask) where the cache does not.
+Both searches never emit <pad> or <bos>: neither is ever a word, and neither
+path masks <pad> keys (training relies on padding coming after <eos>), so a
+<pad> fed mid-caption would be attended to.
 """
 from __future__ import annotations
 

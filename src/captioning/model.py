@@ -6,7 +6,7 @@
       -> Linear(C, d_model) + 2-D sinusoidal position of each grid cell
       -> nn.Transformer encoder -> memory (B, h*w, d_model)
     tokens (N, T) -> embedding * sqrt(d_model) + 1-D sinusoidal position of each word
-      -> nn.Transformer decoder (causal + padding masks, cross-attends to memory)
+      -> nn.Transformer decoder (causal; cross-attends to its image's memory)
       -> Linear(d_model, V) -> logits (N, T, V)
 
 A batch may hold several captions per image: `image_index` (N,) maps each
