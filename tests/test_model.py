@@ -151,8 +151,9 @@ def test_shared_cross_attention_equals_nn_transformer_decoder(norm_first):
     for layer in model.transformer.decoder.layers:
         layer.norm_first = norm_first
     memory = _memory(3, length=5).requires_grad_()
-    tokens = _tokens([1, 7, 8, 2, 0, 0], [1, 5, 6, 7, 8, 2], [1, 9, 2, 0, 0, 0], [1, 4, 4, 4, 4, 2])
-    index = torch.tensor([0, 0, 2, 1])
+    # the last row has a <pad> mid-caption: only a padding mask keeps the words after it from seeing it
+    tokens = _tokens([1, 7, 8, 2, 0, 0], [1, 5, 6, 7, 8, 2], [1, 9, 2, 0, 0, 0], [1, 4, 4, 4, 4, 2], [1, 6, 0, 6, 9, 2])
+    index = torch.tensor([0, 0, 2, 1, 1])
     real = tokens != model.pad_id                   # what <pad> positions compute, the loss ignores
 
     def logits_and_grads(fn):

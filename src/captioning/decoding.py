@@ -13,9 +13,8 @@ so a step costs one position per sequence, whatever the length so far.
 `greedy_reference` keeps the re-run-everything path: tests hold the two to the
 same logits and tokens, and the benchmark times one against the other.
 
-Both searches never emit <pad> or <bos>: neither is ever a word, and neither
-path masks <pad> keys (training relies on padding coming after <eos>), so a
-<pad> fed mid-caption would be attended to.
+Both searches never emit <pad> or <bos>: neither is ever a word, and the
+training path masks <pad> keys where the cache does not.
 """
 from __future__ import annotations
 

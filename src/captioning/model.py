@@ -87,6 +87,11 @@ class PositionalEncoding(nn.Module):
 
 # -- the pieces of nn.TransformerDecoderLayer, read from its own weights (here and in decoding.py)
 
+def causal_mask(size: int, device=None) -> torch.Tensor:
+    """(T, T) bool, True where a query must not see a key (the future)."""
+    return torch.triu(torch.ones(size, size, dtype=torch.bool, device=device), diagonal=1)
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     N, T, D = x.shape
     return x.view(N, T, num_heads, D // num_heads).transpose(1, 2)    # (N, H, T, hd)
@@ -103,10 +108,10 @@ def in_proj(attn: nn.MultiheadAttention, part: slice) -> tuple[torch.Tensor, tor
     return attn.in_proj_weight[part], bias
 
 
-def attention(attn: nn.MultiheadAttention, q, k, v, is_causal: bool = False) -> torch.Tensor:
-    # (.., Tq, hd) x (.., Tk, hd) -> (.., Tq, hd), with the attention dropout of `attn` while training
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0,
-                                          is_causal=is_causal)
+def attention(attn: nn.MultiheadAttention, q, k, v, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    # (.., Tq, hd) x (.., Tk, hd) -> (.., Tq, hd), with the attention dropout of `attn` while training;
+    # allowed (.., Tq, Tk) bool: True where a query may see a key (None: everywhere)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=attn.dropout if attn.training else 0.0)
 
 
 def feed_forward(layer: nn.TransformerDecoderLayer, x: torch.Tensor) -> torch.Tensor:
@@ -169,20 +174,21 @@ class CaptionModel(nn.Module):
         norm_first settings; a test holds the two to the same logits), but each layer projects the
         cross-attention keys and values from the B images once and lets their captions share them,
         instead of projecting memory copied to every caption: with 5 captions an image that was a
-        fifth of a training step. Padding is on the right (<eos> <pad> ...), so the causal mask alone
-        keeps every word from seeing a <pad>; what <pad> positions compute, the loss ignores.
+        fifth of a training step. Self-attention masks the future and every <pad> key.
         """
         x = self.embed_tokens(tokens)                                      # (N, T, D)
+        T = tokens.size(1)
+        allowed = ~causal_mask(T, tokens.device) & (tokens != self.pad_id)[:, None, None, :]   # (N, 1, T, T)
         for layer in self.transformer.decoder.layers:
             k, v = cross_keys_values(layer, memory)                        # (B, H, L, hd)
             if image_index is not None:
                 k, v = k.index_select(0, image_index), v.index_select(0, image_index)   # (N, H, L, hd)
             if layer.norm_first:
-                x = x + self._self_attention(layer, layer.norm1(x))
+                x = x + self._self_attention(layer, layer.norm1(x), allowed)
                 x = x + self._cross_attention(layer, layer.norm2(x), k, v)
                 x = x + feed_forward(layer, layer.norm3(x))
             else:
-                x = layer.norm1(x + self._self_attention(layer, x))
+                x = layer.norm1(x + self._self_attention(layer, x, allowed))
                 x = layer.norm2(x + self._cross_attention(layer, x, k, v))
                 x = layer.norm3(x + feed_forward(layer, x))
         if self.transformer.decoder.norm is not None:
@@ -190,11 +196,11 @@ class CaptionModel(nn.Module):
         return self.head(x)
 
     @staticmethod
-    def _self_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor) -> torch.Tensor:
+    def _self_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         attn = layer.self_attn
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)         # (N, T, 3D)
         q, k, v = (split_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))
-        return layer.dropout1(attn.out_proj(merge_heads(attention(attn, q, k, v, is_causal=True))))
+        return layer.dropout1(attn.out_proj(merge_heads(attention(attn, q, k, v, allowed))))
 
     @staticmethod
     def _cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k, v) -> torch.Tensor:
