@@ -6,7 +6,7 @@
       -> Linear(C, d_model) + 2-D sinusoidal position of each grid cell
       -> nn.Transformer encoder -> memory (B, h*w, d_model)
     tokens (N, T) -> embedding * sqrt(d_model) + 1-D sinusoidal position of each word
-      -> nn.Transformer decoder (causal; cross-attends to its image's memory)
+      -> nn.Transformer decoder (causal + padding masks, cross-attends to its image's memory)
       -> Linear(d_model, V) -> logits (N, T, V)
 
 A batch may hold several captions per image: `image_index` (N,) maps each
@@ -174,7 +174,7 @@ class CaptionModel(nn.Module):
         norm_first settings; a test holds the two to the same logits), but each layer projects the
         cross-attention keys and values from the B images once and lets their captions share them,
         instead of projecting memory copied to every caption: with 5 captions an image that was a
-        fifth of a training step. Self-attention masks the future and every <pad> key.
+        sixth of a training step at the reference size. Self-attention masks the future and every <pad> key.
         """
         x = self.embed_tokens(tokens)                                      # (N, T, D)
         T = tokens.size(1)
