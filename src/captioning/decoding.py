@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import CaptionModel, attention, cross_keys_values, feed_forward, in_proj, merge_heads, split_heads
+from .model import CaptionModel, attention, cross_keys_values, decoder_layer, in_proj, merge_heads, split_heads
 
 
 # -----------------------------------------------------------------------------
@@ -116,14 +116,8 @@ def step(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor) -> torc
     """
     x = model.embed_tokens(tokens[:, None], offset=cache.length)      # (N, 1, D)
     for i, layer in enumerate(model.transformer.decoder.layers):
-        if layer.norm_first:
-            x = x + _self_attention(layer, layer.norm1(x), cache, i)
-            x = x + _cross_attention(layer, layer.norm2(x), cache, i)
-            x = x + feed_forward(layer, layer.norm3(x))
-        else:
-            x = layer.norm1(x + _self_attention(layer, x, cache, i))
-            x = layer.norm2(x + _cross_attention(layer, x, cache, i))
-            x = layer.norm3(x + feed_forward(layer, x))
+        x = decoder_layer(layer, x, lambda y: _self_attention(layer, y, cache, i),
+                          lambda y: _cross_attention(layer, y, cache, i))
     if model.transformer.decoder.norm is not None:
         x = model.transformer.decoder.norm(x)
     return model.head(x)[:, 0]                                         # (N, V)

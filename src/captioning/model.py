@@ -118,6 +118,18 @@ def feed_forward(layer: nn.TransformerDecoderLayer, x: torch.Tensor) -> torch.Te
     return layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
 
 
+def decoder_layer(layer: nn.TransformerDecoderLayer, x: torch.Tensor, self_attention, cross_attention) -> torch.Tensor:
+    """nn.TransformerDecoderLayer.forward (both norm_first settings), its two attention blocks given
+    as functions of their input: whole captions in training, one cached position in decoding."""
+    if layer.norm_first:
+        x = x + self_attention(layer.norm1(x))
+        x = x + cross_attention(layer.norm2(x))
+        return x + feed_forward(layer, layer.norm3(x))
+    x = layer.norm1(x + self_attention(x))
+    x = layer.norm2(x + cross_attention(x))
+    return layer.norm3(x + feed_forward(layer, x))
+
+
 def cross_keys_values(layer: nn.TransformerDecoderLayer, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's cross-attention keys and values of memory (B, L, D) -> two (B, H, L, hd)."""
     attn, D = layer.multihead_attn, memory.size(-1)
@@ -183,14 +195,8 @@ class CaptionModel(nn.Module):
             k, v = cross_keys_values(layer, memory)                        # (B, H, L, hd)
             if image_index is not None:
                 k, v = k.index_select(0, image_index), v.index_select(0, image_index)   # (N, H, L, hd)
-            if layer.norm_first:
-                x = x + self._self_attention(layer, layer.norm1(x), allowed)
-                x = x + self._cross_attention(layer, layer.norm2(x), k, v)
-                x = x + feed_forward(layer, layer.norm3(x))
-            else:
-                x = layer.norm1(x + self._self_attention(layer, x, allowed))
-                x = layer.norm2(x + self._cross_attention(layer, x, k, v))
-                x = layer.norm3(x + feed_forward(layer, x))
+            x = decoder_layer(layer, x, lambda y: self._self_attention(layer, y, allowed),
+                              lambda y: self._cross_attention(layer, y, k, v))
         if self.transformer.decoder.norm is not None:
             x = self.transformer.decoder.norm(x)
         return self.head(x)
