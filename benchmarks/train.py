@@ -10,13 +10,16 @@ random words each). Measured:
   `train_one_epoch` on cached features at the default precision, the image side once per image
   for all of its captions, with about as many caption rows per step (6 images = 30 rows).
 
-Last line: train: speedup_vs_reference=X reference_s=... ours_s=... cache_s=... epoch_s=...
+With --repeats N both run N times, alternated, and the figures are medians (this machine's timings
+move by about 10% from run to run). Last line:
+train: speedup_vs_reference=X reference_s=... ours_s=... cache_s=... epoch_s=...
 
-    python benchmarks/train.py [--images 32] [--device cpu|cuda]
+    python benchmarks/train.py [--images 32] [--repeats 1] [--device cpu|cuda]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +84,7 @@ def reference_epoch(model, dataset: CaptionDataset, optimizer, device, rows_per_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternated; medians reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -109,23 +113,32 @@ def main() -> None:
                                          fused=device.type in ("cpu", "cuda"))
             return model, optimizer
 
-        model, optimizer = fresh()
-        start = time.perf_counter()
-        reference_epoch(model, dataset, optimizer, device)
-        sync()
-        t_reference = time.perf_counter() - start
+        def time_reference() -> float:
+            model, optimizer = fresh()
+            start = time.perf_counter()
+            reference_epoch(model, dataset, optimizer, device)
+            sync()
+            return time.perf_counter() - start
 
-        model, optimizer = fresh()
-        start = time.perf_counter()
-        cache = extract_features(cfg, names, corpus.images_dir, tmp / "features", encoder=model.encoder,
-                                 batch_size=32, device=device, precision=precision, progress=False)
-        sync()
-        t_cache = time.perf_counter() - start
-        loader = build_loader(FeatureDataset(cache, dataset), cfg.train.batch_size, True, 0, pad_id=vocab.pad)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        train_one_epoch(model, loader, optimizer, scaler, precision, device, 1, progress=False)
-        sync()
-        t_ours = time.perf_counter() - start
+        def time_ours(root: Path) -> tuple[float, float]:
+            model, optimizer = fresh()
+            start = time.perf_counter()
+            cache = extract_features(cfg, names, corpus.images_dir, root, encoder=model.encoder,
+                                     batch_size=32, device=device, precision=precision, progress=False)
+            sync()
+            t_cache = time.perf_counter() - start
+            loader = build_loader(FeatureDataset(cache, dataset), cfg.train.batch_size, True, 0, pad_id=vocab.pad)
+            scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+            train_one_epoch(model, loader, optimizer, scaler, precision, device, 1, progress=False)
+            sync()
+            return time.perf_counter() - start, t_cache
+
+        runs = []   # alternate the two, so that a slow spell of the machine falls on both
+        for r in range(args.repeats):
+            runs.append((time_reference(), *time_ours(tmp / f"features{r}")))   # a new cache each time
+            print(f"run {r + 1}/{args.repeats}: reference {runs[-1][0]:.1f} s, ours {runs[-1][1]:.1f} s "
+                  f"(cache {runs[-1][2]:.1f} s)", flush=True)
+        t_reference, t_ours, t_cache = (statistics.median(column) for column in zip(*runs))
 
     n, rows = args.images, args.images * CAPTIONS
     print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads, {n} images x {CAPTIONS} captions")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from captioning.config import ModelConfig, load_config
-from captioning.model import PositionalEncoding, build_model, count_parameters, grid_encoding
+from captioning.model import Encoder, PositionalEncoding, build_model, count_parameters, grid_encoding
 
 V = 50
 
@@ -101,6 +101,33 @@ def test_encoder_keeps_torchvision_names_for_strict_loading():
                                     num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32), V)
     state = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
     model.encoder.body.load_state_dict(state, strict=True)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])   # BasicBlock and Bottleneck
+def test_folded_encoder_gives_the_same_features_without_batchnorm(backbone):
+    torch.manual_seed(0)
+    encoder = Encoder(backbone, pretrained=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():   # statistics far from the defaults, so that a BatchNorm left out or folded wrong shows
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.25)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.5)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    folded = encoder.folded()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert not folded.training and all(not p.requires_grad for p in folded.parameters())
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        expected, got = encoder(x), folded(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    state = encoder.state_dict()                  # the encoder itself is untouched
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+    with pytest.raises(ValueError, match="frozen"):
+        Encoder("resnet18", pretrained=False, trainable=True).folded()
 
 
 def test_reference_parameter_counts():

@@ -210,8 +210,10 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
     A complete cache returns at once without running the encoder; a partial one
     (the process was killed) continues from its recorded count. `encoder`
     defaults to `build_encoder(cfg)`; one given must have the weights cfg
-    describes, is used as it is (not moved or cast; reduced precision by
-    autocast) and `device` defaults to where it lives.
+    describes, is not changed, and `device` defaults to where it lives. An
+    `Encoder` runs as its `folded()` copy (BatchNorm folded into the
+    convolutions), cast once to reduced precision; any other module runs as it
+    is, reduced precision by autocast.
     """
     if cfg.model.train_backbone:
         raise ValueError("config key 'model.train_backbone': features can only be cached for a frozen encoder")
@@ -243,24 +245,29 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
         return cache
     precision = resolve_precision(precision, device)
     image_dtype, autocast_precision = torch.float32, precision
-    if built and precision != "fp32":
-        # as the Captioner does: cast the weights once rather than autocast re-casting them every batch
-        image_dtype, autocast_precision = (torch.bfloat16 if precision == "bf16" else torch.float16), "fp32"
-        encoder.to(image_dtype, memory_format=torch.channels_last)
+    net = encoder
+    if isinstance(encoder, Encoder):
+        net = encoder.folded()
+        if built:
+            del encoder                # the folded copy is all that runs
+        if precision != "fp32":
+            # as the Captioner does: cast the weights once rather than autocast re-casting them every batch
+            image_dtype, autocast_precision = (torch.bfloat16 if precision == "bf16" else torch.float16), "fp32"
+        net.to(image_dtype, memory_format=torch.channels_last)
     done = cache.done if cache is not None else 0
     data = None if cache is None else np.memmap(folder / FEATURES_FILE, dtype=np.float16, mode="r+", shape=cache.shape)
 
     loader = DataLoader(_Images(images_dir, names[done:], cfg.data.image_size), batch_size=batch_size,
                         num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
-    was_training = encoder.training
-    encoder.eval()
+    was_training = net.training
+    net.eval()
     bar = tqdm(total=len(names), initial=done, desc="features", unit="img", disable=not progress)
     try:
         for images in loader:
             with torch.no_grad(), autocast(autocast_precision, device):
                 # channels_last, as the Captioner feeds it: oneDNN's convolutions run faster on it, fp32 too
                 x = images.to(device, image_dtype, non_blocking=True, memory_format=torch.channels_last)
-                out = encoder(x).float().cpu().numpy()                  # (B, L, C)
+                out = net(x).float().cpu().numpy()                      # (B, L, C)
             largest = float(np.abs(out).max())
             if not largest <= np.finfo(np.float16).max:   # also catches NaN
                 raise FloatingPointError(f"features of {names[done]} and after reach {largest:.3g}, beyond float16: "
@@ -279,7 +286,7 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
             bar.update(len(rows))
     finally:
         bar.close()
-        encoder.train(was_training)
+        net.train(was_training)
         del data
     return FeatureCache.open(folder)
 
