@@ -1,4 +1,6 @@
 """The model's invariants, and the reference design's defects it must not repeat."""
+import copy
+
 import pytest
 import torch
 
@@ -103,7 +105,7 @@ def test_encoder_keeps_torchvision_names_for_strict_loading():
     model.encoder.body.load_state_dict(state, strict=True)
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])   # BasicBlock and Bottleneck
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "resnext50_32x4d"])   # BasicBlock, Bottleneck, grouped
 def test_folded_encoder_gives_the_same_features_without_batchnorm(backbone):
     torch.manual_seed(0)
     encoder = Encoder(backbone, pretrained=False)
@@ -126,6 +128,11 @@ def test_folded_encoder_gives_the_same_features_without_batchnorm(backbone):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     state = encoder.state_dict()                  # the encoder itself is untouched
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+    # bf16 weights are folded in fp32 and rounded once, not folded in bf16
+    encoder.to(torch.bfloat16)
+    from_bf16, in_fp32 = encoder.folded(), copy.deepcopy(encoder).float().folded()
+    assert next(from_bf16.parameters()).dtype == torch.bfloat16
+    assert all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(from_bf16.parameters(), in_fp32.parameters()))
     with pytest.raises(ValueError, match="frozen"):
         Encoder("resnet18", pretrained=False, trainable=True).folded()
 

@@ -253,7 +253,7 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
         if precision != "fp32":
             # as the Captioner does: cast the weights once rather than autocast re-casting them every batch
             image_dtype, autocast_precision = (torch.bfloat16 if precision == "bf16" else torch.float16), "fp32"
-        net.to(image_dtype, memory_format=torch.channels_last)
+        net.to(device, image_dtype, memory_format=torch.channels_last)
     done = cache.done if cache is not None else 0
     data = None if cache is None else np.memmap(folder / FEATURES_FILE, dtype=np.float16, mode="r+", shape=cache.shape)
 

@@ -65,14 +65,15 @@ class Encoder(nn.Module):
         convolution it follows (weights scaled by gamma / sqrt(running_var + eps), a bias added).
 
         For running the ResNet many times, as feature extraction does: the BatchNorm passes over the
-        activations are gone (8% of ResNet-152's time at batch 32 on a 2-core AVX2 CPU, fp32). This
-        module is left as it is, its state_dict keys included.
+        activations are gone. The fold is computed in fp32 whatever this module's dtype, and the copy
+        gets that dtype back. This module is left as it is, its state_dict keys included.
         """
         if self.trainable:
             raise ValueError("only a frozen encoder can be folded: a trained one's BatchNorm statistics change")
-        encoder = copy.deepcopy(self).eval()
+        dtype = next(self.parameters()).dtype
+        encoder = copy.deepcopy(self).float().eval()
         for module in list(encoder.body.modules()):
-            if isinstance(module, (BasicBlock, Bottleneck)):    # forward runs bn{i}(conv{i}(x)), by name
+            if type(module) in (BasicBlock, Bottleneck):        # their forward runs bn{i}(conv{i}(x)), by name
                 for i in (1, 2, 3):
                     if hasattr(module, f"bn{i}"):
                         setattr(module, f"conv{i}", fuse_conv_bn_eval(getattr(module, f"conv{i}"), getattr(module, f"bn{i}")))
@@ -84,7 +85,7 @@ class Encoder(nn.Module):
         left = [name for name, m in encoder.named_modules() if isinstance(m, nn.BatchNorm2d)]
         if left:
             raise NotImplementedError(f"BatchNorm layers not after a convolution, cannot fold: {left[:3]}")
-        return encoder.requires_grad_(False)
+        return encoder.to(dtype).requires_grad_(False)
 
 
 def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
