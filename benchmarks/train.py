@@ -37,6 +37,7 @@ from captioning.train import caption_loss, train_one_epoch
 from captioning.vocab import SPECIALS, Vocabulary
 
 WORDS, CAPTIONS = 12, 5
+IMAGES, VOCAB, STEP_IMAGES = 32, 7736, 6   # defaults: images in the set, words, images a step of ours
 
 
 def make_data(folder: Path, n: int, vocab_words: list[str], rng) -> Corpus:
@@ -83,7 +84,7 @@ def reference_epoch(model, dataset: CaptionDataset, optimizer, device, rows_per_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--images", type=int, default=IMAGES)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternated; medians reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -94,7 +95,7 @@ def main() -> None:
     precision = resolve_precision("auto", device)
 
     rng = np.random.default_rng(0)
-    vocab_words = [f"w{i}" for i in range(7736 - len(SPECIALS))]
+    vocab_words = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
     vocab = Vocabulary(list(SPECIALS) + vocab_words)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -102,7 +103,7 @@ def main() -> None:
         corpus = make_data(tmp / "images", args.images, vocab_words, rng)
         cfg = from_dict({"data": {"format": "csv", "images": str(tmp / "images"), "max_len": WORDS},
                          "model": {"pretrained": False},
-                         "train": {"precision": "auto", "num_workers": 0, "batch_size": 6, "cache_features": True}},
+                         "train": {"precision": "auto", "num_workers": 0, "batch_size": STEP_IMAGES, "cache_features": True}},
                         check_paths=False)
         names = sorted(corpus.captions)
         dataset = CaptionDataset(corpus, names, vocab, cfg.data.image_size, cfg.data.max_len)

@@ -27,8 +27,9 @@ from captioning.config import ModelConfig
 from captioning.data import Batch
 from captioning.model import Encoder, build_model
 from captioning.train import caption_loss
+from train import CAPTIONS, IMAGES, STEP_IMAGES, VOCAB, WORDS   # benchmarks/train.py's sizes
 
-IMAGES, CAPTIONS, TOKENS, VOCAB, STEP_IMAGES = 32, 5, 14, 7736, 6
+TOKENS = WORDS + 2                                                  # <bos> words <eos>
 
 
 def seconds(fn, repeats: int) -> float:
