@@ -19,6 +19,7 @@ Last line: decode: speedup_vs_reference=X overhead_vs_encoder=Y batch_efficiency
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import time
@@ -30,6 +31,7 @@ from PIL import Image
 from captioning import Captioner
 from captioning.config import from_dict
 from captioning.data import build_transform
+from captioning.env import collect_env
 from captioning.model import build_model
 from captioning.vocab import SPECIALS, Vocabulary
 
@@ -58,7 +60,7 @@ def reference_caption(model, image: torch.Tensor, bos: int, words: int) -> list[
     """The reference design's decoding: every word re-runs the ResNet and the whole transformer."""
     tokens = torch.full((1, 1), bos, dtype=torch.long, device=image.device)
     for _ in range(words):
-        logits = model(image, tokens)[:, -1]            # (1, V): encoder, transformer encoder, decoder: all again
+        logits = model(tokens, images=image)[:, -1]           # (1, V): encoder, transformer encoder, decoder: all again
         tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
     return tokens[0, 1:].tolist()
 
@@ -72,7 +74,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     torch.manual_seed(0)
-    cfg = from_dict({"model": {"pretrained": False, "max_len": 64}, "data": {"max_len": WORDS}}, check_paths=False)
+    cfg = from_dict({"model": {"pretrained": False, "max_tokens": 64}, "data": {"max_words": WORDS}}, check_paths=False)
     vocab = Vocabulary(list(SPECIALS) + [f"w{i}" for i in range(7736 - len(SPECIALS))])
     model = build_model(cfg.model, len(vocab), vocab.pad).eval()
     with torch.no_grad():
@@ -84,7 +86,7 @@ def main() -> None:
     model.to(device)
     x1 = build_transform(cfg.data.image_size)(photos[0])[None].to(device)
     t_reference = timed(lambda: reference_caption(model, x1, vocab.bos, WORDS), max(1, args.repeats // 2), sync)
-    captioner = Captioner(model, vocab, cfg, device=device, precision="auto")
+    captioner = Captioner(model, vocab, cfg, device=device, precision="auto", own_model=True)
     assert len(captioner.caption([photos[0]])[0].caption.split()) == WORDS
 
     x32 = torch.stack([captioner.transform(p) for p in photos]).to(device)
@@ -94,6 +96,7 @@ def main() -> None:
     rss_mb = peak_rss_mb()                          # the reference and ours, before the bare batch-32 forward
     t_encoder32 = timed(lambda: captioner.features(x32), args.repeats, sync)
 
+    print("env:", json.dumps(collect_env(device, captioner.precision)))
     print(f"device {device}, precision {captioner.precision}, {torch.get_num_threads()} threads, {WORDS} words")
     print(f"reference (fp32, re-run per word): {t_reference * 1e3:8.1f} ms / image")
     print(f"ours, one image:                   {t_ours * 1e3:8.1f} ms / image")

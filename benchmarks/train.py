@@ -19,6 +19,7 @@ train: speedup_vs_reference=X reference_s=... ours_s=... cache_s=... epoch_s=...
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -31,9 +32,10 @@ from PIL import Image
 from captioning.config import from_dict
 from captioning.data import Batch, CaptionDataset, Corpus, build_loader, collate
 from captioning.device import resolve_precision
+from captioning.env import collect_env
 from captioning.features import FeatureDataset, extract_features
 from captioning.model import build_model
-from captioning.train import caption_loss, train_one_epoch
+from captioning.train import TrainState, build_scheduler, caption_loss, train_one_epoch
 from captioning.vocab import SPECIALS, Vocabulary
 
 WORDS, CAPTIONS = 12, 5
@@ -75,7 +77,7 @@ def reference_epoch(model, dataset: CaptionDataset, optimizer, device, rows_per_
             image, captions, name = dataset[i]                  # decode + transform per row, as the reference did
             items.append((image, [captions[j]], name))
         batch = collate(items).to(device)
-        batch = Batch(batch.images, batch.tokens, None, batch.names)   # no sharing: the ResNet runs per row
+        batch = Batch(batch.tokens, None, batch.names, images=batch.images)   # no sharing: the ResNet runs per row
         loss, _ = caption_loss(model, batch, "fp32", device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -101,17 +103,19 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "images").mkdir()
         corpus = make_data(tmp / "images", args.images, vocab_words, rng)
-        cfg = from_dict({"data": {"format": "csv", "images": str(tmp / "images"), "max_len": WORDS},
+        cfg = from_dict({"data": {"format": "csv", "images": str(tmp / "images"), "max_words": WORDS},
                          "model": {"pretrained": False},
-                         "train": {"precision": "auto", "num_workers": 0, "batch_size": STEP_IMAGES, "cache_features": True}},
+                         "train": {"precision": "auto", "num_workers": 0, "batch_size": STEP_IMAGES,
+                                   "cache_features": True}},
                         check_paths=False)
         names = sorted(corpus.captions)
-        dataset = CaptionDataset(corpus, names, vocab, cfg.data.image_size, cfg.data.max_len)
+        dataset = CaptionDataset(corpus, names, vocab, cfg.data.image_size, cfg.data.max_words)
 
         def fresh():
             torch.manual_seed(cfg.seed)
             model = build_model(cfg.model, len(vocab), vocab.pad).to(device)
-            calibrate_batchnorm(model.encoder, torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device))
+            calibrate_batchnorm(model.encoder,
+                                torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device))
             optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                          fused=device.type in ("cpu", "cuda"))
             return model, optimizer
@@ -130,9 +134,12 @@ def main() -> None:
                                      batch_size=32, device=device, precision=precision, progress=False)
             sync()
             t_cache = time.perf_counter() - start
-            loader = build_loader(FeatureDataset(cache, dataset), cfg.train.batch_size, True, 0, pad_id=vocab.pad)
+            loader = build_loader(FeatureDataset(cache, dataset), batch_size=cfg.train.batch_size, shuffle=True,
+                                  num_workers=0, pad_id=vocab.pad)
             scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-            train_one_epoch(model, loader, optimizer, scaler, precision, device, 1, progress=False)
+            scheduler = build_scheduler(cfg, optimizer, len(loader))
+            train_one_epoch(model, loader, optimizer, scheduler, scaler, TrainState(), precision=precision,
+                            device=device, progress=False)
             sync()
             return time.perf_counter() - start, t_cache
 
@@ -145,7 +152,9 @@ def main() -> None:
         t_reference, t_ours, t_cache, t_epoch = (statistics.median(column) for column in zip(*runs))
 
     n, rows = args.images, args.images * CAPTIONS
-    print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads, {n} images x {CAPTIONS} captions")
+    print("env:", json.dumps(collect_env(device, precision)))
+    print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads, "
+          f"{n} images x {CAPTIONS} captions")
     print(f"reference (ResNet per caption row, fp32): {t_reference:8.1f} s   {n / t_reference:6.2f} images/s")
     print(f"ours (cache + epoch on features):         {t_ours:8.1f} s   {n / t_ours:6.2f} images/s")
     print(f"  of which the feature cache:             {t_cache:8.1f} s; the epoch itself {t_epoch:.1f} s")

@@ -18,6 +18,7 @@ train_bound: floor_s=... cache_s=... epoch_matmul_s=... step_s=... matmul_share=
 """
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -25,9 +26,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from captioning.config import ModelConfig
 from captioning.data import Batch
+from captioning.env import collect_env
 from captioning.model import Encoder, build_model
 from captioning.train import caption_loss
-from train import CAPTIONS, IMAGES, STEP_IMAGES, VOCAB, WORDS   # benchmarks/train.py's sizes
+from train import CAPTIONS, IMAGES, STEP_IMAGES, VOCAB, WORDS  # benchmarks/train.py's sizes
 
 TOKENS = WORDS + 2                                                  # <bos> words <eos>
 
@@ -55,8 +57,8 @@ def main() -> None:
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     rows = STEP_IMAGES * CAPTIONS
     tokens = torch.randint(4, VOCAB, (rows, TOKENS))
-    batch = Batch(torch.randn(STEP_IMAGES, 49, 2048).half(), tokens,
-                  torch.arange(STEP_IMAGES).repeat_interleave(CAPTIONS), None)
+    batch = Batch(tokens, torch.arange(STEP_IMAGES).repeat_interleave(CAPTIONS), [],
+                  features=torch.randn(STEP_IMAGES, 49, 2048).half())
 
     def step():
         loss, _ = caption_loss(model, batch, "fp32", torch.device("cpu"))
@@ -76,10 +78,12 @@ def main() -> None:
     cache_s = per_image * IMAGES
     epoch_matmul_s = step_s * matmul * IMAGES * CAPTIONS / rows
     floor = cache_s + epoch_matmul_s
+    print("env:", json.dumps(collect_env(torch.device("cpu"), "fp32")))
     print(f"{torch.get_num_threads()} threads, fp32")
     print(f"a @ b:                         {peak:6.1f} GFLOP/s")
     print(f"ResNet-152, batch 32:          {per_image * 1000:6.0f} ms an image -> {cache_s:.1f} s for {IMAGES} images")
-    print(f"training step ({rows} rows):      {step_s:6.2f} s: matrix products {matmul:.0%}, dropout's random numbers {dropout:.0%}")
+    print(f"training step ({rows} rows):      {step_s:6.2f} s: matrix products {matmul:.0%}, "
+          f"dropout's random numbers {dropout:.0%}")
     print(f"epoch's matrix products:       {epoch_matmul_s:6.1f} s for {IMAGES * CAPTIONS} rows")
     print(f"train_bound: floor_s={floor:.1f} cache_s={cache_s:.1f} epoch_matmul_s={epoch_matmul_s:.1f} "
           f"step_s={step_s:.2f} matmul_share={matmul:.2f} peak_gflops={peak:.0f}")

@@ -10,10 +10,10 @@ def tiny_config(data_dir, run_dir, *overrides):
     raw = {"run_dir": str(run_dir), "seed": 0,
            "data": {"format": "shapes", "images": str(data_dir / "flickr30k_images"),
                     "captions": str(data_dir / "results.csv"), "image_size": 32, "min_freq": 1,
-                    "max_len": 16, "val_fraction": 0.2, "test_fraction": 0.1},
+                    "max_words": 16, "val_fraction": 0.2, "test_fraction": 0.1},
            "model": {"backbone": "resnet18", "pretrained": False, "train_backbone": True, "d_model": 32,
                      "num_heads": 4, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 64,
-                     "dropout": 0.1, "max_len": 20},
+                     "dropout": 0.1, "max_tokens": 20},
            "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "gamma": 0.9, "patience": 0,
                      "precision": "fp32", "num_workers": 0, "device": "cpu"}}
     return from_dict(raw, list(overrides))

@@ -52,3 +52,66 @@ def test_beam_size_one_is_greedy_and_beams_run(captioner, images):
     assert all(r.ok and isinstance(r.caption, str) for r in beams)
     with pytest.raises(ValueError, match="beam_size"):
         captioner.caption(images, beam_size=0)
+
+
+# --- a model handed in is left as it is; the one prediction path -----------------------------------
+
+def test_a_model_handed_in_keeps_its_dtype_and_training_flag(tiny_run, images):
+    import torch
+
+    from captioning import load_checkpoint
+
+    model, vocab, cfg = load_checkpoint(tiny_run / "best.pt")
+    model.train()
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert set(dtypes.values()) == {torch.float32}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    captioner = Captioner(model, vocab, cfg, device="cpu", precision="bf16")
+    results = captioner.caption(images[:3])
+    assert all(r.ok and isinstance(r.caption, str) for r in results)
+    captioner.predict(images=torch.stack([captioner.transform(Image.open(p).convert("RGB")) for p in images[:2]]))
+    assert model.training and all(m.training for m in model.modules())      # still training, every submodule
+    assert {name: p.dtype for name, p in model.named_parameters()} == dtypes
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())   # nor cast and back
+    assert next(model.encoder.parameters()).is_contiguous()                 # nor made channels_last
+
+
+def test_from_checkpoint_at_bf16_casts_its_own_encoder(tiny_run, images):
+    import torch
+
+    captioner = Captioner.from_checkpoint(tiny_run / "best.pt", device="cpu", precision="bf16")
+    assert captioner.precision == "bf16"
+    assert {p.dtype for p in captioner.model.encoder.parameters()} == {torch.bfloat16}
+    rest = [p for name, p in captioner.model.named_parameters() if not name.startswith("encoder.")]
+    assert rest and {p.dtype for p in rest} == {torch.float32}                # the transformer stays fp32
+    assert not captioner.model.training
+    assert all(r.ok for r in captioner.caption(images[:2]))
+    fp32 = Captioner.from_checkpoint(tiny_run / "best.pt", device="cpu", precision="fp32")
+    assert {p.dtype for p in fp32.model.encoder.parameters()} == {torch.float32}
+
+
+def test_validation_batches_and_image_files_get_the_same_captions(tiny_run):
+    """val_cider captions loader batches with Captioner.predict, evaluate image files with Captioner.caption:
+    the two must agree, and val_cider must score exactly those captions."""
+    import torch
+
+    from captioning import load_checkpoint
+    from captioning.data import CaptionDataset, build_loader, load_splits, read_corpus
+    from captioning.metrics import score_captions
+    from captioning.train import val_cider
+
+    model, vocab, cfg = load_checkpoint(tiny_run / "best.pt")
+    corpus = read_corpus(cfg)
+    names = load_splits(tiny_run / "splits.json")["val"]
+    dataset = CaptionDataset(corpus, names, vocab, cfg.data.image_size, cfg.data.max_words)
+    captioner = Captioner(model, vocab, cfg, device="cpu", precision="fp32")
+    predicted = {}
+    for batch in build_loader(dataset, batch_size=4, shuffle=False, num_workers=0, pad_id=vocab.pad):
+        predicted.update(zip(batch.names, captioner.predict(**batch.model_inputs())))
+    assert list(predicted) == names
+    from_files = {n: r.caption for n, r in zip(names, captioner.caption([corpus.images_dir / n for n in names]))}
+    assert predicted == from_files
+    assert len(set(predicted.values())) >= 1 and all(isinstance(c, str) for c in predicted.values())
+    references = {n: corpus.captions[n] for n in names}
+    expected = score_captions(predicted, references, metrics=("CIDEr",))[0]["CIDEr"]
+    assert val_cider(model, dataset, vocab, cfg, "fp32", torch.device("cpu")) == pytest.approx(expected, abs=1e-12)

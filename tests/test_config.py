@@ -1,10 +1,11 @@
 """Config: YAML + --set overrides fill one dataclass tree; every bad key or value is refused by name."""
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
 
-from captioning.config import Config, ConfigError, from_dict, load_config, save_config, to_dict
+from captioning.config import RENAMED, Config, ConfigError, from_dict, load_config, save_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -266,3 +267,173 @@ def test_every_documented_key_exists(key):
     for part in key.split("."):
         assert part in node, key
         node = node[part]
+
+
+# --- renamed keys (max_len -> max_words / max_tokens) -----------------------------------
+
+def config_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "captioning.config" and r.levelno == logging.WARNING]
+
+
+def test_old_key_names_load_with_one_warning_each(tmp_path, caplog):
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  format: shapes\n  max_len: 12\nmodel:\n  max_len: 30\n")
+    with caplog.at_level(logging.WARNING, logger="captioning.config"):
+        cfg = load_config(path, check_paths=False)
+    assert (cfg.data.max_words, cfg.model.max_tokens) == (12, 30)
+    warnings = config_warnings(caplog)
+    assert len(warnings) == 2, warnings
+    for old, new in RENAMED.items():
+        (line,) = [w for w in warnings if f"'{old}'" in w]
+        assert f"'{new}'" in line and "\n" not in line
+    assert "max_len" not in to_dict(cfg)["data"] and "max_len" not in to_dict(cfg)["model"]
+
+
+def test_old_key_names_in_a_dict_and_in_overrides_load(caplog):
+    """A checkpoint's config dict, and --set, may use the old names too."""
+    with caplog.at_level(logging.WARNING, logger="captioning.config"):
+        cfg = from_dict({"data": {**SHAPES["data"], "max_len": 9}, "model": {"max_len": 11}}, check_paths=False)
+    assert (cfg.data.max_words, cfg.model.max_tokens) == (9, 11)
+    assert len(config_warnings(caplog)) == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="captioning.config"):
+        cfg = from_dict(SHAPES, ["data.max_len=7", "model.max_len=10"], check_paths=False)
+    assert (cfg.data.max_words, cfg.model.max_tokens) == (7, 10)
+    assert len(config_warnings(caplog)) == 2
+
+
+def test_new_key_names_load_without_a_warning(tmp_path, caplog):
+    path = tmp_path / "new.yaml"
+    path.write_text("data:\n  format: shapes\n  max_words: 12\nmodel:\n  max_tokens: 30\n")
+    with caplog.at_level(logging.WARNING, logger="captioning.config"):
+        cfg = load_config(path, check_paths=False)
+    assert (cfg.data.max_words, cfg.model.max_tokens) == (12, 30)
+    assert config_warnings(caplog) == []
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED.items()))
+def test_old_and_new_name_together_is_an_error_naming_both(tmp_path, old, new):
+    section, old_key = old.split(".")
+    new_key = new.split(".")[1]
+    raw = {**SHAPES, section: {**SHAPES.get(section, {}), old_key: 30, new_key: 30}}
+    with pytest.raises(ConfigError) as info:
+        from_dict(raw, check_paths=False)
+    assert f"'{old}'" in str(info.value) and f"'{new}'" in str(info.value), str(info.value)
+    path = tmp_path / "both.yaml"
+    path.write_text(f"{section}:\n  {old_key}: 30\n  {new_key}: 30\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_paths=False)
+    assert f"'{old}'" in str(info.value) and f"'{new}'" in str(info.value), str(info.value)
+
+
+# --- base: other.yaml ------------------------------------------------------------------------
+
+def test_base_chain_overrides_and_merges_sections(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "run_dir: runs/base\nseed: 5\n"
+        "data:\n  format: shapes\n  image_size: 64\n  min_freq: 2\n"
+        "model:\n  backbone: resnet18\n  d_model: 256\n  num_heads: 8\n  dropout: 0.2\n"
+        "train:\n  lr: 1.0e-4\n  epochs: 7\n")
+    (tmp_path / "child.yaml").write_text(
+        "base: base.yaml\nrun_dir: runs/child\n"
+        "model:\n  d_model: 128\n  num_heads: 4\n"
+        "train:\n  lr: 3.0e-4\n")
+    cfg = load_config(tmp_path / "child.yaml", check_paths=False)
+    assert cfg.run_dir == "runs/child" and cfg.seed == 5                      # top-level: child wins, base fills
+    assert (cfg.model.d_model, cfg.model.num_heads) == (128, 4)               # the child's keys of a section...
+    assert (cfg.model.backbone, cfg.model.dropout) == ("resnet18", 0.2)       # ...laid over the base's others
+    assert (cfg.train.lr, cfg.train.epochs) == (3e-4, 7)
+    assert (cfg.data.format, cfg.data.image_size, cfg.data.min_freq) == ("shapes", 64, 2)   # only in the base
+    # overrides go on top of both
+    assert load_config(tmp_path / "child.yaml", ["model.d_model=64", "seed=1"], check_paths=False).model.d_model == 64
+    assert load_config(tmp_path / "base.yaml", check_paths=False).model.d_model == 256       # the base is untouched
+
+
+def test_base_path_is_relative_to_the_file_not_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "common").mkdir()
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "common" / "root.yaml").write_text("seed: 9\ndata:\n  format: shapes\n")
+    (tmp_path / "common" / "base.yaml").write_text("base: root.yaml\nmodel:\n  d_model: 64\n  num_heads: 4\n")
+    (tmp_path / "runs" / "a" / "child.yaml").write_text("base: ../../common/base.yaml\ntrain:\n  epochs: 2\n")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(tmp_path / "runs" / "a" / "child.yaml", check_paths=False)
+    assert (cfg.seed, cfg.data.format, cfg.model.d_model, cfg.train.epochs) == (9, "shapes", 64, 2)
+    # and from the child's folder, by a relative path
+    monkeypatch.chdir(tmp_path / "runs")
+    assert load_config("a/child.yaml", check_paths=False) == cfg
+
+
+def test_missing_base_file_is_named(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(tmp_path / "child.yaml", check_paths=False)
+
+
+def test_base_cycle_is_a_config_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\nseed: 2\n")
+    (tmp_path / "c.yaml").write_text("base: a.yaml\nseed: 3\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml", check_paths=False)
+    (tmp_path / "self.yaml").write_text("base: ./self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "self.yaml", check_paths=False)
+
+
+def test_dmodel128_yaml_is_flickr30k_yaml_with_d_model_128():
+    small, reference = _committed("dmodel128.yaml"), _committed("flickr30k.yaml")
+    assert (small.model.d_model, small.model.num_heads) == (128, 4)
+    a, b = to_dict(small), to_dict(reference)
+    for section, key in (("model", "d_model"), ("model", "num_heads")):
+        del a[section][key], b[section][key]
+    assert a.pop("run_dir") != b.pop("run_dir")      # its own run directory
+    assert a == b
+
+
+# --- the new train keys -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, key", [
+    ("train.optimizer=sgd", "train.optimizer"),
+    ("train.optimizer=AdamW", "train.optimizer"),
+    ("train.weight_decay=-0.01", "train.weight_decay"),
+    ("train.scheduler=step", "train.scheduler"),
+    ("train.scheduler=Cosine", "train.scheduler"),
+    ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("train.warmup_steps=1.5", "train.warmup_steps"),
+    ("train.label_smoothing=1.0", "train.label_smoothing"),
+    ("train.label_smoothing=-0.1", "train.label_smoothing"),
+    ("data.split_seed=x", "data.split_seed"),
+])
+def test_new_keys_bad_values_name_the_key(override, key):
+    raises_naming(key, SHAPES, [override])
+
+
+def test_new_keys_good_values_are_accepted():
+    cfg = from_dict(SHAPES, ["train.optimizer=adamw", "train.weight_decay=0.01", "train.scheduler=cosine",
+                             "train.warmup_steps=100", "train.label_smoothing=0.1", "data.split_seed=3"],
+                    check_paths=False)
+    t = cfg.train
+    assert (t.optimizer, t.weight_decay, t.scheduler, t.warmup_steps, t.label_smoothing) == \
+        ("adamw", 0.01, "cosine", 100, 0.1)
+    assert cfg.data.split_seed == 3
+    assert (Config().train.optimizer, Config().train.scheduler, Config().train.label_smoothing) == \
+        ("adam", "exponential", 0.0)     # the defaults are the reference's
+
+
+def test_split_seed_changes_the_split_and_seed_does_not():
+    from captioning.data import Corpus, make_splits
+
+    corpus = Corpus(Path("/nonexistent"), {f"{i:05d}.jpg": [f"caption {i}"] for i in range(100)})
+    fractions = ["data.val_fraction=0.1", "data.test_fraction=0.1"]
+
+    def splits(*overrides):
+        return make_splits(corpus, from_dict(SHAPES, [*fractions, *overrides], check_paths=False))
+
+    base = splits("seed=0", "data.split_seed=0")
+    assert len(base["val"]) == len(base["test"]) == 10
+    assert splits("seed=1", "data.split_seed=0") == base
+    assert splits("seed=12345", "data.split_seed=0") == base
+    other = splits("seed=0", "data.split_seed=1")
+    assert other["val"] != base["val"] and other["test"] != base["test"]
+    assert sorted(sum(other.values(), [])) == sorted(sum(base.values(), []))   # the same images, split otherwise

@@ -12,8 +12,25 @@ from PIL import Image
 
 from captioning.config import from_dict, to_dict
 from captioning.data import (
-    IMAGENET_MEAN, IMAGENET_STD, Batch, CaptionDataset, Corpus, build_loader, build_transform, collate, load_splits,
-    make_splits, read_corpus, read_csv, read_flickr30k, read_karpathy, save_splits, split_images,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Batch,
+    CaptionDataset,
+    Corpus,
+    EpochSampler,
+    FeatureItem,
+    Item,
+    build_loader,
+    build_transform,
+    collate,
+    load_splits,
+    make_splits,
+    read_corpus,
+    read_csv,
+    read_flickr30k,
+    read_karpathy,
+    save_splits,
+    split_images,
 )
 from captioning.vocab import Vocabulary
 
@@ -380,7 +397,8 @@ def test_loader_order_depends_only_on_seed_and_epoch(tmp_path):
     dataset = CaptionDataset(corpus, list(captions), vocab, image_size=32, max_words=10)
 
     def order(seed, epoch, shuffle=True):
-        loader = build_loader(dataset, 5, shuffle, num_workers=0, seed=seed, epoch=epoch, pad_id=vocab.pad)
+        loader = build_loader(dataset, batch_size=5, shuffle=shuffle, num_workers=0, seed=seed, epoch=epoch,
+                              pad_id=vocab.pad)
         return names_in_order(loader)
 
     epoch0 = order(0, 0)
@@ -392,7 +410,7 @@ def test_loader_order_depends_only_on_seed_and_epoch(tmp_path):
     assert epoch0 != order(1, 0)
     assert epoch0 != list(captions)
     assert order(0, 0, shuffle=False) == list(captions)
-    sizes = [len(b.names) for b in build_loader(dataset, 5, False, num_workers=0, seed=0, epoch=0)]
+    sizes = [len(b.names) for b in build_loader(dataset, batch_size=5, shuffle=False, num_workers=0, seed=0, epoch=0)]
     assert sizes == [5, 5, 5, 1]  # evaluation sees every image
 
 
@@ -422,3 +440,118 @@ def test_dataset_turns_any_image_mode_into_three_channels(tmp_path, mode, colour
         assert torch.allclose(rgb, torch.ones_like(rgb), atol=1e-3)  # transparent goes onto white, not black
     if mode == "RGBA" and colour[3] == 255:
         assert torch.allclose(rgb[0], torch.ones_like(rgb[0]), atol=1e-3) and rgb[1:].abs().max() < 1e-3
+
+
+# --- EpochSampler: epoch order, mid-epoch skip, DDP shards ---------------------------------------
+
+def test_epoch_sampler_unshuffled_is_the_dataset_order():
+    assert list(EpochSampler(10, batch_size=3, shuffle=False)) == list(range(10))
+    assert list(EpochSampler(10, batch_size=3, shuffle=False, seed=5, epoch=7)) == list(range(10))
+    assert len(EpochSampler(10, batch_size=3, shuffle=False)) == 10
+
+
+def test_epoch_sampler_shuffled_order_depends_only_on_seed_and_epoch():
+    def order(seed, epoch, batch_size=4):
+        torch.manual_seed(seed + 1000 * epoch + 17)      # the global RNG plays no part
+        random.seed(99)
+        return list(EpochSampler(30, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch))
+
+    first = order(0, 1)
+    assert sorted(first) == list(range(30)) and first != list(range(30))   # a permutation, shuffled
+    assert order(0, 1) == first and order(0, 1, batch_size=6) == first
+    assert order(0, 2) != first and order(1, 1) != first and order(1, 2) != order(0, 2)
+    torch.manual_seed(0)
+    a = list(EpochSampler(30, batch_size=4, shuffle=True, seed=3, epoch=4))
+    torch.rand(100)                                                        # draws in between change nothing
+    assert list(EpochSampler(30, batch_size=4, shuffle=True, seed=3, epoch=4)) == a
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("skip", [0, 1, 3, 7])
+def test_epoch_sampler_skip_drops_exactly_the_first_batches(shuffle, skip):
+    n, batch_size = 29, 4
+    full = list(EpochSampler(n, batch_size=batch_size, shuffle=shuffle, seed=2, epoch=3))
+    rest = list(EpochSampler(n, batch_size=batch_size, shuffle=shuffle, seed=2, epoch=3, skip_batches=skip))
+    assert rest == full[skip * batch_size:]
+    assert len(rest) == n - skip * batch_size
+
+
+class _TinyImages(torch.utils.data.Dataset):
+    """n Items of a 1-pixel image each, its index in the pixel, one caption."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return Item(torch.full((3, 1, 1), float(i)), [torch.tensor([1, 4 + i % 3, 2])], f"{i:03d}")
+
+
+@pytest.mark.parametrize("n, skip", [(37, 0), (40, 0), (37, 2)])
+def test_epoch_sampler_ranks_split_each_global_batch(n, skip):
+    batch_size, world = 8, 2
+    single = [b.names for b in build_loader(_TinyImages(n), batch_size=batch_size, shuffle=True, num_workers=0,
+                                            seed=4, epoch=2, skip_batches=skip)]
+    ranks = [[b.names for b in build_loader(_TinyImages(n), batch_size=batch_size, shuffle=True, num_workers=0,
+                                            seed=4, epoch=2, skip_batches=skip, rank=r, world=world)]
+             for r in range(world)]
+    steps = (n - skip * batch_size) // batch_size          # a last global batch that cannot be split is dropped
+    assert len(ranks[0]) == len(ranks[1]) == steps > 0     # every process takes as many steps
+    for k in range(steps):
+        a, b = ranks[0][k], ranks[1][k]
+        assert len(a) == len(b) == batch_size // world
+        assert not set(a) & set(b)
+        assert sorted(a + b) == sorted(single[k])          # together: the single process's k-th batch
+    # the sampler itself: shares of the same global batches
+    order = list(EpochSampler(n, batch_size=batch_size, shuffle=True, seed=4, epoch=2, skip_batches=skip))
+    shares = [list(EpochSampler(n, batch_size=batch_size, shuffle=True, seed=4, epoch=2, skip_batches=skip,
+                                rank=r, world=world)) for r in range(world)]
+    for k in range(steps):
+        glob = order[k * batch_size:(k + 1) * batch_size]
+        share = batch_size // world
+        parts = [s[k * share:(k + 1) * share] for s in shares]
+        assert not set(parts[0]) & set(parts[1]) and set(parts[0]) | set(parts[1]) == set(glob)
+
+
+def test_epoch_sampler_unshuffled_shards_rank_by_world():
+    for world in (2, 3):
+        shards = [list(EpochSampler(11, batch_size=4, shuffle=False, rank=r, world=world)) for r in range(world)]
+        assert shards == [list(range(r, 11, world)) for r in range(world)]
+        assert sorted(sum(shards, [])) == list(range(11))        # evaluation sees every image once
+
+
+@pytest.mark.parametrize("batch_size, world", [(5, 2), (7, 3), (0, 1)])
+def test_epoch_sampler_batch_not_divisible_by_the_processes_raises(batch_size, world):
+    with pytest.raises(ValueError, match="batch_size"):
+        EpochSampler(20, batch_size=batch_size, shuffle=True, rank=0, world=world)
+
+
+# --- Batch of images or of cached features -----------------------------------------------------
+
+def test_collate_of_items_fills_images_only():
+    items = [Item(torch.rand(3, 4, 4), [torch.tensor([1, 5, 2]), torch.tensor([1, 2])], "a"),
+             Item(torch.rand(3, 4, 4), [torch.tensor([1, 6, 7, 2])], "b")]
+    batch = collate(items, pad_id=0)
+    assert batch.features is None and batch.images.shape == (2, 3, 4, 4)
+    assert torch.equal(batch.images[1], items[1].image)
+    assert batch.image_index.tolist() == [0, 0, 1] and batch.names == ["a", "b"]
+    inputs = batch.model_inputs()
+    assert list(inputs) == ["images"] and inputs["images"] is batch.images
+    moved = batch.to("cpu")
+    assert moved.features is None and torch.equal(moved.images, batch.images)
+
+
+def test_collate_of_feature_items_fills_features_only():
+    items = [FeatureItem(torch.rand(9, 16).half(), [torch.tensor([1, 5, 2])], "a"),
+             FeatureItem(torch.rand(9, 16).half(), [torch.tensor([1, 6, 2]), torch.tensor([1, 2])], "b")]
+    batch = collate(items, pad_id=0)
+    assert batch.images is None and batch.features.shape == (2, 9, 16) and batch.features.dtype == torch.float16
+    assert torch.equal(batch.features[0], items[0].features)
+    assert batch.image_index.tolist() == [0, 1, 1]
+    inputs = batch.model_inputs()
+    assert list(inputs) == ["features"] and inputs["features"].dtype == torch.float32   # the model runs fp32
+    assert torch.equal(inputs["features"], batch.features.float())
+    moved = batch.to("cpu")
+    assert moved.images is None and torch.equal(moved.features, batch.features)

@@ -19,7 +19,7 @@ D, L = 64, 9
 def make_model(seed=0, norm_first=False, eos_bias=0.0):
     torch.manual_seed(seed)
     cfg = ModelConfig(backbone="resnet18", pretrained=False, d_model=D, num_heads=4, num_encoder_layers=1,
-                      num_decoder_layers=2, dim_feedforward=128, dropout=0.1, max_len=32)
+                      num_decoder_layers=2, dim_feedforward=128, dropout=0.1, max_tokens=32)
     model = build_model(cfg, V, pad_id=PAD).eval()
     for layer in model.transformer.decoder.layers:
         layer.norm_first = norm_first      # same weights, the other residual arrangement
@@ -49,7 +49,8 @@ def assert_nontrivial(captions, max_len):
 
 
 def log_prob(model, memory, ids, finished=True):
-    """Sum of log-probs of ids (+ <eos>) for one image, by the training path, <pad> and <bos> excluded as in decoding."""
+    """Sum of log-probs of ids (+ <eos>) for one image, by the training path, <pad> and <bos> excluded as in
+    decoding."""
     tokens = torch.tensor([[BOS] + ids + [EOS] * finished])
     logits = model.decode(memory[None], tokens[:, :-1])[0].float()
     logits[:, [PAD, BOS]] = float("-inf")
@@ -114,7 +115,7 @@ def test_cached_decoding_feeds_each_position_once(model, monkeypatch):
 
     monkeypatch.setattr(model, "embed_tokens", counting_embed)
     memory = make_memory(6)
-    captions = greedy(model, memory, BOS, EOS, max_len=12)
+    captions = greedy(model, memory, BOS, EOS, max_words=12)
     assert all(T == 1 for (_, T), _ in fed)                               # one new word per sequence per step
     assert [offset for _, offset in fed] == list(range(len(fed)))          # positions 0, 1, 2, ...
     steps = max(len(c) + 1 for c in captions)
@@ -128,8 +129,8 @@ def test_cached_decoding_feeds_each_position_once(model, monkeypatch):
 
 def test_greedy_matches_reference_and_stops_at_own_eos(model):
     memory = make_memory(8)
-    cached = greedy(model, memory, BOS, EOS, max_len=15)
-    assert cached == greedy_reference(model, memory, BOS, EOS, max_len=15)
+    cached = greedy(model, memory, BOS, EOS, max_words=15)
+    assert cached == greedy_reference(model, memory, BOS, EOS, max_words=15)
     assert_nontrivial(cached, 15)
     assert all(EOS not in c and BOS not in c and PAD not in c for c in cached)
 
@@ -139,30 +140,30 @@ def test_greedy_matches_reference_and_stops_at_own_eos(model):
 def test_greedy_batched_equals_one_at_a_time(norm_first, seed, eos_bias):
     model = make_model(seed=seed, norm_first=norm_first, eos_bias=eos_bias)
     memory = make_memory(6, seed=5)
-    batched = greedy(model, memory, BOS, EOS, max_len=15)
-    assert batched == [greedy(model, memory[i:i + 1], BOS, EOS, max_len=15)[0] for i in range(6)]
-    assert batched == greedy_reference(model, memory, BOS, EOS, max_len=15)
+    batched = greedy(model, memory, BOS, EOS, max_words=15)
+    assert batched == [greedy(model, memory[i:i + 1], BOS, EOS, max_words=15)[0] for i in range(6)]
+    assert batched == greedy_reference(model, memory, BOS, EOS, max_words=15)
     assert_nontrivial(batched, 15)
 
 
 def test_greedy_max_len_cuts_and_too_long_raises(model):
     memory = make_memory(4)
-    assert all(len(c) <= 3 for c in greedy(model, memory, BOS, EOS, max_len=3))
+    assert all(len(c) <= 3 for c in greedy(model, memory, BOS, EOS, max_words=3))
     never = -1                                                # an <eos> no argmax gives: always max_len words
-    assert [len(c) for c in greedy(model, memory, BOS, never, max_len=32)] == [32] * 4
-    with pytest.raises(ValueError, match="max_len"):
-        greedy(model, memory, BOS, never, max_len=33)
+    assert [len(c) for c in greedy(model, memory, BOS, never, max_words=32)] == [32] * 4
+    with pytest.raises(ValueError, match="max_tokens"):
+        greedy(model, memory, BOS, never, max_words=33)
     assert greedy(model, memory[:0], BOS, EOS, 5) == [] and beam_search(model, memory[:0], BOS, EOS, 5) == []
 
 
 def test_bf16_autocast_runs_and_mostly_agrees(model):
     memory = make_memory(8)
-    fp32 = greedy(model, memory, BOS, EOS, max_len=15)
+    fp32 = greedy(model, memory, BOS, EOS, max_words=15)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cache = init_cache(model, memory.bfloat16())
         assert cache.cross_k[0].dtype == torch.bfloat16
-        bf16 = greedy(model, memory.bfloat16(), BOS, EOS, max_len=15)
-        beams = beam_search(model, memory.bfloat16(), BOS, EOS, max_len=15, beam_size=3)
+        bf16 = greedy(model, memory.bfloat16(), BOS, EOS, max_words=15)
+        beams = beam_search(model, memory.bfloat16(), BOS, EOS, max_words=15, beam_size=3)
     assert len(beams) == 8 and all(len(b) == 1 for b in beams)
     # compare the first few words, before a single flip sends a caption elsewhere
     pairs = [(a, b) for x, y in zip(fp32, bf16) for a, b in zip(x[:3], y[:3])]
@@ -170,7 +171,7 @@ def test_bf16_autocast_runs_and_mostly_agrees(model):
     assert sum(a == b for a, b in pairs) >= 0.7 * len(pairs)
     # a model cast to bf16, no autocast
     model16 = make_model(**POST_NORM).bfloat16()
-    out = greedy(model16, memory.bfloat16(), BOS, EOS, max_len=15)
+    out = greedy(model16, memory.bfloat16(), BOS, EOS, max_words=15)
     assert sum(a == b for x, y in zip(fp32, out) for a, b in zip(x[:3], y[:3])) >= 0.7 * len(pairs)
 
 
@@ -187,8 +188,8 @@ def test_beam_size_one_is_greedy(model):
 
 def test_beam_batched_equals_one_at_a_time(model):
     memory = make_memory(5, seed=4)
-    batched = beam_search(model, memory, BOS, EOS, max_len=12, beam_size=4, n_best=2)
-    alone = [beam_search(model, memory[i:i + 1], BOS, EOS, max_len=12, beam_size=4, n_best=2)[0] for i in range(5)]
+    batched = beam_search(model, memory, BOS, EOS, max_words=12, beam_size=4, n_best=2)
+    alone = [beam_search(model, memory[i:i + 1], BOS, EOS, max_words=12, beam_size=4, n_best=2)[0] for i in range(5)]
     assert [[ids for ids, _ in b] for b in batched] == [[ids for ids, _ in b] for b in alone]
     for b, a in zip(batched, alone):
         assert [s for _, s in b] == pytest.approx([s for _, s in a], abs=1e-4)
@@ -201,7 +202,10 @@ def test_beam_scores_are_right_and_beat_greedy(model, length_penalty):
     memory = make_memory(B, seed=1)
     beams = beam_search(model, memory, BOS, EOS, max_len, beam_size=4, length_penalty=length_penalty, n_best=3)
     greedy_ids = greedy(model, memory, BOS, EOS, max_len)
-    norm = lambda ids: (len(ids) + 1) ** length_penalty
+
+    def norm(ids):
+        return (len(ids) + 1) ** length_penalty
+
     unfinished, compared, better = 0, 0, 0
     for i in range(B):
         hyps = beams[i]
@@ -224,11 +228,11 @@ def test_beam_scores_are_right_and_beat_greedy(model, length_penalty):
 
 def test_beam_without_eos_returns_best_unfinished(model):
     memory = make_memory(3)
-    beams = beam_search(model, memory, BOS, -1, max_len=5, beam_size=3, length_penalty=0.0, n_best=2)
+    beams = beam_search(model, memory, BOS, -1, max_words=5, beam_size=3, length_penalty=0.0, n_best=2)
     for hyps in beams:
         assert len(hyps) == 2 and all(len(ids) == 5 for ids, _ in hyps)
         assert hyps[0][1] >= hyps[1][1]
-    assert [b[0][0] for b in beam_search(model, memory, BOS, -1, max_len=5, beam_size=1)] == \
-        greedy(model, memory, BOS, -1, max_len=5)
+    assert [b[0][0] for b in beam_search(model, memory, BOS, -1, max_words=5, beam_size=1)] == \
+        greedy(model, memory, BOS, -1, max_words=5)
     with pytest.raises(ValueError, match="n_best"):
-        beam_search(model, memory, BOS, EOS, max_len=5, beam_size=2, n_best=3)
+        beam_search(model, memory, BOS, EOS, max_words=5, beam_size=2, n_best=3)

@@ -44,7 +44,8 @@ def test_two_processes_train_what_one_process_trains(shapes_dir, tmp_path):
     # Adam turns those last-bit differences into full-size steps on near-zero gradients, so compare the
     # whole update: the two runs moved the weights the same way to within 1% of how far they moved
     torch.manual_seed(0)
-    initial = build_model(tiny_config(shapes_dir, tmp_path, *settings).model, a["model"]["head.bias"].numel()).state_dict()
+    vocab_size = a["model"]["head.bias"].numel()
+    initial = build_model(tiny_config(shapes_dir, tmp_path, *settings).model, vocab_size).state_dict()
     moved = [(a["model"][k] - initial[k], b["model"][k] - initial[k]) for k in a["model"] if k in initial]
     difference = sum(((da - db) ** 2).sum() for da, db in moved).sqrt()
     total = sum((da ** 2).sum() for da, _ in moved).sqrt()

@@ -31,7 +31,7 @@ def setup(shapes_dir, tmp_path, *overrides):
 
 def caption_dataset(cfg, corpus, names):
     vocab = Vocabulary.build((c for n in corpus.captions for c in corpus.captions[n]), cfg.data.min_freq)
-    return CaptionDataset(corpus, names, vocab, cfg.data.image_size, cfg.data.max_len), vocab
+    return CaptionDataset(corpus, names, vocab, cfg.data.image_size, cfg.data.max_words), vocab
 
 
 class Counting(nn.Module):
@@ -161,12 +161,13 @@ def test_training_on_cached_features_matches_training_on_images(shapes_dir, tmp_
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
         model.train()
         losses = []
-        for batch, _ in zip(build_loader(dataset, 8, False, 0, pad_id=vocab.pad), range(3)):
+        loader = build_loader(dataset, batch_size=8, shuffle=False, num_workers=0, pad_id=vocab.pad)
+        for batch, _ in zip(loader, range(3)):
             inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]
             if cached:
-                logits = model(None, inputs, batch.image_index, features=batch.images.float())
+                logits = model(inputs, batch.image_index, features=batch.features.float())
             else:
-                logits = model(batch.images, inputs, batch.image_index)
+                logits = model(inputs, batch.image_index, images=batch.images)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=vocab.pad)
             optimizer.zero_grad()
             loss.backward()
@@ -192,8 +193,9 @@ def test_a_feature_batch_collates_like_an_image_batch(shapes_dir, tmp_path):
     assert len(features) == 10
     batch = collate([features[i] for i in range(4)], vocab.pad)
     reference = collate([dataset[i] for i in range(4)], vocab.pad)
-    assert batch.images.shape == (4, 16, 128) and batch.images.dtype == torch.float16
-    assert torch.equal(batch.images[2], cache.get(names[12]))
+    assert batch.images is None and reference.features is None      # one field, one meaning
+    assert batch.features.shape == (4, 16, 128) and batch.features.dtype == torch.float16
+    assert torch.equal(batch.features[2], cache.get(names[12]))
     assert torch.equal(batch.tokens, reference.tokens) and torch.equal(batch.image_index, reference.image_index)
     assert batch.names == reference.names == names[10:14]
     with pytest.raises(KeyError, match="not in the feature cache"):

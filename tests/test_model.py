@@ -14,7 +14,7 @@ V = 50
 def model():
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="resnet18", pretrained=False, d_model=32, num_heads=4, num_encoder_layers=1,
-                      num_decoder_layers=1, dim_feedforward=64, dropout=0.1, max_len=16)
+                      num_decoder_layers=1, dim_feedforward=64, dropout=0.1, max_tokens=16)
     # one decoder layer: with more, the causal mask alone leaks some word order, which would hide the bug below
     return build_model(cfg, V).eval()
 
@@ -72,8 +72,8 @@ def test_image_index_equals_repeated_images(model):
     images = torch.randn(2, 3, 64, 64)
     tokens = _tokens([1, 7, 8, 2], [1, 5, 2, 0], [1, 9, 9, 2])
     index = torch.tensor([0, 0, 1])
-    a = model(images, tokens, index)
-    b = model(images[index], tokens)
+    a = model(tokens, index, images=images)
+    b = model(tokens, images=images[index])
     assert a.shape == (3, 4, V)
     assert torch.allclose(a, b, atol=1e-5)
 
@@ -91,7 +91,7 @@ def test_frozen_encoder_stays_frozen_and_in_eval_mode():
     assert not model.encoder.training and model.transformer.training
     assert all(not p.requires_grad for p in model.encoder.parameters())
     running = model.encoder.body.bn1.running_mean.clone()
-    model(torch.randn(2, 3, 64, 64), _tokens([1, 4, 2], [1, 5, 2])).sum().backward()
+    model(_tokens([1, 4, 2], [1, 5, 2]), images=torch.randn(2, 3, 64, 64)).sum().backward()
     assert torch.equal(running, model.encoder.body.bn1.running_mean)
     assert all(p.grad is None for p in model.encoder.parameters())
 
@@ -157,7 +157,7 @@ def test_fewer_stages_give_a_finer_grid(stages, grid, channels):
                       num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32)
     model = build_model(cfg, V).eval()
     assert model.encoder(torch.randn(1, 3, 64, 64)).shape == (1, grid, channels)
-    assert model(torch.randn(1, 3, 64, 64), _tokens([1, 4, 2])).shape == (1, 3, V)
+    assert model(_tokens([1, 4, 2]), images=torch.randn(1, 3, 64, 64)).shape == (1, 3, V)
 
 
 def test_words_positions_and_image_start_at_the_same_scale(model):
@@ -180,7 +180,7 @@ def test_shared_cross_attention_equals_nn_transformer_decoder(norm_first):
     logits and every gradient equal nn.TransformerDecoder's on memory copied to each caption."""
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="resnet18", pretrained=False, d_model=32, num_heads=4, num_encoder_layers=1,
-                      num_decoder_layers=2, dim_feedforward=64, dropout=0.1, max_len=16)
+                      num_decoder_layers=2, dim_feedforward=64, dropout=0.1, max_tokens=16)
     model = build_model(cfg, V).eval()              # no dropout: the two paths draw their masks differently
     for layer in model.transformer.decoder.layers:
         layer.norm_first = norm_first

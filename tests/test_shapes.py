@@ -10,7 +10,15 @@ from PIL import Image
 
 from captioning.data import read_flickr30k
 from captioning.shapes import (
-    CANVAS, COLORS, GROUND_TRUTH, SHAPES, SIZES, accuracy, build_shapes, is_correct, load_ground_truth,
+    CANVAS,
+    COLORS,
+    GROUND_TRUTH,
+    SHAPES,
+    SIZES,
+    accuracy,
+    build_shapes,
+    is_correct,
+    load_ground_truth,
 )
 
 PHRASE = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b")

@@ -3,7 +3,7 @@
 Data flows one way: reader -> vocabulary -> dataset -> model -> loss -> checkpoint;
 checkpoint -> Captioner -> images -> encoder -> decoding -> text.
 """
-from .captioner import CaptionResult, Captioner
+from .captioner import Captioner, CaptionResult
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, load_config
 from .images import ImageLimits, ImageLoadError, open_image

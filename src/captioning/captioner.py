@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from .checkpoint import load_checkpoint
 from .config import Config
 from .data import build_transform
 from .decoding import beam_search, greedy
-from .device import resolve_device, resolve_precision
+from .device import autocast, resolve_device, resolve_precision
 from .images import ImageLimits, ImageLoadError, describe, open_image
 from .model import CaptionModel
 from .vocab import Vocabulary
@@ -36,33 +37,65 @@ class CaptionResult:
 
 
 class Captioner:
+    """Captions images with a model: the one prediction path of `caption`, `evaluate` and validation CIDEr.
+
+    A model handed in is left as it is (its dtype, its training flag): the encoder runs under
+    autocast at reduced precision. With `own_model=True` (as `from_checkpoint` builds its own) the
+    ResNet's weights are cast once instead, which is faster. The transformer runs in fp32 either way,
+    so captions barely move with the precision.
+    """
+
     def __init__(self, model: CaptionModel, vocab: Vocabulary, cfg: Config, device=None, precision: str = "auto",
-                 limits: ImageLimits | None = None):
+                 limits: ImageLimits | None = None, own_model: bool = False):
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.vocab, self.cfg, self.limits = vocab, cfg, limits
         # the preprocessing the checkpoint was trained with, rebuilt from its config
         self.transform = build_transform(cfg.data.image_size)
-        self.model = model.to(self.device).eval()
-        self.image_dtype = torch.float32
-        if self.precision != "fp32":
+        self.model = model.to(self.device)
+        self.image_dtype, self.encoder_precision = torch.float32, self.precision
+        if own_model and self.precision != "fp32":
             # the ResNet is most of the work: cast its weights once (autocast would re-cast them on every
-            # call) and use channels_last; the transformer stays in fp32, so captions barely move
+            # call) and use channels_last
             self.image_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            self.model.encoder.to(self.image_dtype, memory_format=torch.channels_last)
+            self.encoder_precision = "fp32"
+            model.encoder.to(self.image_dtype, memory_format=torch.channels_last)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device=None, precision: str = "auto",
-                        limits: ImageLimits | None = None) -> "Captioner":
+    def from_checkpoint(cls, path: str | Path, device=None, precision: str | None = "auto",
+                        limits: ImageLimits | None = None) -> Captioner:
+        """`precision` None: the run's own train.precision."""
         model, vocab, cfg = load_checkpoint(path)
-        return cls(model, vocab, cfg, device, precision, limits)
+        if precision is None:   # fp16 is CUDA's: a run trained in it captions in the device's default elsewhere
+            fp16_elsewhere = cfg.train.precision == "fp16" and resolve_device(device).type != "cuda"
+            precision = "auto" if fp16_elsewhere else cfg.train.precision
+        return cls(model.eval(), vocab, cfg, device, precision, limits, own_model=True)
 
-    @torch.no_grad()
+    @contextlib.contextmanager
+    def _inference(self):
+        """Eval mode and no gradients for the duration; the model's training flag is put back afterwards."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was_training)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (B, 3, H, W) -> grid features (B, L, C), in the encoder's precision."""
-        return self.model.encoder(x.to(self.device, self.image_dtype, memory_format=torch.channels_last))
+        with self._inference(), autocast(self.encoder_precision, self.device):
+            return self.model.encoder(x.to(self.device, self.image_dtype, memory_format=torch.channels_last))
 
-    @torch.no_grad()
+    def memory(self, *, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Preprocessed images (B, 3, H, W) or cached grid features (B, L, C) -> memory (B, L, d_model), fp32."""
+        if (images is None) == (features is None):
+            raise ValueError("memory() takes images= or features=, exactly one of them")
+        if features is None:
+            features = self.features(images)
+        with self._inference():
+            return self.model.memory(features.to(self.device, torch.float32))
+
     def encode(self, images, chunk: int = 8) -> torch.Tensor:
         """RGB PIL images -> transformer memory (B, L, d_model), in fp32.
 
@@ -72,23 +105,28 @@ class Captioner:
         parts = []
         for start in range(0, len(images), chunk):
             x = torch.stack([self.transform(im) for im in images[start:start + chunk]])
-            parts.append(self.model.memory(self.features(x).float()))
+            parts.append(self.memory(images=x))
         return torch.cat(parts)
 
-    @torch.no_grad()
-    def decode(self, memory: torch.Tensor, beam_size: int = 1, max_len: int | None = None,
+    def decode(self, memory: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
                length_penalty: float = 1.0) -> list[str]:
         """Memory (B, L, d_model) -> B captions, greedy (beam_size=1) or by beam search."""
-        max_len = max_len or self.cfg.data.max_len
+        max_words = max_words or self.cfg.data.max_words
         bos, eos = self.vocab.bos, self.vocab.eos
-        if beam_size == 1:
-            ids = greedy(self.model, memory, bos, eos, max_len)
-        else:
-            ids = [hyps[0][0] for hyps in beam_search(self.model, memory, bos, eos, max_len, beam_size, length_penalty)]
+        with self._inference():
+            if beam_size == 1:
+                ids = greedy(self.model, memory, bos, eos, max_words)
+            else:
+                ids = [hyps[0][0] for hyps in beam_search(self.model, memory, bos, eos, max_words, beam_size,
+                                                          length_penalty)]
         return [self.vocab.decode(i) for i in ids]
 
-    @torch.no_grad()
-    def caption(self, inputs, beam_size: int = 1, batch_size: int = 16, max_len: int | None = None,
+    def predict(self, *, images: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                beam_size: int = 1, max_words: int | None = None, length_penalty: float = 1.0) -> list[str]:
+        """Captions of a batch already preprocessed (images) or encoded (cached features), in order."""
+        return self.decode(self.memory(images=images, features=features), beam_size, max_words, length_penalty)
+
+    def caption(self, inputs, beam_size: int = 1, batch_size: int = 16, max_words: int | None = None,
                 length_penalty: float = 1.0) -> list[CaptionResult]:
         """One result per input, in order; a bad input gets an error and the others still get captions."""
         if isinstance(inputs, (str, Path, bytes)) or not hasattr(inputs, "__iter__"):
@@ -105,7 +143,7 @@ class Captioner:
                 except ImageLoadError as e:
                     results[i].error = str(e)
             if images:
-                captions = self.decode(self.encode(list(images.values())), beam_size, max_len, length_penalty)
+                captions = self.decode(self.encode(list(images.values())), beam_size, max_words, length_penalty)
                 for i, caption in zip(images, captions):
                     results[i].caption = caption
         return results

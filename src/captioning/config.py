@@ -8,19 +8,32 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+log = logging.getLogger(__name__)
+
 DATA_FORMATS = ("flickr30k", "karpathy", "csv", "shapes")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MONITORS = ("val_loss", "cider")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULERS = ("exponential", "cosine")
+# old key -> new key: configs and checkpoints written with the old name still load, with a warning
+RENAMED = {"data.max_len": "data.max_words", "model.max_len": "model.max_tokens"}
 
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key."""
+
+
+class EnvironmentProblem(RuntimeError):
+    """Something outside the config is missing (weights that cannot be downloaded, ...); the message says
+    what to do. The CLI shows it as one line."""
 
 
 @dataclass
@@ -30,9 +43,10 @@ class DataConfig:
     captions: str = "data/flickr30k/results.csv"
     image_size: int = 224
     min_freq: int = 5                # words seen fewer times become <unk>
-    max_len: int = 40                # words kept per caption (longer ones are cut)
+    max_words: int = 40              # words kept per caption (longer ones are cut)
     val_fraction: float = 0.05       # of images; ignored for karpathy (its own split)
     test_fraction: float = 0.05
+    split_seed: int = 0              # seeds the image-level split; `seed` seeds initialisation and data order
     shapes_images: int = 3000        # format shapes: images to generate when the set is missing
     features_dir: str = "data/features"  # train.cache_features: where the frozen encoder's features are cached
 
@@ -49,7 +63,7 @@ class ModelConfig:
     num_decoder_layers: int = 6
     dim_feedforward: int = 2048
     dropout: float = 0.1
-    max_len: int = 64                # longest token sequence (with <bos>/<eos>) the model accepts
+    max_tokens: int = 64             # longest token sequence (with <bos>/<eos>) the model accepts
 
 
 @dataclass
@@ -57,7 +71,12 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32             # images per step (each with all of its captions)
     lr: float = 5e-5
-    gamma: float = 0.95              # ExponentialLR, stepped once per epoch
+    optimizer: str = "adam"          # adam (the reference's) | adamw (decoupled weight decay)
+    weight_decay: float = 0.0        # adamw: decoupled; adam: L2 added to the gradient
+    scheduler: str = "exponential"   # exponential: lr * gamma ** epoch (the reference's) | cosine: to 0 over all steps
+    gamma: float = 0.95              # scheduler=exponential: the factor per epoch
+    warmup_steps: int = 0            # linear warmup from 0 over this many optimizer steps, then the scheduler
+    label_smoothing: float = 0.0     # of the cross-entropy loss
     patience: int = 3                # evaluations without a better monitored value before stopping; 0 = never
     monitor: str = "val_loss"        # what picks best.pt and stops early: val_loss (lower) | cider (val CIDEr, higher)
     eval_every: int = 1              # monitor=cider: caption the val split every this many epochs (and the last)
@@ -121,13 +140,15 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     need(d.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {d.format!r}")
     need(d.image_size >= 32, "data.image_size", f"must be at least 32 (the ResNet stride), got {d.image_size}")
     need(d.min_freq >= 1, "data.min_freq", f"must be >= 1, got {d.min_freq}")
-    need(d.max_len >= 1, "data.max_len", f"must be >= 1, got {d.max_len}")
-    need(m.max_len >= d.max_len + 2, "model.max_len", f"must be >= data.max_len + 2 ({d.max_len + 2}), got {m.max_len}")
+    need(d.max_words >= 1, "data.max_words", f"must be >= 1, got {d.max_words}")
+    need(m.max_tokens >= d.max_words + 2, "model.max_tokens",
+         f"must be >= data.max_words + 2 ({d.max_words + 2}: <bos> and <eos>), got {m.max_tokens}")
     for key in ("val_fraction", "test_fraction"):
         need(0.0 <= getattr(d, key) < 0.5, f"data.{key}", f"must be in [0, 0.5), got {getattr(d, key)}")
     need(d.shapes_images >= 10, "data.shapes_images", f"must be >= 10, got {d.shapes_images}")
     need(m.backbone.startswith("resnet") or m.backbone.startswith("wide_resnet") or m.backbone.startswith("resnext"),
-         "model.backbone", f"must name a torchvision ResNet (resnet18 ... resnet152, resnext*, wide_resnet*), got {m.backbone!r}")
+         "model.backbone",
+         f"must name a torchvision ResNet (resnet18 ... resnet152, resnext*, wide_resnet*), got {m.backbone!r}")
     need(1 <= m.backbone_stages <= 4, "model.backbone_stages", f"must be 1 to 4, got {m.backbone_stages}")
     for key in ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "dim_feedforward"):
         need(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
@@ -139,6 +160,11 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
         need(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
     need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     need(0 < t.gamma <= 1, "train.gamma", f"must be in (0, 1], got {t.gamma}")
+    need(t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {OPTIMIZERS}, got {t.optimizer!r}")
+    need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    need(t.scheduler in SCHEDULERS, "train.scheduler", f"must be one of {SCHEDULERS}, got {t.scheduler!r}")
+    need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    need(0 <= t.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
     need(t.patience >= 0, "train.patience", f"must be >= 0, got {t.patience}")
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {t.precision!r}")
     need(t.monitor in MONITORS, "train.monitor", f"must be one of {MONITORS}, got {t.monitor!r}")
@@ -179,25 +205,99 @@ def _merge(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def from_dict(raw: dict, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    raw = _merge(copy.deepcopy(raw or {}), list(overrides))
+def rename_old_keys(raw: dict, source: str = "config") -> dict:
+    """Move keys renamed since (RENAMED) to their new names, in place, with one warning each."""
+    for old, new in RENAMED.items():
+        (section, old_key), (_, new_key) = old.split("."), new.split(".")
+        node = raw.get(section)
+        if isinstance(node, dict) and old_key in node:
+            value = node.pop(old_key)
+            if new_key in node:
+                raise ConfigError(f"{source}: both '{old}' (its old name) and '{new}' are set: keep '{new}'")
+            node[new_key] = value
+            log.warning("%s: config key '%s' is now '%s' (read as such)", source, old, new)
+    return raw
+
+
+def _rename_override(item: str) -> str:
+    key, sep, value = item.partition("=")
+    if key.strip() in RENAMED:
+        log.warning("--set: config key '%s' is now '%s' (read as such)", key.strip(), RENAMED[key.strip()])
+        return f"{RENAMED[key.strip()]}{sep}{value}"
+    return item
+
+
+def from_dict(raw: dict, overrides: list[str] = (), check_paths: bool = True, source: str = "config") -> Config:
+    """A validated Config from raw keys (a YAML file's, a checkpoint's) and ``key=value`` overrides."""
+    raw = rename_old_keys(copy.deepcopy(raw or {}), source)
+    raw = _merge(raw, [_rename_override(item) for item in overrides])
     return validate(_fill(Config, raw, ""), check_paths=check_paths)
 
 
-def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """Read a YAML config, apply ``key=value`` overrides, validate."""
-    path = Path(path)
+def _deep_update(base: dict, top: dict) -> dict:
+    """`base` with `top`'s keys laid over it, section by section."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
+
+
+def read_yaml_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's raw keys, with `base: other.yaml` (relative to this file) read first and laid under them."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' files form a cycle: {' -> '.join(map(str, _seen + (path.resolve(),)))}")
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
-    return from_dict(raw, overrides, check_paths)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    raw = rename_old_keys(raw, str(path))
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a path to another config file, got {base!r}")
+    base_path = path.parent / Path(base).expanduser()
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: its base config {str(base_path)!r} does not exist ('base' is relative to {path})")
+    return _deep_update(read_yaml_config(base_path, _seen + (path.resolve(),)), raw)
+
+
+def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> Config:
+    """Read a YAML config (and its `base:` chain), apply ``key=value`` overrides, validate."""
+    return from_dict(read_yaml_config(path), overrides, check_paths)
 
 
 def to_dict(cfg: Config) -> dict:
     return asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+PATH_KEYS = ("run_dir", "data.images", "data.captions", "data.features_dir")
+
+
+def absolute_paths(cfg: Config, base: str | Path | None = None) -> tuple[Config, dict[str, str]]:
+    """A copy of cfg with its relative paths made absolute against `base` (default: the working folder),
+    and {key: the path as given} of those it changed: a run directory then works from anywhere."""
+    cfg, given = copy.deepcopy(cfg), {}
+    base = Path(base or Path.cwd())
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        owner = getattr(cfg, section) if section else cfg
+        value = getattr(owner, name)
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            setattr(owner, name, os.path.normpath(base / path))
+            given[key] = value
+    return cfg, given
+
+
+def save_config(cfg: Config, path: str | Path, given: dict[str, str] | None = None) -> None:
+    """config.yaml of a run; `given`: paths as written before they were made absolute, kept as a comment."""
     with open(path, "w") as f:
+        if given:
+            f.write(f"# relative paths were made absolute against {Path.cwd()}; as given:\n")
+            f.writelines(f"#   {key}: {value}\n" for key, value in given.items())
         yaml.safe_dump(asdict(cfg), f, sort_keys=False)

@@ -17,9 +17,10 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from .config import Config, ConfigError
@@ -106,18 +107,17 @@ def read_csv(captions_file: str | Path) -> tuple[dict[str, list[str]], int]:
     return captions, skipped
 
 
-def read_corpus(cfg: Config) -> Corpus:
+def read_corpus(cfg: Config, generate: bool = True) -> Corpus:
     """Read the captions named by the config and drop those whose image is missing.
 
     Unreadable rows and missing images are counted and reported in one warning
-    each, before any training starts.
+    each, before any training starts. With `generate`, a missing Shapes data set
+    (data.format shapes) is generated first, into a new or empty folder only.
     """
     d = cfg.data
     images_dir, captions_file = Path(d.images).expanduser(), Path(d.captions).expanduser()
-    if d.format == "shapes" and not captions_file.is_file():
-        from .shapes import build_shapes
-        log.warning("Shapes data set not found at %s: generating %d images", captions_file.parent, d.shapes_images)
-        build_shapes(captions_file.parent, d.shapes_images)
+    if d.format == "shapes" and not captions_file.is_file() and generate:
+        _generate_shapes(images_dir, captions_file, d.shapes_images)
     if not images_dir.is_dir():
         raise ConfigError(f"config key 'data.images': folder {d.images!r} does not exist")
     splits, skipped = None, 0
@@ -142,6 +142,18 @@ def read_corpus(cfg: Config) -> Corpus:
     return Corpus(images_dir, captions, splits)
 
 
+def _generate_shapes(images_dir: Path, captions_file: Path, n_images: int) -> None:
+    """Shapes where the config expects it: captions_file's folder, with its images in flickr30k_images/."""
+    from .shapes import build_shapes
+
+    folder = captions_file.parent
+    if captions_file.name != "results.csv" or images_dir.resolve() != (folder / "flickr30k_images").resolve():
+        raise ConfigError(f"config key 'data.captions': {str(captions_file)!r} does not exist. (Shapes is generated "
+                          "only as FOLDER/results.csv with data.images FOLDER/flickr30k_images; check both paths.)")
+    log.warning("Shapes data set not found at %s: generating %d images", folder, n_images)
+    build_shapes(folder, n_images)
+
+
 # ---------------------------------------------------------------- splits
 
 def split_images(names: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
@@ -156,7 +168,7 @@ def split_images(names: list[str], val_fraction: float, test_fraction: float, se
 def make_splits(corpus: Corpus, cfg: Config) -> dict[str, list[str]]:
     if corpus.splits is not None:
         return {s: list(corpus.splits.get(s, [])) for s in SPLITS}
-    return split_images(list(corpus.captions), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    return split_images(list(corpus.captions), cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
 
 
 def save_splits(splits: dict[str, list[str]], path: str | Path) -> None:
@@ -182,8 +194,22 @@ def build_transform(image_size: int) -> transforms.Compose:
     ])
 
 
+class Item(NamedTuple):
+    """One image of a CaptionDataset: its preprocessed pixels, token ids of each caption, file name."""
+    image: torch.Tensor                 # (3, H, W)
+    captions: list[torch.Tensor]
+    name: str
+
+
+class FeatureItem(NamedTuple):
+    """One image of a FeatureDataset (features.py): its cached grid features instead of its pixels."""
+    features: torch.Tensor              # (L, C) float16
+    captions: list[torch.Tensor]
+    name: str
+
+
 class CaptionDataset(Dataset):
-    """One item per image: (image tensor, [token id tensors of each caption], name)."""
+    """One Item per image: (image tensor, [token id tensors of each caption], name)."""
 
     def __init__(self, corpus: Corpus, names: list[str], vocab: Vocabulary, image_size: int, max_words: int):
         self.images_dir = corpus.images_dir
@@ -195,29 +221,36 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Item:
         image = open_image(self.images_dir / self.names[i])
-        return self.transform(image), self.captions[i], self.names[i]
+        return Item(self.transform(image), self.captions[i], self.names[i])
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor        # (B, 3, H, W)
-    tokens: torch.Tensor        # (N, T) every caption of every image, padded with <pad>
-    image_index: torch.Tensor   # (N,) which image each caption belongs to
+    """B images and all N of their captions. Exactly one of `images` and `features` is set."""
+    tokens: torch.Tensor                    # (N, T) every caption of every image, padded with <pad>
+    image_index: torch.Tensor               # (N,) which image each caption belongs to
     names: list[str]
+    images: torch.Tensor | None = None      # (B, 3, H, W) pixels
+    features: torch.Tensor | None = None    # (B, L, C) the frozen encoder's cached output (fp16)
 
-    def to(self, device) -> "Batch":
-        return Batch(self.images.to(device, non_blocking=True), self.tokens.to(device, non_blocking=True),
-                     self.image_index.to(device, non_blocking=True), self.names)
+    def to(self, device) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)   # noqa: E731
+        return Batch(move(self.tokens), move(self.image_index), self.names, move(self.images), move(self.features))
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The image side as the model's keyword: {"images": ...} or {"features": ... in fp32}."""
+        return {"images": self.images} if self.features is None else {"features": self.features.float()}
 
 
-def collate(items, pad_id: int = 0) -> Batch:
-    images, caption_lists, names = zip(*items)
+def collate(items: list[Item] | list[FeatureItem], pad_id: int = 0) -> Batch:
+    pixels, caption_lists, names = zip(*items)
     captions = [c for cs in caption_lists for c in cs]
     index = torch.tensor([i for i, cs in enumerate(caption_lists) for _ in cs])
     tokens = torch.nn.utils.rnn.pad_sequence(captions, batch_first=True, padding_value=pad_id)
-    return Batch(torch.stack(images), tokens, index, list(names))
+    field = "features" if isinstance(items[0], FeatureItem) else "images"
+    return Batch(tokens, index, list(names), **{field: torch.stack(pixels)})
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -225,30 +258,52 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
-def build_loader(dataset: CaptionDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int = 0,
-                 epoch: int = 0, pad_id: int = 0, skip_batches: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
-    """Batches of `dataset`, shuffled by `epoch_order` when `shuffle`; `skip_batches` starts mid-epoch
-    (a run resumed from a mid-epoch checkpoint goes on with the batch after the last one it took).
+class EpochSampler(Sampler[int]):
+    """The indices one process reads in one epoch: the epoch's order, mid-epoch skip and DDP sharding.
 
-    With `world` > 1 processes (DDP), `batch_size` is the global batch: process `rank` takes its
-    1/world share of each global batch, so the world's k-th step sees the images one process's k-th
-    step would. Training drops a last global batch that cannot be split evenly (every process must
-    take as many steps); evaluation shards the images rank::world and reduces the sums.
+    - order: `epoch_order(n, seed, epoch)` when shuffling (a function of seed and epoch alone, so a
+      resumed run sees the same one), else 0..n-1;
+    - `skip_batches`: a run resumed from a mid-epoch checkpoint goes on with the batch after the
+      last one it took;
+    - `world` > 1 processes: `batch_size` is the global batch. Shuffled (training), process `rank`
+      takes its 1/world share of each global batch, so the world's k-th step sees the images one
+      process's k-th step would, and a last global batch that cannot be split evenly is dropped
+      (every process must take as many steps). Unshuffled (evaluation), images are sharded
+      rank::world and the sums reduced.
     """
-    order = epoch_order(len(dataset), seed, epoch) if shuffle else list(range(len(dataset)))
-    # a last training batch of one image would break BatchNorm in a trainable backbone
-    drop_last = shuffle and len(dataset) % batch_size == 1
-    order = order[skip_batches * batch_size:]
-    if world > 1:
-        if shuffle:
+
+    def __init__(self, n: int, *, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
+                 skip_batches: int = 0, rank: int = 0, world: int = 1):
+        if batch_size < 1 or (world > 1 and shuffle and batch_size % world):
+            raise ValueError(f"batch_size={batch_size} must be >= 1 and divisible by the {world} processes")
+        order = epoch_order(n, seed, epoch) if shuffle else list(range(n))
+        order = order[skip_batches * batch_size:]
+        self.batch_size = batch_size
+        if world > 1 and shuffle:
             share = batch_size // world
             order = [i for k in range(0, len(order) - batch_size + 1, batch_size)
                      for i in order[k + rank * share:k + (rank + 1) * share]]
-            batch_size, drop_last = share, False
-        else:
+            self.batch_size = share
+        elif world > 1:
             order = order[rank::world]
+        self.order = order
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int, seed: int = 0,
+                 epoch: int = 0, pad_id: int = 0, skip_batches: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    """Batches of `dataset` in the order of an EpochSampler (see there for shuffling, skip and DDP)."""
+    sampler = EpochSampler(len(dataset), batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                           skip_batches=skip_batches, rank=rank, world=world)
+    # a last training batch of one image would break BatchNorm in a trainable backbone
+    drop_last = shuffle and world == 1 and len(dataset) % batch_size == 1
     # the loader's own generator seeds its workers, so building one never draws from the global RNG
-    return DataLoader(dataset, batch_size=batch_size, sampler=order,
+    return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler,
                       generator=torch.Generator().manual_seed(seed), drop_last=drop_last, num_workers=num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       collate_fn=functools.partial(collate, pad_id=pad_id))

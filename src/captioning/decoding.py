@@ -18,14 +18,12 @@ training path masks <pad> keys where the cache does not.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .model import CaptionModel, attention, cross_keys_values, decoder_layer, in_proj, merge_heads, split_heads
-
+from .model import CaptionModel, cross_attention, cross_keys_values, decoder_layer, self_attention
 
 # -----------------------------------------------------------------------------
 # the cached decoder: the weights of nn.TransformerDecoder, one position at a time
@@ -58,7 +56,9 @@ class DecoderCache:
         Reordering beams within their images leaves the images as they are
         (images=None); dropping finished sequences or images passes both.
         """
-        pick = lambda ts, index: [t.index_select(0, index) for t in ts]
+        def pick(ts: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+            return [t.index_select(0, index) for t in ts]
+
         cross_k, cross_v = (self.cross_k, self.cross_v) if images is None else \
             (pick(self.cross_k, images), pick(self.cross_v, images))
         cache = DecoderCache(pick(self.self_k, rows), pick(self.self_v, rows), cross_k, cross_v)
@@ -82,31 +82,6 @@ def init_cache(model: CaptionModel, memory: torch.Tensor, group: int = 1) -> Dec
     return DecoderCache(self_k, self_v, cross_k, cross_v)
 
 
-def _self_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, cache: DecoderCache, i: int) -> torch.Tensor:
-    attn = layer.self_attn
-    # the whole parameter, not a slice of it: autocast caches the bf16 copy of a parameter, not of a view
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)          # (N, 1, 3D)
-    q, k, v = (split_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))    # (N, H, 1, hd)
-    cache.self_k[i] = torch.cat([cache.self_k[i], k], dim=2)          # (N, H, t+1, hd)
-    cache.self_v[i] = torch.cat([cache.self_v[i], v], dim=2)
-    # the one new query may see every cached key, itself included: the causal mask has nothing to hide.
-    # (is_causal=True would be wrong here: it aligns the mask top-left and would show only key 0)
-    y = attention(attn, q, cache.self_k[i], cache.self_v[i])          # (N, H, 1, hd)
-    return layer.dropout1(attn.out_proj(merge_heads(y)))
-
-
-def _cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, cache: DecoderCache, i: int) -> torch.Tensor:
-    attn = layer.multihead_attn
-    N, _, D = x.shape
-    M, H, L, hd = cache.cross_k[i].shape
-    q = F.linear(x, *in_proj(attn, slice(0, D)))                      # (N, 1, D)
-    # the G sequences of one image share its keys: line their queries up on the query axis
-    # of that image instead of copying its keys G times
-    q = q.view(M, N // M, H, hd).transpose(1, 2)                      # (M, H, G, hd)
-    y = attention(attn, q, cache.cross_k[i], cache.cross_v[i])        # (M, H, G, hd)
-    return layer.dropout2(attn.out_proj(y.transpose(1, 2).reshape(N, 1, D)))
-
-
 @torch.no_grad()
 def step(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor) -> torch.Tensor:
     """Feed one word per sequence, tokens (N,), at position cache.length -> next-word logits (N, V).
@@ -116,8 +91,14 @@ def step(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor) -> torc
     """
     x = model.embed_tokens(tokens[:, None], offset=cache.length)      # (N, 1, D)
     for i, layer in enumerate(model.transformer.decoder.layers):
-        x = decoder_layer(layer, x, lambda y: _self_attention(layer, y, cache, i),
-                          lambda y: _cross_attention(layer, y, cache, i))
+
+        def cached_self_attention(y: torch.Tensor, layer=layer, i=i) -> torch.Tensor:
+            # the one new query may see every cached key, itself included: no mask needed
+            out, cache.self_k[i], cache.self_v[i] = self_attention(layer, y, past=(cache.self_k[i], cache.self_v[i]))
+            return out                                                 # cache: (N, H, t+1, hd)
+
+        x = decoder_layer(layer, x, cached_self_attention,
+                          lambda y, layer=layer, i=i: cross_attention(layer, y, cache.cross_k[i], cache.cross_v[i]))
     if model.transformer.decoder.norm is not None:
         x = model.transformer.decoder.norm(x)
     return model.head(x)[:, 0]                                         # (N, V)
@@ -132,11 +113,11 @@ def _words_only(logits: torch.Tensor, pad_id: int, bos: int) -> torch.Tensor:
 # greedy
 
 @torch.no_grad()
-def greedy(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_len: int) -> list[list[int]]:
+def greedy(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_words: int) -> list[list[int]]:
     """Batched greedy decoding; each sequence stops at its own <eos>.
 
     memory: (B, L, D) from `model.encode`. Returns B lists of word ids
-    (without <bos>/<eos>), at most `max_len` words each. A sequence that
+    (without <bos>/<eos>), at most `max_words` words each. A sequence that
     reaches <eos> leaves the batch, so the others do not carry it along.
     """
     B = memory.size(0)
@@ -146,7 +127,7 @@ def greedy(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_le
     out = [[] for _ in range(B)]
     alive = list(range(B))                                            # the image each row of the cache decodes
     tokens = torch.full((B,), bos, dtype=torch.long, device=memory.device)
-    for _ in range(max_len):
+    for _ in range(max_words):
         tokens = _words_only(step(model, cache, tokens), model.pad_id, bos).argmax(-1)   # (n,)
         going = tokens != eos
         for b, word in zip(alive, tokens.tolist()):
@@ -162,12 +143,12 @@ def greedy(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_le
 
 
 @torch.no_grad()
-def greedy_reference(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_len: int) -> list[list[int]]:
+def greedy_reference(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_words: int) -> list[list[int]]:
     """`greedy` the slow way: the training path (`model.decode`) over the whole prefix at every step."""
     B = memory.size(0)
     tokens = torch.full((B, 1), bos, dtype=torch.long, device=memory.device)
     done = torch.zeros(B, dtype=torch.bool, device=memory.device)
-    for _ in range(max_len):
+    for _ in range(max_words):
         logits = _words_only(model.decode(memory, tokens)[:, -1], model.pad_id, bos)   # (B, V)
         nxt = logits.argmax(-1).masked_fill(done, eos)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
@@ -184,7 +165,7 @@ def greedy_reference(model: CaptionModel, memory: torch.Tensor, bos: int, eos: i
 # beam search
 
 @torch.no_grad()
-def beam_search(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_len: int, beam_size: int = 3,
+def beam_search(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_words: int, beam_size: int = 3,
                 length_penalty: float = 1.0, n_best: int = 1) -> list[list[tuple[list[int], float]]]:
     """Batched beam search: B images x K beams flattened into one batch of B*K sequences.
 
@@ -198,7 +179,7 @@ def beam_search(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, m
     exactly `greedy`.
 
     Returns per image its n_best (ids without <bos>/<eos>, score), best first;
-    when fewer than n_best finished within `max_len` words, the best live
+    when fewer than n_best finished within `max_words` words, the best live
     beams (scored over their words) fill in.
     """
     if not 1 <= n_best <= beam_size:
@@ -214,14 +195,8 @@ def beam_search(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, m
     sums = torch.full((B, K), float("-inf"), device=device)
     sums[:, 0] = 0.0
     tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
-
-    def score(total: float, length: int) -> float:
-        return total / max(length, 1) ** length_penalty
-
-    def as_tensor(xs: list) -> torch.Tensor:
-        return torch.tensor(xs, dtype=torch.long, device=device)
-
-    for t in range(max_len):
+    score = functools.partial(_length_score, length_penalty=length_penalty)
+    for t in range(max_words):
         logp = _words_only(step(model, cache, tokens).float(), model.pad_id, bos).log_softmax(-1)   # (n*K, V)
         V = logp.size(-1)
         candidates = (sums[:, :, None] + logp.view(-1, K, V)).view(-1, K * V)            # (n, K*V)
@@ -229,36 +204,57 @@ def beam_search(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, m
         top_sums, top_idx = candidates.topk(min(2 * K, K * V), dim=1)                     # (n, 2K)
         beams, still = [], []                     # (row, word, sum, words) of the next beams; images going on
         for j, (b, cand_sums, cand_idx) in enumerate(zip(images, top_sums.tolist(), top_idx.tolist())):
-            going = []
-            for rank, (total, idx) in enumerate(zip(cand_sums, cand_idx)):
-                if total == float("-inf") or len(going) == K:
-                    break
-                k, word = divmod(idx, V)
-                if word != eos:
-                    going.append((j * K + k, word, total, words[j][k] + [word]))
-                elif rank < K:
-                    finished[b].append((words[j][k], score(total, len(words[j][k]) + 1)))
-            best = sorted((s for _, s in finished[b]), reverse=True)
-            # the best live sum scored at the length of this step's finished hypotheses: Hugging Face's
-            # heuristic bound (exact for length_penalty=0, as sums only fall; a longer length could still
-            # lift a score). It never beats a finished sibling ranked above it, so beam_size=1 is greedy.
-            reach = score(going[0][2], t + 1) if going else float("-inf")
-            if not going or (len(best) >= K and best[K - 1] >= reach):
-                continue                          # this image is done
+            going = _expand_image(j, cand_sums, cand_idx, words[j], finished[b], K, V, eos, score)
+            if _image_done(going, finished[b], K, score(going[0][2], t + 1) if going else float("-inf")):
+                continue
             still.append(j)
             beams += going + [going[0][:2] + (float("-inf"), [])] * (K - len(going))   # dead fillers (tiny vocab)
         if not still:
             break
         rows, next_tokens, next_sums, next_words = zip(*beams)
+        as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
         cache = cache.select(as_tensor(rows), None if len(still) == len(images) else as_tensor(still))
         tokens = as_tensor(next_tokens)
         sums = torch.tensor(next_sums, device=device).view(-1, K)
         words = [list(next_words[i:i + K]) for i in range(0, len(next_words), K)]
         images = [images[j] for j in still]
     else:
-        # max_len words and still fewer than n_best finished: the live beams fill in
+        # max_words words and still fewer than n_best finished: the live beams fill in
         for j, b in enumerate(images):
             if len(finished[b]) < n_best:
                 finished[b] += [(ws, score(total, len(ws))) for ws, total in zip(words[j], sums[j].tolist())
                                 if total > float("-inf")]
     return [sorted(hyps, key=lambda h: -h[1])[:n_best] for hyps in finished]
+
+
+def _length_score(total: float, length: int, length_penalty: float) -> float:
+    return total / max(length, 1) ** length_penalty
+
+
+def _expand_image(j: int, cand_sums: list[float], cand_idx: list[int], words: list[list[int]],
+                  finished: list, K: int, V: int, eos: int, score) -> list[tuple]:
+    """Image j's top candidates (best first) -> its up to K beams that go on, as (row, word, sum, words).
+
+    An <eos> candidate ranked in the top K finishes its hypothesis (appended to `finished`).
+    """
+    going = []
+    for rank, (total, idx) in enumerate(zip(cand_sums, cand_idx)):
+        if total == float("-inf") or len(going) == K:
+            break
+        k, word = divmod(idx, V)
+        if word != eos:
+            going.append((j * K + k, word, total, words[k] + [word]))
+        elif rank < K:
+            finished.append((words[k], score(total, len(words[k]) + 1)))
+    return going
+
+
+def _image_done(going: list, finished: list, K: int, reach: float) -> bool:
+    """No beam goes on, or K finished hypotheses of which the K-th best scores at least `reach`.
+
+    `reach`: the best live sum scored at the length of this step's finished hypotheses: Hugging
+    Face's heuristic bound (exact for length_penalty=0, as sums only fall; a longer length could
+    still lift a score). It never beats a finished sibling ranked above it, so beam_size=1 is greedy.
+    """
+    best = sorted((s for _, s in finished), reverse=True)
+    return not going or (len(best) >= K and best[K - 1] >= reach)

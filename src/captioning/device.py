@@ -12,7 +12,8 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available")
+        raise ValueError(f"device {name!r}: no CUDA device is visible (torch.cuda.is_available() is False); "
+                         "--device cpu (or train.device: cpu) runs on the CPU")
     return device
 
 

@@ -12,11 +12,20 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .captioner import Captioner
+from .checkpoint import checkpoint_path, write_atomic
+from .config import Config, ConfigError, from_dict, to_dict
 from .data import load_splits, read_corpus
+from .env import collect_env
 from .metrics import METRICS, score_captions
 from .shapes import GROUND_TRUTH, accuracy, load_ground_truth
 
 log = logging.getLogger(__name__)
+
+
+def _run_env(checkpoint: str | Path) -> dict | None:
+    """The env.json of the run the checkpoint comes from (beside it), if there is one."""
+    path = Path(checkpoint).parent / "env.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def split_names(checkpoint: str | Path, run_dir: str | Path, split: str) -> list[str]:
@@ -46,16 +55,23 @@ def predict(captioner: Captioner, images_dir: Path, names: list[str], beam_size:
 
 
 def evaluate(checkpoint: str | Path, split: str = "test", beam_size: int = 1, out: str | Path | None = None,
-             device=None, precision: str = "auto", progress: bool = True, java: bool | None = None) -> dict:
-    """{"metrics": {...}, "predictions": [{"image", "caption"}], "references": {image: [captions]}, "notes": [...]}.
+             device=None, precision: str | None = None, progress: bool = True, java: bool | None = None,
+             overrides: list[str] = ()) -> dict:
+    """{"metrics": {...}, "predictions": [{"image", "caption"}], "references": {image: [captions]}, "notes": [...],
+    "env": {...}, "train_env": {...}}.
 
     Metrics: `images` (how many were captioned), BLEU-1..4, METEOR, ROUGE-L, CIDEr over the whole split
     at once, and `shapes_accuracy` when the data set is Shapes (its ground truth lies beside the
     captions). Without Java (java=False, or none installed) METEOR is None and `notes` says why.
+    The data paths come from the checkpoint's config; `overrides` (data keys only, e.g.
+    ["data.images=/new/place"]) point it at data that moved. `precision` defaults to the run's
+    train.precision, the one its validation scores were computed at. `env` is this evaluation's
+    environment (env.py), `train_env` the run's env.json when there is one.
     """
+    checkpoint = checkpoint_path(checkpoint)
     captioner = Captioner.from_checkpoint(checkpoint, device=device, precision=precision)
-    cfg = captioner.cfg
-    corpus = read_corpus(cfg)
+    cfg = captioner.cfg = data_overrides(captioner.cfg, overrides, checkpoint)
+    corpus = _read_data(cfg, checkpoint)
     names = [n for n in split_names(checkpoint, cfg.run_dir, split) if n in corpus.captions]
     if not names:
         raise ValueError(f"the {split} split of {checkpoint} holds no image found in {cfg.data.images}")
@@ -70,7 +86,26 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam_size: int = 1, ou
         metrics["shapes_accuracy"] = accuracy(predictions, load_ground_truth(truth_dir))
     report = {"metrics": metrics,
               "predictions": [{"image": n, "caption": c} for n, c in predictions.items()],
-              "references": references, "notes": notes}
+              "references": references, "notes": notes,
+              "env": collect_env(captioner.device, captioner.precision), "train_env": _run_env(checkpoint)}
     if out is not None:
-        Path(out).write_text(json.dumps(report, indent=1))
+        write_atomic(out, lambda f: json.dump(report, f, indent=1), "w")
     return report
+
+
+def data_overrides(cfg: Config, overrides: list[str], checkpoint: Path) -> Config:
+    """The checkpoint's config with `overrides` of its data keys (the model and its training are the checkpoint's)."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if not key.startswith("data."):
+            raise ConfigError(f"evaluate --set takes data keys only (data.images, data.captions, ...), got {key!r}: "
+                              f"the model and how it was trained come from {checkpoint}")
+    return from_dict(to_dict(cfg), list(overrides), check_paths=False) if overrides else cfg
+
+
+def _read_data(cfg: Config, checkpoint: Path):
+    try:
+        return read_corpus(cfg, generate=False)
+    except (ConfigError, FileNotFoundError) as e:
+        raise type(e)(f"{e}. The data paths come from {checkpoint}'s config: if the data moved, say where it is "
+                      "now with --set data.images=FOLDER --set data.captions=FILE") from None

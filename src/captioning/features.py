@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import write_atomic
 from .config import Config
-from .data import CaptionDataset, build_transform
+from .data import CaptionDataset, FeatureItem, build_transform
 from .device import autocast, resolve_device, resolve_precision
 from .images import open_image
 from .model import Encoder
@@ -116,7 +116,7 @@ class FeatureCache:
         self._data = None
 
     @classmethod
-    def open(cls, folder: str | Path) -> "FeatureCache":
+    def open(cls, folder: str | Path) -> FeatureCache:
         folder = Path(folder)
         meta = json.loads((folder / META_FILE).read_text())
         return cls(folder, meta, _read_done(folder))
@@ -210,10 +210,7 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
     A complete cache returns at once without running the encoder; a partial one
     (the process was killed) continues from its recorded count. `encoder`
     defaults to `build_encoder(cfg)`; one given must have the weights cfg
-    describes, is not changed, and `device` defaults to where it lives. An
-    `Encoder` runs as its `folded()` copy (BatchNorm folded into the
-    convolutions), cast once to reduced precision; any other module runs as it
-    is, reduced precision by autocast.
+    describes, is not changed, and `device` defaults to where it lives.
     """
     if cfg.model.train_backbone:
         raise ValueError("config key 'model.train_backbone': features can only be cached for a frozen encoder")
@@ -226,7 +223,6 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
     parts = key_parts(cfg, names, images_dir)
     key = _digest(parts)
     folder = Path(root).expanduser() / key
-
     cache = _partial_cache(folder, key, names)
     if cache is not None and cache.complete and encoder is None:
         return cache
@@ -244,51 +240,73 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
     if cache is not None and cache.complete:
         return cache
     precision = resolve_precision(precision, device)
-    image_dtype, autocast_precision = torch.float32, precision
-    net = encoder
-    if isinstance(encoder, Encoder):
-        net = encoder.folded()
-        if built:
-            del encoder                # the folded copy is all that runs
-        if precision != "fp32":
-            # as the Captioner does: cast the weights once rather than autocast re-casting them every batch
-            image_dtype, autocast_precision = (torch.bfloat16 if precision == "bf16" else torch.float16), "fp32"
-        net.to(device, image_dtype, memory_format=torch.channels_last)
-    done = cache.done if cache is not None else 0
-    data = None if cache is None else np.memmap(folder / FEATURES_FILE, dtype=np.float16, mode="r+", shape=cache.shape)
-
-    loader = DataLoader(_Images(images_dir, names[done:], cfg.data.image_size), batch_size=batch_size,
+    net, image_dtype, autocast_precision = _extraction_net(encoder, device, precision)
+    if built:
+        del encoder                    # the folded copy is all that runs
+    writer = _CacheWriter(folder, names, cache, meta=lambda shape: _meta(key, names, shape, parts, fingerprint,
+                                                                         precision, device))
+    loader = DataLoader(_Images(images_dir, names[writer.done:], cfg.data.image_size), batch_size=batch_size,
                         num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
+    bar = tqdm(total=len(names), initial=writer.done, desc="features", unit="img", disable=not progress)
     was_training = net.training
     net.eval()
-    bar = tqdm(total=len(names), initial=done, desc="features", unit="img", disable=not progress)
     try:
         for images in loader:
             with torch.no_grad(), autocast(autocast_precision, device):
                 # channels_last, as the Captioner feeds it: oneDNN's convolutions run faster on it, fp32 too
                 x = images.to(device, image_dtype, non_blocking=True, memory_format=torch.channels_last)
-                out = net(x).float().cpu().numpy()                      # (B, L, C)
-            largest = float(np.abs(out).max())
-            if not largest <= np.finfo(np.float16).max:   # also catches NaN
-                raise FloatingPointError(f"features of {names[done]} and after reach {largest:.3g}, beyond float16: "
-                                         "unusable encoder weights (random weights of a deep ResNet grow with depth)")
-            rows = out.astype(np.float16)
-            if data is None:   # the first batch of a new cache gives (L, C)
-                folder.mkdir(parents=True, exist_ok=True)
-                shape = (len(names), *rows.shape[1:])
-                data = np.memmap(folder / FEATURES_FILE, dtype=np.float16, mode="w+", shape=shape)
-                _write_json_atomic({"done": 0}, folder / PROGRESS_FILE)
-                _write_json_atomic(_meta(key, names, shape, parts, fingerprint, precision, device), folder / META_FILE)
-            data[done:done + len(rows)] = rows
-            data.flush()   # the rows are on disk before the count says so
-            done += len(rows)
-            _write_json_atomic({"done": done}, folder / PROGRESS_FILE)
-            bar.update(len(rows))
+                writer.append(net(x).float().cpu().numpy())                    # (B, L, C)
+            bar.update(len(images))
     finally:
         bar.close()
+        writer.close()
         net.train(was_training)
-        del data
     return FeatureCache.open(folder)
+
+
+def _extraction_net(encoder: nn.Module, device: torch.device, precision: str) -> tuple[nn.Module, torch.dtype, str]:
+    """(the module to run, the dtype to feed it, the autocast precision to run it under).
+
+    An `Encoder` runs as its `folded()` copy (BatchNorm folded into the convolutions), cast once
+    to reduced precision, as the Captioner does, rather than autocast re-casting its weights every
+    batch; any other module runs as it is, reduced precision by autocast.
+    """
+    if not isinstance(encoder, Encoder):
+        return encoder, torch.float32, precision
+    net = encoder.folded()
+    image_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return net.to(device, image_dtype, memory_format=torch.channels_last), image_dtype, "fp32"
+
+
+class _CacheWriter:
+    """Appends feature rows to a cache folder; the rows are on disk before progress.json counts them."""
+
+    def __init__(self, folder: Path, names: list[str], cache: FeatureCache | None, meta):
+        self.folder, self.names, self.meta = folder, names, meta
+        self.done = cache.done if cache is not None else 0
+        self.data = None if cache is None else \
+            np.memmap(folder / FEATURES_FILE, dtype=np.float16, mode="r+", shape=cache.shape)
+
+    def append(self, out: np.ndarray) -> None:
+        largest = float(np.abs(out).max())
+        if not largest <= np.finfo(np.float16).max:   # also catches NaN
+            raise FloatingPointError(f"features of {self.names[self.done]} and after reach {largest:.3g}, beyond "
+                                     "float16: unusable encoder weights (random weights of a deep ResNet grow with "
+                                     "depth)")
+        rows = out.astype(np.float16)
+        if self.data is None:          # the first batch of a new cache gives (L, C)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            shape = (len(self.names), *rows.shape[1:])
+            self.data = np.memmap(self.folder / FEATURES_FILE, dtype=np.float16, mode="w+", shape=shape)
+            _write_json_atomic({"done": 0}, self.folder / PROGRESS_FILE)
+            _write_json_atomic(self.meta(shape), self.folder / META_FILE)
+        self.data[self.done:self.done + len(rows)] = rows
+        self.data.flush()
+        self.done += len(rows)
+        _write_json_atomic({"done": self.done}, self.folder / PROGRESS_FILE)
+
+    def close(self) -> None:
+        self.data = None
 
 
 def _meta(key: str, names: list[str], shape: tuple, parts: dict, fingerprint: str, precision: str,
@@ -303,10 +321,10 @@ def _meta(key: str, names: list[str], shape: tuple, parts: dict, fingerprint: st
 # ---------------------------------------------------------------- training on features
 
 class FeatureDataset(Dataset):
-    """CaptionDataset's items with the image replaced by its cached features: (fp16 (L, C), [captions], name).
+    """CaptionDataset's items with the image replaced by its cached features: FeatureItem(fp16 (L, C), captions, name).
 
-    `data.collate` stacks them into Batch.images of shape (B, L, C); the model
-    takes them as `model(None, tokens, image_index, features=batch.images.float())`.
+    `data.collate` stacks them into Batch.features of shape (B, L, C); the model
+    takes them as `model(tokens, image_index, features=batch.features.float())`.
     """
 
     def __init__(self, cache: FeatureCache, dataset: CaptionDataset):
@@ -323,5 +341,5 @@ class FeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, i: int):
-        return self.cache[self.rows[i]], self.captions[i], self.names[i]
+    def __getitem__(self, i: int) -> FeatureItem:
+        return FeatureItem(self.cache[self.rows[i]], self.captions[i], self.names[i])

@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .config import ModelConfig
+from .config import EnvironmentProblem, ModelConfig
 
 
 class Encoder(nn.Module):
@@ -40,8 +42,7 @@ class Encoder(nn.Module):
 
     def __init__(self, backbone: str = "resnet152", pretrained: bool = True, trainable: bool = False, stages: int = 4):
         super().__init__()
-        weights = "DEFAULT" if pretrained else None
-        resnet = torchvision.models.get_model(backbone, weights=weights)
+        resnet = _resnet(backbone, pretrained)
         dropped = ("avgpool", "fc") + tuple(f"layer{i}" for i in range(stages + 1, 5))
         self.body = nn.Sequential(OrderedDict((k, v) for k, v in resnet.named_children() if k not in dropped))
         last = getattr(resnet, f"layer{stages}")
@@ -60,7 +61,7 @@ class Encoder(nn.Module):
         return grid.flatten(2).transpose(1, 2)      # (B, h*w, C)
 
     @torch.no_grad()
-    def folded(self) -> "Encoder":
+    def folded(self) -> Encoder:
         """A frozen eval-mode copy that gives the same features with every BatchNorm folded into the
         convolution it follows (weights scaled by gamma / sqrt(running_var + eps), a bias added).
 
@@ -76,7 +77,8 @@ class Encoder(nn.Module):
             if type(module) in (BasicBlock, Bottleneck):        # their forward runs bn{i}(conv{i}(x)), by name
                 for i in (1, 2, 3):
                     if hasattr(module, f"bn{i}"):
-                        setattr(module, f"conv{i}", fuse_conv_bn_eval(getattr(module, f"conv{i}"), getattr(module, f"bn{i}")))
+                        conv, bn = getattr(module, f"conv{i}"), getattr(module, f"bn{i}")
+                        setattr(module, f"conv{i}", fuse_conv_bn_eval(conv, bn))
                         setattr(module, f"bn{i}", nn.Identity())
             elif isinstance(module, nn.Sequential):             # the stem (conv1, bn1, ...) and each downsample
                 for i in range(1, len(module)):
@@ -86,6 +88,25 @@ class Encoder(nn.Module):
         if left:
             raise NotImplementedError(f"BatchNorm layers not after a convolution, cannot fold: {left[:3]}")
         return encoder.to(dtype).requires_grad_(False)
+
+
+class WeightsUnavailableError(EnvironmentProblem):
+    """torchvision's ImageNet weights could not be downloaded (offline machine, proxy, ...)."""
+
+
+def _resnet(backbone: str, pretrained: bool) -> nn.Module:
+    """torchvision's ResNet, with its ImageNet weights when `pretrained` (downloaded once into torch's cache)."""
+    if not pretrained:
+        return torchvision.models.get_model(backbone, weights=None)
+    weights = torchvision.models.get_model_weights(backbone).DEFAULT
+    try:
+        return torchvision.models.get_model(backbone, weights=weights)
+    except (OSError, ConnectionError) as e:               # urllib's URLError is an OSError
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(weights.url).path).name
+        raise WeightsUnavailableError(
+            f"could not download torchvision's ImageNet weights for {backbone} ({getattr(e, 'reason', e)}): "
+            f"copy {weights.url} to {cached} (torchvision's cache), or train without them: "
+            "--set model.pretrained=false") from None
 
 
 def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -105,18 +126,20 @@ def grid_encoding(h: int, w: int, dim: int) -> torch.Tensor:
 class PositionalEncoding(nn.Module):
     """Adds the sinusoidal position of each token along the token axis (dim 1)."""
 
-    def __init__(self, d_model: int, max_len: int):
+    def __init__(self, d_model: int, max_tokens: int):
         super().__init__()
-        self.register_buffer("pe", sinusoid(torch.arange(max_len), d_model), persistent=False)  # (max_len, D)
+        self.register_buffer("pe", sinusoid(torch.arange(max_tokens), d_model), persistent=False)  # (max_tokens, D)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         # x: (B, T, D); position t of every sequence gets pe[offset + t]
         if offset + x.size(1) > self.pe.size(0):
-            raise ValueError(f"sequence of {offset + x.size(1)} tokens is longer than model.max_len={self.pe.size(0)}")
+            raise ValueError(f"sequence of {offset + x.size(1)} tokens is longer than "
+                             f"model.max_tokens={self.pe.size(0)}")
         return x + self.pe[offset:offset + x.size(1)]
 
 
-# -- the pieces of nn.TransformerDecoderLayer, read from its own weights (here and in decoding.py)
+# -- the pieces of nn.TransformerDecoderLayer, read from its own weights: the teacher-forced pass
+#    (CaptionModel.decode) and the cached step (decoding.step) both run these
 
 def causal_mask(size: int, device=None) -> torch.Tensor:
     """(T, T) bool, True where a query must not see a key (the future)."""
@@ -161,6 +184,37 @@ def decoder_layer(layer: nn.TransformerDecoderLayer, x: torch.Tensor, self_atten
     return layer.norm3(x + feed_forward(layer, x))
 
 
+def self_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, past=None, allowed=None):
+    """The layer's self-attention block of x (N, T, D) -> (output (N, T, D), keys, values (N, H, T', hd)).
+
+    `past`: the (keys, values) of the positions before x (the decoding cache), prepended to x's own;
+    `allowed` (N, 1, T, T'): True where a query may see a key (None: every key, as one new word may).
+    """
+    attn = layer.self_attn
+    # the whole parameter, not a slice of it: autocast caches the bf16 copy of a parameter, not of a view
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)          # (N, T, 3D)
+    q, k, v = (split_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))    # (N, H, T, hd)
+    if past is not None:
+        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (N, H, T', hd)
+    y = attention(attn, q, k, v, allowed)
+    return layer.dropout1(attn.out_proj(merge_heads(y))), k, v
+
+
+def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The layer's cross-attention block: x (N, T, D) reads keys/values (M, H, L, hd) of M images.
+
+    N = M * G: rows G*m .. G*m+G-1 of x read image m (G = 1 in training, whose keys are already
+    picked per caption; G = the beams of one image when decoding). The G rows of one image are
+    lined up on its query axis rather than copying its keys G times.
+    """
+    attn = layer.multihead_attn
+    N, T, D = x.shape
+    M, H = k.shape[:2]
+    q = F.linear(x, *in_proj(attn, slice(0, D))).view(M, N // M * T, D)   # (M, G*T, D), rows in (g, t) order
+    y = attention(attn, split_heads(q, H), k, v)                         # (M, H, G*T, hd)
+    return layer.dropout2(attn.out_proj(merge_heads(y).view(N, T, D)))
+
+
 def cross_keys_values(layer: nn.TransformerDecoderLayer, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's cross-attention keys and values of memory (B, L, D) -> two (B, H, L, hd)."""
     attn, D = layer.multihead_attn, memory.size(-1)
@@ -183,7 +237,7 @@ class CaptionModel(nn.Module):
         nn.init.normal_(self.embed.weight, std=cfg.d_model ** -0.5)
         with torch.no_grad():
             self.embed.weight[pad_id].zero_()
-        self.positions = PositionalEncoding(cfg.d_model, cfg.max_len)
+        self.positions = PositionalEncoding(cfg.d_model, cfg.max_tokens)
         self.dropout = nn.Dropout(cfg.dropout)
         self.transformer = nn.Transformer(
             d_model=cfg.d_model, nhead=cfg.num_heads, num_encoder_layers=cfg.num_encoder_layers,
@@ -197,7 +251,8 @@ class CaptionModel(nn.Module):
         L = features.size(1)
         side = math.isqrt(L)
         h, w = (side, side) if side * side == L else (1, L)
-        x = self.project(features) + grid_encoding(h, w, self.cfg.d_model).to(features.device, self.project.weight.dtype)
+        positions = grid_encoding(h, w, self.cfg.d_model).to(features.device, self.project.weight.dtype)   # (L, D)
+        x = self.project(features) + positions
         return self.transformer.encoder(self.dropout(x))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -209,7 +264,8 @@ class CaptionModel(nn.Module):
         """(N, T) ids -> (N, T, d_model), scaled embedding plus word position."""
         return self.dropout(self.positions(self.embed(tokens) * math.sqrt(self.cfg.d_model), offset))
 
-    def decode(self, memory: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, memory: torch.Tensor, tokens: torch.Tensor,
+               image_index: torch.Tensor | None = None) -> torch.Tensor:
         """memory (B, L, D) and tokens (N, T) -> logits (N, T, V); caption n reads image image_index[n]
         (default: image n).
 
@@ -226,32 +282,21 @@ class CaptionModel(nn.Module):
             k, v = cross_keys_values(layer, memory)                        # (B, H, L, hd)
             if image_index is not None:
                 k, v = k.index_select(0, image_index), v.index_select(0, image_index)   # (N, H, L, hd)
-            x = decoder_layer(layer, x, lambda y: self._self_attention(layer, y, allowed),
-                              lambda y: self._cross_attention(layer, y, k, v))
+            x = decoder_layer(layer, x, lambda y: self_attention(layer, y, allowed=allowed)[0],
+                              lambda y: cross_attention(layer, y, k, v))
         if self.transformer.decoder.norm is not None:
             x = self.transformer.decoder.norm(x)
         return self.head(x)
 
-    @staticmethod
-    def _self_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        attn = layer.self_attn
-        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)         # (N, T, 3D)
-        q, k, v = (split_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))
-        return layer.dropout1(attn.out_proj(merge_heads(attention(attn, q, k, v, allowed))))
-
-    @staticmethod
-    def _cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k, v) -> torch.Tensor:
-        attn = layer.multihead_attn
-        q = split_heads(F.linear(x, *in_proj(attn, slice(0, x.size(-1)))), attn.num_heads)   # (N, H, T, hd)
-        return layer.dropout2(attn.out_proj(merge_heads(attention(attn, q, k, v))))
-
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None,
-                features: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, image_index: torch.Tensor | None = None, *,
+                images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (N, T, V) for `tokens` (N, T) = <bos> w1 ... wn <eos> <pad>...
 
-        `image_index` (N,) maps captions to images (default: one caption each);
-        `features` (B, L, C), when given, stand in for the frozen encoder's output.
+        Exactly one of `images` (B, 3, H, W) or `features` (B, L, C), the frozen encoder's cached
+        output; `image_index` (N,) maps captions to images (default: one caption each).
         """
+        if (images is None) == (features is None):
+            raise ValueError("CaptionModel takes images= or features=, exactly one of them")
         memory = self.memory(features if features is not None else self.encoder(images))  # (B, L, D)
         return self.decode(memory, tokens, image_index)
 

@@ -1,40 +1,47 @@
-"""The training loop: plain functions, no trainer framework.
+"""The training loop: plain functions over a `TrainState`, no trainer framework.
 
-`train_one_epoch` and `evaluate_loss` return dicts of averages; `fit` composes
-them with Adam, ExponentialLR stepped per epoch, early stopping and best.pt on
-the monitored value (validation cross-entropy, the reference's choice, or
-validation CIDEr with `train.monitor=cider`), checkpoints, history and plots.
-`fit(cfg, resume=RUN_DIR)` continues a run from its `last.pt`.
+    train(cfg)                      a new run in cfg.run_dir
+    resume(run_dir, overrides)      continue a run from its last.pt (bit-exact after a kill)
+
+`train_one_epoch` and `evaluate_loss` return dicts of averages; `_fit` composes
+them with the optimizer and schedule of `build_optimizer` / `build_scheduler`
+(the reference's Adam + ExponentialLR per epoch by default), early stopping and
+best.pt on the monitored value (validation cross-entropy, the reference's
+choice, or validation CIDEr with `train.monitor=cider`), checkpoints, history
+and plots. Everything that changes as a run goes on and must survive a kill
+(epoch, step, position in the epoch, running totals, history, best value) is
+one `TrainState`, saved in last.pt with the optimizer, scheduler, scaler and
+RNG states.
 
 Under `torchrun --nproc_per_node=N -m captioning train ...` the same loop runs
-DistributedDataParallel: `train.batch_size` stays the global batch (each
-process takes its share), the loss is the mean over the global batch's tokens
-(so N processes take the steps one process would), losses are summed across
-processes, and only rank 0 writes files, from the unwrapped model.
+DistributedDataParallel (distributed.py): `train.batch_size` stays the global
+batch (each process takes its share), the loss is the mean over the global
+batch's tokens (so N processes take the steps one process would), losses are
+summed across processes, and only rank 0 writes files, from the unwrapped model.
 """
 from __future__ import annotations
 
 import csv
 import logging
 import math
-import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from . import distributed
+from .captioner import Captioner
 from .checkpoint import model_checkpoint, read_checkpoint, rng_state, save_atomic, set_rng_state
-from .config import Config, from_dict, save_config
+from .config import Config, absolute_paths, from_dict, read_yaml_config, save_config, to_dict
 from .data import CaptionDataset, build_loader, load_splits, make_splits, read_corpus, save_splits
-from .decoding import greedy
-from .features import FeatureDataset, extract_features
 from .device import autocast, resolve_device, resolve_precision
+from .env import write_env
+from .features import FeatureDataset, extract_features
 from .metrics import score_captions
 from .model import CaptionModel, build_model, count_parameters
 from .plots import plot_history
@@ -48,65 +55,67 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf: the run stops rather than save a broken model."""
 
 
-def caption_loss(model: CaptionModel, batch, precision: str, device: torch.device) -> tuple[torch.Tensor, int]:
+# ---------------------------------------------------------------- one step, one epoch
+
+def caption_loss(model: CaptionModel, batch, precision: str, device: torch.device,
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """Mean next-word cross-entropy over the batch's real tokens, and their count.
 
-    Training and validation call this same function.
+    Training and validation call this same function (validation without label smoothing).
     """
     inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]
-    features = batch.images.float() if batch.images.dim() == 3 else None  # (B, L, C) from the feature cache
     with autocast(precision, device):
-        logits = model(batch.images, inputs, batch.image_index, features=features)   # (N, T-1, V)
+        logits = model(inputs, batch.image_index, **batch.model_inputs())   # (N, T-1, V)
     pad_id = getattr(model, "module", model).pad_id          # model may be wrapped in DDP
     n_tokens = int((targets != pad_id).sum())
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=pad_id)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=pad_id,
+                           label_smoothing=label_smoothing)
     return loss, n_tokens
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def _global_mean(loss: torch.Tensor, n: int) -> tuple[torch.Tensor, float, int]:
+    """(loss to backpropagate, its value, tokens) over all processes' batches of this step.
+
+    DDP averages gradients over processes, so each process's mean is weighed by its share of the
+    tokens (times the world size): the gradient is the global batch's mean per token.
+    """
+    value, world = loss.item(), distributed.world_size()
+    if world == 1:
+        return loss, value, n
+    summed, n_all = distributed.all_sum(value * n, n)
+    return loss * (n * world / n_all), summed / n_all, int(n_all)
 
 
-def _all_sum(*values: float) -> list[float]:
-    """Sums over all processes (the values themselves with one process)."""
-    if world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+def train_one_epoch(net, loader, optimizer, scheduler, scaler, state: TrainState, *, precision: str,
+                    device: torch.device, grad_clip: float = 0.0, label_smoothing: float = 0.0,
+                    progress: bool = True, on_step=None) -> dict:
+    """One pass over `loader`, which starts at batch `state.batch` of epoch `state.epoch + 1`.
 
-
-def train_one_epoch(model, loader, optimizer, scaler, precision, device, epoch: int, grad_clip: float = 0.0,
-                    progress: bool = True, totals: tuple[float, int] = (0.0, 0), on_step=None) -> dict:
-    """One pass over `loader`. `totals` (summed loss x tokens, tokens) carries the part of the epoch a
-    resumed run already did; `on_step(total, n_total)` runs after every optimizer step (checkpoints)."""
-    model.train()
-    total, n_total = totals
+    Every optimizer step advances `state` (step, batch, running totals) and the scheduler, then
+    calls `on_step()` (mid-epoch checkpoints).
+    """
+    net.train()
+    epoch = state.epoch + 1
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
-    for step, batch in enumerate(bar):
-        loss, n = caption_loss(model, batch.to(device), precision, device)
-        value = loss.item()
-        if world_size() > 1:
-            # the global batch's mean per token: DDP averages gradients over processes, so weigh each
-            # process's mean by its share of the tokens (times the world size)
-            summed, n_all = _all_sum(value * n, n)
-            loss = loss * (n * world_size() / n_all)
-            value, n = summed / n_all, int(n_all)
+    for batch in bar:
+        loss, n = caption_loss(net, batch.to(device), precision, device, label_smoothing)
+        loss, value, n = _global_mean(loss, n)
         if not math.isfinite(value):
-            raise NonFiniteLossError(f"loss is {value} at epoch {epoch}, step {step}: stopping without "
+            raise NonFiniteLossError(f"loss is {value} at epoch {epoch}, batch {state.batch}: stopping without "
                                      "saving. Try a lower train.lr, train.grad_clip, or train.precision=fp32.")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if grad_clip > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        total, n_total = total + value * n, n_total + n
+        scheduler.step()
+        state.advance(value * n, n)
         if on_step is not None:
-            on_step(total, n_total)
+            on_step()
         bar.set_postfix(loss=f"{value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    return {"loss": total / max(n_total, 1), "tokens": n_total, "steps": len(loader)}
+    return {"loss": state.loss_sum / max(state.tokens, 1), "tokens": state.tokens, "steps": len(loader)}
 
 
 @torch.no_grad()
@@ -116,32 +125,151 @@ def evaluate_loss(model, loader, precision, device, progress: bool = False) -> d
     for batch in tqdm(loader, desc="val", disable=not progress, leave=False):
         loss, n = caption_loss(model, batch.to(device), precision, device)
         total, n_total = total + loss.item() * n, n_total + n
-    total, n_total = _all_sum(total, n_total)        # each process scored its shard of the images
+    total, n_total = distributed.all_sum(total, n_total)        # each process scored its shard of the images
     return {"loss": total / max(n_total, 1), "tokens": int(n_total)}
 
 
-@torch.no_grad()
-def predict_captions(model, loader, vocab: Vocabulary, precision, device, max_len: int) -> dict[str, str]:
-    """Greedy captions of every image the loader yields, by name."""
-    model.eval()
-    predictions = {}
-    for batch in loader:
-        images = batch.images.to(device)
-        with autocast(precision, device):
-            memory = model.memory(images.float()) if images.dim() == 3 else model.encode(images)
-        ids = greedy(model, memory.float(), vocab.bos, vocab.eos, max_len)
-        predictions.update(zip(batch.names, map(vocab.decode, ids)))
-    return predictions
-
-
 def val_cider(model, dataset: CaptionDataset, vocab: Vocabulary, cfg: Config, precision, device) -> float:
-    """CIDEr-D of greedy captions over the first train.eval_images val images (0 = all), scored at once."""
+    """CIDEr-D of greedy captions over the first train.eval_images val images (0 = all), scored at once.
+
+    The captions come from the Captioner's own prediction path, as `evaluate`'s do.
+    """
     n = cfg.train.eval_images or len(dataset)
     subset = torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
-    loader = build_loader(subset, cfg.train.batch_size, False, cfg.train.num_workers, pad_id=vocab.pad)
-    predictions = predict_captions(model, loader, vocab, precision, device, cfg.data.max_len)
+    loader = build_loader(subset, batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.train.num_workers,
+                          pad_id=vocab.pad)
+    captioner = Captioner(model, vocab, cfg, device=device, precision=precision)
+    predictions = {}
+    for batch in loader:
+        predictions.update(zip(batch.names, captioner.predict(**batch.model_inputs())))
     references = {dataset.names[i]: dataset.references[i] for i in subset.indices}
     return score_captions(predictions, references, metrics=("CIDEr",))[0]["CIDEr"]
+
+
+# ---------------------------------------------------------------- optimizer, schedule, state
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam (the reference's) or AdamW over the trainable parameters, at train.lr."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kind = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+    # fused: one kernel for all parameters instead of ~10 per tensor (5x faster steps on the CPU)
+    return kind(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
+
+
+def lr_factor(cfg: Config, steps_per_epoch: int):
+    """step -> the factor of train.lr for the optimizer step after `step` steps."""
+    t = cfg.train
+    total = max(t.epochs * steps_per_epoch, 1)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+        if t.scheduler == "cosine":
+            done = min(max(step - t.warmup_steps, 0) / max(total - t.warmup_steps, 1), 1.0)
+            return warm * 0.5 * (1.0 + math.cos(math.pi * done))
+        return warm * t.gamma ** (step // steps_per_epoch)      # exponential: gamma once per epoch
+
+    return factor
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """The learning rate of every optimizer step: LambdaLR over `lr_factor`, stepped after each step.
+
+    The default (train.scheduler=exponential, no warmup) is the reference's ExponentialLR(gamma)
+    stepped once per epoch: the factor is gamma ** (epochs done).
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+
+
+def load_scheduler_state(scheduler, saved: dict, step: int) -> None:
+    """Scheduler state from last.pt; checkpoints from before build_scheduler hold ExponentialLR's, per epoch."""
+    if "gamma" in saved:                          # ExponentialLR: it counted epochs, LambdaLR counts steps
+        saved = {k: v for k, v in saved.items() if k != "gamma"} | {"last_epoch": step, "_step_count": step + 1}
+        saved.setdefault("lr_lambdas", [None] * len(scheduler.base_lrs))
+    scheduler.load_state_dict(saved)
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved in last.pt, so a resumed run goes on exactly where it stopped."""
+    epoch: int = 0                  # epochs finished
+    step: int = 0                   # optimizer steps taken in all
+    batch: int = 0                  # batches of epoch + 1 taken (a mid-epoch checkpoint)
+    loss_sum: float = 0.0           # of epoch + 1 so far: summed loss x tokens, and the tokens
+    tokens: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: float | None = None       # the best monitored value so far
+    bad_epochs: int = 0             # evaluations since it last improved
+
+    def advance(self, loss_sum: float, tokens: int) -> None:
+        self.step, self.batch = self.step + 1, self.batch + 1
+        self.loss_sum, self.tokens = self.loss_sum + loss_sum, self.tokens + tokens
+
+    def end_epoch(self, row: dict) -> None:
+        self.epoch, self.batch, self.loss_sum, self.tokens = self.epoch + 1, 0, 0.0, 0
+        self.history.append(row)
+
+    def record(self, value: float | None, lower_is_better: bool) -> bool:
+        """Count a monitored value (None: not evaluated this epoch); True when it is the best so far."""
+        if value is None:
+            return False
+        improved = self.best is None or (value < self.best if lower_is_better else value > self.best)
+        self.best, self.bad_epochs = (value, 0) if improved else (self.best, self.bad_epochs + 1)
+        return improved
+
+    def finished(self, cfg: Config) -> bool:
+        """All epochs trained, or stopped early: train.patience evaluations without improvement."""
+        return self.epoch >= cfg.train.epochs or bool(cfg.train.patience and self.bad_epochs >= cfg.train.patience)
+
+    def state_dict(self) -> dict:
+        # the names last.pt has always used, so older checkpoints resume and newer ones read the same
+        return {"epoch": self.epoch, "step": self.step, "batch": self.batch,
+                "epoch_totals": [self.loss_sum, self.tokens], "history": self.history,
+                "best_val": math.nan if self.best is None else self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, d: dict) -> None:
+        best = d.get("best_val")
+        self.epoch, self.step, self.batch = d["epoch"], d["step"], d.get("batch", 0)
+        self.loss_sum, self.tokens = (float(x) for x in d.get("epoch_totals", (0.0, 0)))
+        self.tokens = int(self.tokens)
+        self.history, self.bad_epochs = list(d.get("history", [])), d.get("bad_epochs", 0)
+        self.best = None if best is None or not math.isfinite(best) else best
+
+
+# ---------------------------------------------------------------- a run
+
+@dataclass
+class Run:
+    """Everything one training process holds for a run."""
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    precision: str
+    vocab: Vocabulary
+    datasets: dict
+    model: CaptionModel
+    net: torch.nn.Module            # the model as the training steps call it (DDP-wrapped with several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    state: TrainState
+    rank: int = 0
+    world: int = 1
+    paths_given: dict = field(default_factory=dict)     # config paths as given, before they were made absolute
+
+    def loader(self, split: str, epoch: int = 0, skip_batches: int = 0):
+        t = self.cfg.train
+        return build_loader(self.datasets[split], batch_size=t.batch_size, shuffle=split == "train",
+                            num_workers=t.num_workers, seed=self.cfg.seed, epoch=epoch, pad_id=self.vocab.pad,
+                            skip_batches=skip_batches, rank=self.rank, world=self.world)
+
+    def save_last(self) -> None:
+        """last.pt: everything to go on from here."""
+        if self.rank == 0:
+            save_atomic(model_checkpoint(
+                self.model, self.cfg, self.vocab, **self.state.state_dict(), optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), rng=rng_state(),
+                paths_given=self.paths_given),
+                self.run_dir / "last.pt")
 
 
 def seed_everything(seed: int) -> None:
@@ -158,12 +286,12 @@ def write_history(history: list[dict], run_dir: Path) -> None:
     plot_history(history, run_dir)
 
 
-def prepare(cfg: Config, run_dir: Path, resume_ckpt: dict | None, rank: int = 0):
-    """Data, splits and vocabulary of a run: made fresh, or read back when resuming."""
+def prepare_data(cfg: Config, run_dir: Path, vocab: Vocabulary | None, rank: int = 0):
+    """Corpus, train/val datasets and vocabulary of a run: made fresh, or read back (`vocab` given) on resume."""
     corpus = read_corpus(cfg)
-    if resume_ckpt is not None:
+    run_dir.mkdir(parents=True, exist_ok=True)         # once the data is found: a typo leaves no folder behind
+    if vocab is not None:
         splits = load_splits(run_dir / "splits.json")
-        vocab = Vocabulary.from_list(resume_ckpt["vocab"])
     else:
         splits = make_splits(corpus, cfg)
         # built from training captions only: validation and test words stay unseen
@@ -173,138 +301,175 @@ def prepare(cfg: Config, run_dir: Path, resume_ckpt: dict | None, rank: int = 0)
     for split in ("train", "val"):
         if not splits[split]:
             raise ValueError(f"the {split} split is empty: check data.val_fraction and the data set size")
-    datasets = {s: CaptionDataset(corpus, splits[s], vocab, cfg.data.image_size, cfg.data.max_len)
+    datasets = {s: CaptionDataset(corpus, splits[s], vocab, cfg.data.image_size, cfg.data.max_words)
                 for s in ("train", "val")}
     return corpus, datasets, vocab
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); joins the process group when torchrun started several processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))) if world > 1 else (0, 1, 0)
+def _cached(cfg: Config, corpus, datasets: dict, model: CaptionModel, device, precision, rank: int, progress: bool):
+    """The datasets read from the frozen encoder's feature cache, built first when missing.
+
+    The ResNet runs once per image (resumable; reused while its key holds), then never again;
+    rank 0 extracts the features while the other processes wait, then they find the cache complete.
+    """
+    with distributed.rank_zero_first(rank):
+        cache = extract_features(cfg, sorted(corpus.captions), corpus.images_dir, cfg.data.features_dir,
+                                 encoder=model.encoder, device=device, precision=precision,
+                                 progress=progress and rank == 0)
+    return {s: FeatureDataset(cache, d) for s, d in datasets.items()}
 
 
-def fit(cfg: Config, resume: str | Path | None = None, overrides: list[str] = (), progress: bool = True) -> Path:
-    """Train (or continue) a run; returns its run directory."""
-    rank, world, local_rank = init_distributed()
-    progress = progress and rank == 0
-    resume_ckpt = None
-    if resume is not None:
-        run_dir = Path(resume)
-        resume_ckpt = read_checkpoint(run_dir / "last.pt")
-        cfg = from_dict(resume_ckpt["config"], overrides)  # e.g. --set train.epochs=40 to go on longer
-    else:
-        run_dir = Path(cfg.run_dir)
-        if (run_dir / "last.pt").exists():
-            raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
-                                  "or choose another run_dir")
+def _start(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool) -> Run:
+    """Build a run's processes, data, model, optimizer and schedule; load `ckpt` (last.pt) when resuming."""
+    cfg, given = absolute_paths(cfg)
+    given = {**(ckpt or {}).get("paths_given", {}), **given}
+    rank, world, local_rank = distributed.init_distributed()
     if world > 1 and cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by the "
                          f"{world} processes")
-    run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     precision = resolve_precision(cfg.train.precision, device)
-
-    corpus, datasets, vocab = prepare(cfg, run_dir, resume_ckpt, rank)
+    vocab = None if ckpt is None else Vocabulary.from_list(ckpt["vocab"])
+    corpus, datasets, vocab = prepare_data(cfg, run_dir, vocab, rank)
     if rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml", given)
+        write_env(run_dir / "env.json", device, precision)
     model = build_model(cfg.model, len(vocab), vocab.pad).to(device)
     if cfg.train.cache_features:
-        # the frozen ResNet once per image (resumable; reused while its key holds), then never again;
-        # rank 0 extracts, the others wait and then find the cache complete
-        for turn in (0, 1):
-            if (rank == 0) == (turn == 0):
-                cache = extract_features(cfg, sorted(corpus.captions), corpus.images_dir, cfg.data.features_dir,
-                                         encoder=model.encoder, device=device, precision=precision, progress=progress)
-            if world > 1:
-                dist.barrier()
-        datasets = {s: FeatureDataset(cache, d) for s, d in datasets.items()}
+        datasets = _cached(cfg, corpus, datasets, model, device, precision, rank, progress)
+    optimizer = build_optimizer(cfg, model)
+    steps_per_epoch = len(build_loader(datasets["train"], batch_size=cfg.train.batch_size, shuffle=True,
+                                       num_workers=0, rank=rank, world=world))
+    run = Run(cfg, run_dir, device, precision, vocab, datasets, model, distributed.wrap(model, device, local_rank),
+              optimizer, build_scheduler(cfg, optimizer, steps_per_epoch),
+              torch.amp.GradScaler(device.type, enabled=precision == "fp16"), TrainState(), rank, world, given)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        run.state.load_state_dict(ckpt)
+        load_scheduler_state(run.scheduler, ckpt["scheduler"], run.state.step)
+        run.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])     # last: nothing below draws from the global RNGs before training
     trainable, frozen = count_parameters(model)
     log.info("%d train / %d val images, %d words, %.1f M trainable + %.1f M frozen parameters, %s on %s",
              len(datasets["train"]), len(datasets["val"]), len(vocab), trainable / 1e6, frozen / 1e6, precision, device)
+    return run
 
-    # DDP wraps the model for the training steps; everything else (checkpoints, validation) uses it as is
-    net = model if world == 1 else DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
-                                                           else None)
-    # fused: one kernel for all parameters instead of ~10 per tensor (5x faster steps on the CPU)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, fused=True)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.train.gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    # best_val: the best monitored value so far (val loss: lower is better; CIDEr: higher)
-    sign = 1.0 if cfg.train.monitor == "val_loss" else -1.0
-    history, best_val, bad_epochs, start_epoch, step = [], sign * math.inf, 0, 1, 0
-    skip, totals = 0, (0.0, 0)          # a mid-epoch checkpoint: batches of start_epoch done, and their loss sums
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["scheduler"])
-        scaler.load_state_dict(resume_ckpt["scaler"])
-        history, best_val, bad_epochs = resume_ckpt["history"], resume_ckpt["best_val"], resume_ckpt["bad_epochs"]
-        start_epoch, step = resume_ckpt["epoch"] + 1, resume_ckpt["step"]
-        skip, totals = resume_ckpt.get("batch", 0), tuple(resume_ckpt.get("epoch_totals", (0.0, 0)))
-        set_rng_state(resume_ckpt["rng"])   # last: nothing below draws from the global RNGs before training
 
-    t = cfg.train
+def _epoch(run: Run, progress: bool) -> str:
+    """Train one epoch (or the rest of one), validate, checkpoint; returns the epoch's line for the log."""
+    cfg, state, t = run.cfg, run.state, run.cfg.train
+    epoch, start = state.epoch + 1, time.time()
+    train_loader = run.loader("train", epoch, skip_batches=state.batch)
+    lr = run.optimizer.param_groups[0]["lr"]
 
-    def save_last(epoch_done: int, batch: int = 0, epoch_totals=(0.0, 0)) -> None:
-        """last.pt: everything to go on from here, `batch` batches into epoch epoch_done + 1."""
-        if rank != 0:
-            return
-        save_atomic(model_checkpoint(
-            model, cfg, vocab, epoch=epoch_done, step=step, batch=batch, epoch_totals=list(epoch_totals),
-            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-            rng=rng_state(), history=history, best_val=best_val, bad_epochs=bad_epochs), run_dir / "last.pt")
+    end = state.batch + len(train_loader)
 
-    val_loader = build_loader(datasets["val"], t.batch_size, False, t.num_workers, pad_id=vocab.pad, rank=rank,
-                              world=world)
-    for epoch in range(start_epoch, t.epochs + 1):
-        if t.patience and bad_epochs >= t.patience:
-            break
-        start = time.time()
-        train_loader = build_loader(datasets["train"], t.batch_size, True, t.num_workers, cfg.seed, epoch, vocab.pad,
-                                    skip_batches=skip, rank=rank, world=world)
-        lr = optimizer.param_groups[0]["lr"]
-        batch = skip
+    def on_step() -> None:                  # the checkpoint at the epoch's end is written below, after validation
+        if t.save_every and state.step % t.save_every == 0 and state.batch < end:
+            run.save_last()
 
-        def on_step(total: float, n_total: int) -> None:
-            nonlocal step, batch
-            step, batch = step + 1, batch + 1
-            if t.save_every and step % t.save_every == 0 and batch < len(train_loader) + skip:
-                save_last(epoch - 1, batch, (total, n_total))
+    train_stats = train_one_epoch(run.net, train_loader, run.optimizer, run.scheduler, run.scaler, state,
+                                  precision=run.precision, device=run.device, grad_clip=t.grad_clip,
+                                  label_smoothing=t.label_smoothing, progress=progress, on_step=on_step)
+    val_loss = evaluate_loss(run.model, run.loader("val"), run.precision, run.device)["loss"]
+    cider = None
+    if t.monitor == "cider" and (epoch % t.eval_every == 0 or epoch == t.epochs):
+        cider = val_cider(run.model, run.datasets["val"], run.vocab, cfg, run.precision, run.device)
+    state.end_epoch({"epoch": epoch, "train_loss": round(train_stats["loss"], 5), "val_loss": round(val_loss, 5),
+                     "val_cider": "" if cider is None else round(cider, 5), "lr": lr,
+                     "seconds": round(time.time() - start, 2)})
+    improved = state.record(val_loss if t.monitor == "val_loss" else cider, lower_is_better=t.monitor == "val_loss")
+    if run.rank == 0:
+        write_history(state.history, run.run_dir)
+        if improved:
+            save_atomic(model_checkpoint(run.model, cfg, run.vocab, epoch=epoch, val_loss=val_loss, val_cider=cider,
+                                         paths_given=run.paths_given), run.run_dir / "best.pt")
+    run.save_last()
+    return (f"epoch {epoch}: train {train_stats['loss']:.4f}  val {val_loss:.4f}  "
+            f"{'' if cider is None else f'CIDEr {cider:.3f}  '}lr {lr:.2e}  "
+            f"{state.history[-1]['seconds']:.0f}s{'  *best' if improved else ''}")
 
-        train_stats = train_one_epoch(net, train_loader, optimizer, scaler, precision, device, epoch,
-                                      t.grad_clip, progress, totals, on_step)
-        skip, totals = 0, (0.0, 0)
-        val_stats = evaluate_loss(model, val_loader, precision, device)
-        cider = None
-        if t.monitor == "cider" and (epoch % t.eval_every == 0 or epoch == t.epochs):
-            cider = val_cider(model, datasets["val"], vocab, cfg, precision, device)
-        scheduler.step()
-        history.append({"epoch": epoch, "train_loss": round(train_stats["loss"], 5),
-                        "val_loss": round(val_stats["loss"], 5), "val_cider": "" if cider is None else round(cider, 5),
-                        "lr": lr, "seconds": round(time.time() - start, 2)})
-        if rank == 0:
-            write_history(history, run_dir)
-        value = val_stats["loss"] if t.monitor == "val_loss" else cider
-        improved = False
-        if value is not None:       # monitor=cider counts only the epochs it was computed
-            improved = sign * value < sign * best_val
-            best_val, bad_epochs = (value, 0) if improved else (best_val, bad_epochs + 1)
-        if improved and rank == 0:
-            save_atomic(model_checkpoint(model, cfg, vocab, epoch=epoch, val_loss=val_stats["loss"], val_cider=cider),
-                        run_dir / "best.pt")
-        save_last(epoch)
-        msg = (f"epoch {epoch}: train {train_stats['loss']:.4f}  val {val_stats['loss']:.4f}  "
-               f"{'' if cider is None else f'CIDEr {cider:.3f}  '}lr {lr:.2e}  "
-               f"{history[-1]['seconds']:.0f}s{'  *best' if improved else ''}")
-        if rank == 0:
-            (tqdm.write if progress else log.info)(msg)
-    if world > 1:
-        dist.barrier()                # the files are written before any process returns
-    return run_dir
+
+def _fit(run: Run, progress: bool) -> Path:
+    progress = progress and run.rank == 0
+    while not run.state.finished(run.cfg):
+        line = _epoch(run, progress)
+        if run.rank == 0:
+            (tqdm.write if progress else log.info)(line)
+    distributed.barrier()              # the files are written before any process returns
+    return run.run_dir
+
+
+# ---------------------------------------------------------------- entry points
+
+def train(cfg: Config, progress: bool = True) -> Path:
+    """Train a new run in cfg.run_dir; returns the run directory."""
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / "last.pt").exists():
+        raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume {run_dir} (or "
+                              "--resume auto), or choose another run_dir")
+    return _fit(_start(cfg, run_dir, None, progress), progress)
+
+
+def resume(run_dir: str | Path, overrides: list[str] = (), progress: bool = True) -> Path:
+    """Continue the run in `run_dir` from its last.pt, e.g. with overrides ["train.epochs=40"] to go on longer.
+
+    A run that already finished (all epochs, or stopped early) returns at once, saying so.
+    """
+    return _resume(run_dir, overrides, progress)
+
+
+def _resume(run_dir: str | Path, overrides: list[str], progress: bool) -> Path:
+    run_dir = Path(run_dir)
+    ckpt = read_checkpoint(run_dir / "last.pt")
+    cfg = from_dict(ckpt["config"], overrides, source=str(run_dir / "last.pt"))
+    state = TrainState()
+    state.load_state_dict(ckpt)
+    if state.finished(cfg):
+        log.info("%s finished at epoch %d of %d; to train longer: --resume %s --set train.epochs=%d",
+                 run_dir, state.epoch, cfg.train.epochs, run_dir, cfg.train.epochs + 10)
+        return run_dir
+    return _fit(_start(cfg, run_dir, ckpt, progress), progress)
+
+
+def train_or_resume(cfg: Config, overrides: list[str] = (), progress: bool = True) -> Path:
+    """`--resume auto`: continue the run in cfg.run_dir when it holds a last.pt, else start it.
+
+    A run that goes on keeps the config saved in it (plus `overrides`); keys of `cfg` that differ
+    from it are named in a warning.
+    """
+    run_dir = Path(cfg.run_dir)
+    if not (run_dir / "last.pt").is_file():
+        return train(cfg, progress)
+    if (run_dir / "config.yaml").is_file():
+        saved = absolute_paths(from_dict(read_yaml_config(run_dir / "config.yaml"), overrides, check_paths=False))[0]
+        changed = _differences(saved, absolute_paths(cfg)[0])
+        if changed:
+            log.warning("%s continues with the config saved in it; these keys of the config given differ and are "
+                        "not used: %s (--set changes a key of the run)", run_dir, ", ".join(changed))
+    return resume(run_dir, overrides, progress)
+
+
+def _differences(a: Config, b: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in d.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    return sorted(k for k in fa if fa[k] != fb.get(k))
+
+
+def fit(cfg: Config | None, resume: str | Path | None = None, overrides: list[str] = (),
+        progress: bool = True) -> Path:
+    """The entry point of earlier versions: train(cfg), or resume(resume, overrides) when `resume` is given."""
+    return train(cfg, progress) if resume is None else _resume(resume, overrides, progress)
+
+

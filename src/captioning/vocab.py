@@ -29,7 +29,7 @@ class Vocabulary:
         self.pad, self.bos, self.eos, self.unk = (self.index[t] for t in SPECIALS)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_freq: int = 5) -> "Vocabulary":
+    def build(cls, captions: Iterable[str], min_freq: int = 5) -> Vocabulary:
         counts = Counter(w for c in captions for w in tokenize(c))
         # frequency first, then alphabetical: the same captions always give the same ids
         words = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
@@ -39,7 +39,7 @@ class Vocabulary:
         return list(self.tokens)
 
     @classmethod
-    def from_list(cls, tokens: list[str]) -> "Vocabulary":
+    def from_list(cls, tokens: list[str]) -> Vocabulary:
         return cls(tokens)
 
     def __len__(self) -> int:

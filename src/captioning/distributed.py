@@ -1,0 +1,64 @@
+"""Several processes, one run: the little that DistributedDataParallel needs around the training loop.
+
+Under `torchrun --nproc_per_node=N -m captioning train ...` each process calls
+`init_distributed()`; with one process (a plain `python -m captioning train`)
+every function here is a no-op, so the training loop reads the same either way.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); joins the process group when torchrun started several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))) if world > 1 else (0, 1, 0)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_sum(*values: float) -> list[float]:
+    """Sums over all processes (the values themselves with one process)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def rank_zero_first(rank: int):
+    """Rank 0 runs the block first while the others wait at a barrier; then they run it.
+
+    For work one process should do for all (building the feature cache): the others find it done.
+    """
+    if rank != 0:
+        barrier()
+    yield
+    if rank == 0:
+        barrier()
+
+
+def wrap(model: nn.Module, device: torch.device, local_rank: int) -> nn.Module:
+    """The model as the training steps should call it: DDP-wrapped with several processes, else itself.
+
+    Everything else (checkpoints, validation) uses the unwrapped model.
+    """
+    if world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
