@@ -111,3 +111,13 @@ def test_extract_features_caches_every_image_once(shapes_dir, tmp_path, capsys):
     assert cache.complete and len(cache) == 48 and str(folder) in capsys.readouterr().out
     assert main(["extract-features", "--config", str(tmp_path / "cfg.yaml")]) == 0   # reused, not redone
     assert len(list((tmp_path / "features").iterdir())) == 1
+
+
+def test_train_resume_auto_needs_a_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)                         # nothing here to be found or started
+    assert main(["train", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "--config" in err and "auto" in err, err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["train", "--resume", "auto", "--set", "train.epochs=3"]) == 2
+    assert "--config" in capsys.readouterr().err

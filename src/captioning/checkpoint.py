@@ -7,11 +7,14 @@ leaves a half-written checkpoint behind.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ from .model import CaptionModel, build_model
 from .vocab import Vocabulary
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> None:
@@ -54,20 +58,53 @@ def model_checkpoint(model: CaptionModel, cfg: Config, vocab: Vocabulary, **extr
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
 
 
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
+class CheckpointError(ValueError):
+    """A file that is not a captioning checkpoint (or not one this version reads)."""
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """`path`, or the best.pt inside it when it is a run directory (saying so)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / "best.pt").is_file():
+            log.warning("%s is a run directory: using %s", path, path / "best.pt")
+            return path / "best.pt"
+        raise FileNotFoundError(f"{path} is a directory, not a checkpoint, and holds no best.pt: "
+                                "pass a checkpoint file, e.g. RUN_DIR/best.pt or RUN_DIR/last.pt")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: not a captioning checkpoint of format version {FORMAT_VERSION}")
+    return path
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """The checkpoint's dict; CheckpointError naming the file when it is not one (empty, truncated, other data)."""
+    path = checkpoint_path(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"not a captioning checkpoint: {path} (an empty file)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:   # torch's own message would advise weights_only=False: unsafe, never repeated here
+        raise CheckpointError(f"not a captioning checkpoint: {path} ({_why_unreadable(path, e)})") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise CheckpointError(f"not a captioning checkpoint: {path} (a PyTorch file without this project's keys)")
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: a captioning checkpoint of format version {ckpt['format_version']}; "
+                              f"this version reads {FORMAT_VERSION}")
     return ckpt
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    if not zipfile.is_zipfile(path):       # torch.save writes a zip archive
+        return "not a file torch.save wrote: a CSV, an image or a truncated download?"
+    if "weights only load failed" in str(error).lower():
+        return "it holds objects other than tensors, lists, dicts and numbers, which could run code when loaded"
+    return "a damaged or truncated PyTorch file"
 
 
 def load_checkpoint(path: str | Path, device="cpu") -> tuple[CaptionModel, Vocabulary, Config]:
     """Rebuild (model in eval mode, vocabulary, config) from one checkpoint file."""
     ckpt = read_checkpoint(path)
-    cfg = from_dict(ckpt["config"], check_paths=False)
+    cfg = from_dict(ckpt["config"], check_paths=False, source=str(path))
     cfg.model.pretrained = False  # the weights come from the file: never download
     vocab = Vocabulary.from_list(ckpt["vocab"])
     model = build_model(cfg.model, len(vocab), vocab.pad)

@@ -1,25 +1,63 @@
-"""python -m captioning <command>: argument parsing only; the work is in the package."""
+"""An image captioner: a frozen ResNet encoder and a torch.nn.Transformer decoder, trained and used from here.
+
+examples:
+  python -m captioning shapes data/shapes --images 3000          # the synthetic demo data set
+  python -m captioning train --config configs/shapes.yaml         # train; --set key=value overrides the config
+  python -m captioning train --config configs/shapes.yaml --resume auto   # continue the run, or start it
+  python -m captioning caption --checkpoint runs/shapes/best.pt photo.jpg https://example.com/cat.png
+  python -m captioning evaluate --checkpoint runs/shapes/best.pt --out report.json
+  python -m captioning extract-features --config configs/flickr30k.yaml
+  torchrun --nproc_per_node=4 -m captioning train --config configs/flickr30k.yaml
+
+Errors are one line on stderr; --debug (or CAPTIONING_DEBUG=1) shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, EnvironmentProblem
+
+INTERRUPTED = 130          # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
+
+
+class Interrupted(Exception):
+    """Ctrl-C, with the one line that says where things stand and what to run next."""
 
 
 def _train(args) -> int:
     from .config import load_config
-    from .train import fit
+    from .train import resume, train, train_or_resume
 
-    if args.resume:
-        run_dir = fit(None, resume=args.resume, overrides=args.set)
-    else:
-        if not args.config:
-            raise ConfigError("train needs --config FILE (or --resume RUN_DIR)")
-        run_dir = fit(load_config(args.config, args.set))
-    print(f"run directory: {run_dir}")
+    if args.resume and args.resume != "auto" and args.config:
+        raise ConfigError(f"--resume {args.resume} continues that run with the config saved in it, so --config "
+                          f"{args.config} would be ignored: drop --config (--set still changes keys), or use "
+                          "--config FILE --resume auto to continue the config's own run_dir")
+    if not args.config and args.resume in (None, "auto"):
+        raise ConfigError(f"train {'--resume auto ' if args.resume else ''}needs --config FILE "
+                          "(e.g. configs/shapes.yaml), or --resume RUN_DIR to continue a run")
+    cfg = load_config(args.config, args.set) if args.config else None
+    run_dir = Path(args.resume if args.resume and args.resume != "auto" else cfg.run_dir)
+    try:
+        if cfg is None:
+            resume(run_dir, args.set)
+        elif args.resume == "auto":
+            train_or_resume(cfg, args.set)
+        else:
+            train(cfg)
+    except KeyboardInterrupt:
+        last = run_dir / "last.pt"
+        if last.is_file():
+            raise Interrupted(f"interrupted: the last checkpoint is {last}; continue with: "
+                              f"python -m captioning train --resume {run_dir}") from None
+        raise Interrupted(f"interrupted before the first checkpoint of {run_dir}: nothing to resume; "
+                          f"start again with --resume auto") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run directory: {run_dir}")
     return 0
 
 
@@ -27,22 +65,25 @@ def _caption(args) -> int:
     from .captioner import Captioner
 
     captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
-    results = captioner.caption(args.inputs, beam_size=args.beam, batch_size=args.batch_size)
-    for r in results:
-        if args.json:
-            print(json.dumps(r.to_dict()), flush=True)
-        elif r.ok:
-            print(f"{r.input}\t{r.caption}", flush=True)
-        else:
-            print(f"error: {r.error}", file=sys.stderr, flush=True)
-    return 0 if all(r.ok for r in results) else 1
+    failed = False
+    for start in range(0, len(args.inputs), args.batch_size):   # print each batch as it is done
+        for r in captioner.caption(args.inputs[start:start + args.batch_size], beam_size=args.beam,
+                                   batch_size=args.batch_size):
+            failed |= not r.ok
+            if args.json:
+                print(json.dumps(r.to_dict()), flush=True)
+            elif r.ok:
+                print(f"{r.input}\t{r.caption}", flush=True)
+            else:
+                print(f"error: {r.error}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
 
 
 def _evaluate(args) -> int:
     from .evaluate import evaluate
 
     report = evaluate(args.checkpoint, split=args.split, beam_size=args.beam, out=args.out,
-                      device=args.device, precision=args.precision)
+                      device=args.device, precision=args.precision, overrides=args.set)
     for key, value in report["metrics"].items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {'n/a' if value is None else value}")
     for note in report["notes"]:
@@ -57,8 +98,12 @@ def _extract_features(args) -> int:
 
     cfg = load_config(args.config, args.set)
     corpus = read_corpus(cfg)
-    cache = extract_features(cfg, sorted(corpus.captions), corpus.images_dir, cfg.data.features_dir,
-                             batch_size=args.batch_size, device=args.device, precision=cfg.train.precision)
+    try:
+        cache = extract_features(cfg, sorted(corpus.captions), corpus.images_dir, cfg.data.features_dir,
+                                 batch_size=args.batch_size, device=args.device, precision=cfg.train.precision)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: the rows written so far are kept; the same command goes on from there") \
+            from None
     print(f"{len(cache)} images, features {tuple(cache.shape[1:])} fp16 in {cache.folder}")
     return 0
 
@@ -71,59 +116,134 @@ def _shapes(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m captioning", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
-    p = sub.add_parser("train", help="train a model from a YAML config")
+
+def device_name(text: str) -> str:
+    """--device: checked before any work, so a machine without a GPU says so at once."""
+    from .device import resolve_device
+
+    try:
+        resolve_device(text)
+    except (RuntimeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _common(p: argparse.ArgumentParser, *, config: bool = False, device: bool = True) -> None:
+    if config:
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    if device:
+        p.add_argument("--device", type=device_name, default=None,
+                       help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config", description="Train a model from a YAML "
+                       "config; every file of the run goes to the config's run_dir.")
     p.add_argument("--config", help="YAML config, e.g. configs/shapes.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    _common(p, config=True, device=False)
+    p.add_argument("--resume", metavar="RUN_DIR|auto",
+                   help="continue the run in RUN_DIR from its last.pt (its own config; --set changes keys); "
+                        "'auto' (with --config): continue the config's run_dir when it holds a last.pt, else "
+                        "start it, and exit 0 if it already finished")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("caption", help="caption images given as paths or http(s) URLs")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+
+def _add_caption(sub) -> None:
+    p = sub.add_parser("caption", help="caption images given as paths or http(s) URLs",
+                       description="Caption images given as paths or http(s) URLs; a bad input gets an error "
+                                   "line and the others still get captions (exit 1 if any failed).")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file (a run directory means its best.pt)")
+    p.add_argument("--beam", type=positive_int, default=1, help="beam size (1 = greedy)")
     p.add_argument("--json", action="store_true", help="one JSON object a line per input, in input order")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images captioned at a time")
+    _common(p)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 where the GPU or CPU has bf16 units, else fp32 (fp16: CUDA only)")
+    p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL", help="image files and http(s) URLs")
     p.set_defaults(func=_caption)
 
-    p = sub.add_parser("evaluate", help="score a checkpoint on a held-out split")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--beam", type=int, default=1)
-    p.add_argument("--out", help="write metrics, predictions and references to this JSON file")
-    p.add_argument("--device", default=None)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a checkpoint on a held-out split",
+                       description="Caption every image of a held-out split and score the captions (BLEU-1..4, "
+                                   "METEOR, ROUGE-L, CIDEr). The split's image names come from the run's "
+                                   "splits.json beside the checkpoint; the data paths from the config saved in "
+                                   "the checkpoint: if the data moved, --set data.images=... --set data.captions=...")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file (a run directory means its best.pt)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split (default test)")
+    p.add_argument("--beam", type=positive_int, default=1, help="beam size (1 = greedy)")
+    p.add_argument("--out", help="write metrics, predictions, references and env.json's facts to this JSON file")
+    p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
+                   help="where the data is now, e.g. --set data.images=/new/images (data keys only; repeatable)")
+    _common(p)
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="default: the run's train.precision, as its validation scores were computed")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("extract-features", help="cache the frozen encoder's features of every image (fp16)")
+
+def _add_other(sub) -> None:
+    p = sub.add_parser("extract-features", help="cache the frozen encoder's features of every image (fp16)",
+                       description="Run the frozen encoder once over every image of a config's data set into a "
+                                   "fp16 feature cache under data.features_dir; an interrupted run goes on.")
     p.add_argument("--config", required=True, help="the training config (its model.backbone, data.*)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
+    _common(p, config=True)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images through the encoder at a time")
     p.set_defaults(func=_extract_features)
 
-    p = sub.add_parser("shapes", help="generate the synthetic Shapes data set (Kaggle Flickr30k layout)")
-    p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--images", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("shapes", help="generate the synthetic Shapes data set (Kaggle Flickr30k layout)",
+                       description="Generate the synthetic Shapes data set into a new or empty folder: "
+                                   "OUT_DIR/flickr30k_images/*.png, OUT_DIR/results.csv and its ground truth.")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
+    p.add_argument("--images", type=positive_int, default=3000, help="how many images (default 3000)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same data set")
     p.set_defaults(func=_shapes)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse's own prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m captioning", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also CAPTIONING_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_caption(sub)
+    _add_evaluate(sub)
+    _add_other(sub)
     return parser
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.debug or os.environ.get("CAPTIONING_DEBUG", "") not in ("", "0"):
+        return args.func(args)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(str(e) if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:  # train.NonFiniteLossError: the run stopped, nothing broken was saved
+    except (EnvironmentProblem, FloatingPointError) as e:   # FloatingPointError: a NaN loss stopped training
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 -- the user gets one line; --debug gives the traceback
+        print(f"error: {e or type(e).__name__} ({type(e).__name__}; --debug shows the traceback)", file=sys.stderr)
         return 1

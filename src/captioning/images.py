@@ -144,8 +144,11 @@ def _fetch(url: str, name: str, limits: ImageLimits) -> bytes:
             with response:
                 where = "" if hop == url else f" (at {describe(hop)})"
                 if response.status_code >= 400:
-                    raise ImageLoadError(f"{name}: HTTP {response.status_code} {response.reason or ''}".rstrip() + where)
-                return _read_body(response, name + where, limits, seconds_left)
+                    status = f"HTTP {response.status_code} {response.reason or ''}".rstrip()
+                    raise ImageLoadError(f"{name}: {status}{where}")
+                body = _read_body(response, name + where, limits, seconds_left)
+                _refuse_html(body, response, name + where)
+                return body
     except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError) as e:
         raise ImageLoadError(f"{name}: timed out ({_root_cause(e)})") from None
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
@@ -168,6 +171,22 @@ def _read_body(response: requests.Response, name: str, limits: ImageLimits, seco
         chunks.append(chunk)
         received += len(chunk)
     raise ImageLoadError(too_big)
+
+
+def _refuse_html(body: bytes, response: requests.Response, name: str) -> None:
+    """A web page where an image was expected (a login wall, a gallery page, an error page served as 200):
+    say so, with its content type and status, rather than only that the bytes are not an image."""
+    kind = response.headers.get("Content-Type", "")
+    start = body[:512].lstrip().lower()
+    if kind.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml") or \
+            start.startswith((b"<!doctype html", b"<html")):
+        try:
+            Image.open(io.BytesIO(body), formats=FORMATS)   # a server that labels an image text/html
+            return
+        except Exception:
+            pass
+        raise ImageLoadError(f"{name}: the server returned an HTML page, not an image (Content-Type: "
+                             f"{kind or 'none'}, HTTP {response.status_code}): use the image's own URL")
 
 
 def _root_cause(exc: BaseException) -> BaseException:

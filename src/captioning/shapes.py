@@ -105,8 +105,16 @@ def captions_for(objects: list[dict]) -> list[str]:
 
 def build_shapes(out_dir: str | Path, n_images: int = 3000, seed: int = 0, side: int = CANVAS,
                  progress: bool = True) -> Path:
-    """Write the data set to `out_dir` (Kaggle Flickr30k layout) and return it."""
-    out = Path(out_dir)
+    """Write the data set to `out_dir` (Kaggle Flickr30k layout) and return it.
+
+    `out_dir` must be new or empty: the generator never writes among files it did not make.
+    """
+    out = Path(out_dir).expanduser()
+    if n_images < 1:
+        raise ValueError(f"a Shapes data set needs at least 1 image, got {n_images}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} is not an empty folder: Shapes is generated only into a new or empty "
+                              "folder (choose another, or delete this one)")
     images = out / "flickr30k_images"
     images.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
