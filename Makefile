@@ -6,34 +6,44 @@ PY     := $(VENV)/bin/python
 SHAPES := data/shapes
 RUN    := runs/shapes
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast lint install clean
 
 install: $(VENV)/.installed
 
+# pyproject.toml lists every dependency: the package's own, the notebooks extra (jupyter, papermill, ipykernel)
+# and the dev extra (pytest, ruff). requirements.txt repeats the first two for `pip install -r requirements.txt`.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -r requirements.txt pytest papermill
+	$(PY) -m pip install -e ".[notebooks,dev]"
 	touch $@
 
 # Build Shapes, then run the two notebooks headless on it: training.ipynb trains from scratch on the
 # CPU and scores the test split; inference.ipynb captions a held-out image from its path and another
-# from a URL served on 127.0.0.1. The executed notebooks, checkpoints and figures land in $(RUN).
+# from a URL served on 127.0.0.1. The executed notebooks, checkpoints and figures land in $(RUN); each
+# executed notebook loses papermill's injected-parameters cell (scripts/strip_injected.py), so it can be
+# copied over the committed one without overriding a Jupyter reader's parameters cell.
 demo: install
 	test -f $(SHAPES)/results.csv || $(PY) -m captioning shapes $(SHAPES) --images 3000
 	rm -rf $(RUN) && mkdir -p $(RUN)
 	$(PY) -m papermill training.ipynb $(RUN)/training.ipynb -p config configs/shapes.yaml
+	$(PY) scripts/strip_injected.py $(RUN)/training.ipynb
 	$(PY) -m http.server $(PORT) --bind 127.0.0.1 --directory $(SHAPES)/flickr30k_images >/dev/null 2>&1 & \
 	trap "kill $$!" EXIT; sleep 1; \
 	set -- $$($(PY) -c "import json; print(*json.load(open('$(RUN)/splits.json'))['test'][:2])"); \
 	$(PY) -m papermill inference.ipynb $(RUN)/inference.ipynb -p checkpoint $(RUN)/best.pt \
 	    -y "images: [$(SHAPES)/flickr30k_images/$$1, 'http://127.0.0.1:$(PORT)/$$2']"
+	$(PY) scripts/strip_injected.py $(RUN)/inference.ipynb
 
-# The whole suite, slow end-to-end tests included (what CI runs).
-test: install
+# ruff, configured in pyproject.toml ([tool.ruff]).
+lint: install
+	$(VENV)/bin/ruff check .
+
+# The linter, then the whole suite, slow end-to-end tests included (what CI runs).
+test: lint
 	$(PY) -m pytest
 
-# Everything but the slow end-to-end tests.
-test-fast: install
+# The linter, then everything but the slow end-to-end tests.
+test-fast: lint
 	$(PY) -m pytest -m "not slow"
 
 clean:

@@ -1,7 +1,11 @@
-"""The notebooks, run headless with papermill on tiny settings; each test checks what the notebook made."""
+"""The notebooks, run headless with papermill on tiny settings; each test checks what the notebook made.
+
+The first tests only read the committed notebooks' JSON (fast); the others execute them (slow)."""
 import functools
 import http.server
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -10,16 +14,16 @@ import pytest
 import yaml
 
 from captioning.config import save_config
-
 from conftest import tiny_config
 
-papermill = pytest.importorskip("papermill")
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+NOTEBOOKS = ("training.ipynb", "inference.ipynb", "extra_research/dmodel_study.ipynb")
+INJECTED = "injected-parameters"     # papermill's tag for the cell it inserts after the parameters cell
 
 
 def execute(notebook: str, out: Path, **parameters):
     """Run a notebook from the repo root with its parameters cell overridden; returns the executed notebook."""
+    papermill = pytest.importorskip("papermill")
     return papermill.execute_notebook(str(ROOT / notebook), str(out), parameters=parameters, cwd=str(ROOT),
                                       kernel_name="python3", progress_bar=False)
 
@@ -36,8 +40,75 @@ def has_image(cell) -> bool:
     return any("image/png" in output.get("data", {}) for output in cell.get("outputs", []))
 
 
+def tracked_notebooks() -> list[str]:
+    """Every notebook git tracks (top level and extra_research/ today), as paths from the repo root."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--", "*.ipynb"], cwd=ROOT, capture_output=True,
+                                check=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):   # not a git checkout (an sdist, an export)
+        listed = []
+    names = [n for n in listed if n and (ROOT / n).is_file()]
+    return names or sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("**/*.ipynb")
+                           if not {".venv", "runs", ".ipynb_checkpoints"} & set(p.parts))
+
+
+def tags(cell) -> list[str]:
+    return cell.get("metadata", {}).get("tags") or []
+
+
+def parameters(notebook: str) -> dict:
+    """The values the parameters cell of a committed notebook sets."""
+    cell = next(c for c in json.loads((ROOT / notebook).read_text())["cells"] if "parameters" in tags(c))
+    values = {}
+    exec("".join(cell["source"]), {}, values)
+    return values
+
+
+def test_no_committed_notebook_carries_papermill_injected_parameters():
+    # that cell runs after the parameters cell and silently replaces what a Jupyter reader typed there
+    notebooks = tracked_notebooks()
+    assert set(NOTEBOOKS) <= set(notebooks)
+    for notebook in notebooks:
+        cells = json.loads((ROOT / notebook).read_text(encoding="utf-8"))["cells"]
+        injected = [i for i, c in enumerate(cells) if INJECTED in tags(c)]
+        assert not injected, (f"{notebook}: cell(s) {injected} tagged {INJECTED!r} (papermill's); remove them "
+                              f"with: python scripts/strip_injected.py {notebook}")
+
+
+def test_parameters_cells_default_to_what_a_jupyter_reader_has_after_make_demo():
+    training = parameters("training.ipynb")
+    assert training["config"] == "configs/shapes.yaml" and (ROOT / training["config"]).is_file()
+    inference = parameters("inference.ipynb")
+    assert inference["checkpoint"] == "runs/shapes/best.pt"                # what `make demo` trains
+    assert inference["images"] and all(i.startswith("data/shapes/flickr30k_images/") for i in inference["images"])
+    study = parameters("extra_research/dmodel_study.ipynb")
+    assert (ROOT / "extra_research" / study["study"]).is_file()             # from Jupyter's working folder
+    assert study["out_dir"] is None                                         # beside the study file
+
+
+def test_strip_injected_removes_only_papermill_cells_and_writes_nbformat_layout(tmp_path):
+    def cell(source, tag=None, count=None):
+        return {"cell_type": "code", "execution_count": count, "id": f"c{count}", "metadata": {"tags": [tag] if tag
+                else []}, "outputs": [{"name": "stdout", "output_type": "stream", "text": ["é\n"]}], "source": [source]}
+    notebook = {"cells": [cell("x = 1", "parameters", 1), cell("x = 2", INJECTED, 2), cell("print(x)", None, 3)],
+                "metadata": {"papermill": {"parameters": {"x": 2}}}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "in.ipynb").write_text(json.dumps(notebook))
+    script = str(ROOT / "scripts" / "strip_injected.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb")], check=True)
+    out = json.loads((tmp_path / "out.ipynb").read_text(encoding="utf-8"))
+    assert [c["source"] for c in out["cells"]] == [["x = 1"], ["print(x)"]]
+    assert [c["execution_count"] for c in out["cells"]] == [1, 3]          # counts and outputs kept as they were
+    assert out["cells"][1]["outputs"] == notebook["cells"][2]["outputs"]
+    nbformat = pytest.importorskip("nbformat")
+    written = (tmp_path / "out.ipynb").read_text(encoding="utf-8")
+    assert written == nbformat.writes(nbformat.from_dict(out)) + "\n"      # nbformat's own layout
+    subprocess.run([sys.executable, script, str(tmp_path / "out.ipynb")], check=True)   # in place, idempotent
+    assert (tmp_path / "out.ipynb").read_text(encoding="utf-8") == written
+
+
+@pytest.mark.slow
 def test_committed_notebooks_have_a_tagged_parameters_cell_and_outputs_of_a_real_run():
-    for notebook in ("training.ipynb", "inference.ipynb", "extra_research/dmodel_study.ipynb"):
+    for notebook in NOTEBOOKS:
         cells = json.loads((ROOT / notebook).read_text())["cells"]
         tagged = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
         assert len(tagged) == 1, f"{notebook}: expected one cell tagged 'parameters'"
@@ -47,6 +118,7 @@ def test_committed_notebooks_have_a_tagged_parameters_cell_and_outputs_of_a_real
         assert not any(o.get("output_type") == "error" for c in code for o in c["outputs"]), notebook
 
 
+@pytest.mark.slow
 def test_training_notebook_trains_evaluates_and_shows(shapes_dir, tmp_path):
     cfg = tiny_config(shapes_dir, tmp_path / "run")
     save_config(cfg, tmp_path / "tiny.yaml")
@@ -77,6 +149,7 @@ def image_server(shapes_dir):
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_inference_notebook_captions_paths_and_urls_and_reports_bad_inputs(tiny_run, shapes_dir, image_server,
                                                                           tmp_path):
     names = sorted(p.name for p in (shapes_dir / "flickr30k_images").iterdir())[:2]
@@ -93,28 +166,38 @@ def test_inference_notebook_captions_paths_and_urls_and_reports_bad_inputs(tiny_
     assert "missing.jpg" in text_outputs(one_by_one)
 
 
-def test_inference_notebook_defaults_to_held_out_test_images(tiny_run, tmp_path):
-    nb = execute("inference.ipynb", tmp_path / "inference.ipynb", checkpoint=str(tiny_run / "best.pt"), examples=2)
+@pytest.mark.slow
+def test_inference_notebook_takes_held_out_test_images_when_images_is_empty(tiny_run, tmp_path):
+    nb = execute("inference.ipynb", tmp_path / "inference.ipynb", checkpoint=str(tiny_run / "best.pt"), images=[],
+                 examples=2)
     test_names = json.loads((tiny_run / "splits.json").read_text())["test"][:2]
     batch = text_outputs(nb.cells[-1])
     assert all(name in batch for name in test_names)
     assert "error" not in batch
 
 
-def test_study_notebook_writes_the_table_and_the_overlaid_curves(shapes_dir, tmp_path):
-    base = tiny_config(shapes_dir, tmp_path / "unused")
-    save_config(base, tmp_path / "base.yaml")
-    study = {"base": str(tmp_path / "base.yaml"), "run_root": str(tmp_path / "runs"),
-             "set": {"train.epochs": 1},
+@pytest.mark.slow
+def test_study_notebook_runs_every_seed_and_shows_the_table_the_summary_and_the_curves(shapes_dir, tmp_path):
+    folder = tmp_path / "study"          # the study's paths are relative to it; the notebook runs from the repo root
+    folder.mkdir()
+    save_config(tiny_config(shapes_dir, "unused", "train.epochs=1"), folder / "base.yaml")
+    study = {"base": "base.yaml", "run_root": "../runs", "seeds": [0, 1],
+             "set": {"data.images": "../shapes/flickr30k_images", "data.captions": "../shapes/results.csv"},
              "variants": {"d16": {"model.d_model": 16, "model.num_heads": 2},
                           "d32": {"model.d_model": 32, "model.num_heads": 4}}}
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    execute("extra_research/dmodel_study.ipynb", tmp_path / "study.ipynb", study=str(tmp_path / "study.yaml"),
-            out_dir=str(tmp_path / "out"))
-    table = pd.read_csv(tmp_path / "out" / "results.csv")
-    assert list(table["variant"]) == ["d16", "d32"]
-    assert list(table["d_model"]) == [16, 32]
-    assert table["trainable_params"].iloc[0] < table["trainable_params"].iloc[1]
+    (tmp_path / "shapes").symlink_to(shapes_dir, target_is_directory=True)
+    (folder / "study.yaml").write_text(yaml.safe_dump(study))
+    nb = execute("extra_research/dmodel_study.ipynb", tmp_path / "study.ipynb", study=str(folder / "study.yaml"))
+    table = pd.read_csv(folder / "results.csv")                            # out_dir None: beside the study file
+    assert list(zip(table["variant"], table["seed"])) == [("d16", 0), ("d16", 1), ("d32", 0), ("d32", 1)]
+    assert list(table["d_model"]) == [16, 16, 32, 32]
+    for variant, seed in zip(table["variant"], table["seed"]):
+        saved = yaml.safe_load((tmp_path / "runs" / variant / f"seed{seed}" / "config.yaml").read_text())
+        assert saved["seed"] == seed
+    assert table["trainable_params"].iloc[0] < table["trainable_params"].iloc[2]
     assert table[["seconds_per_epoch", "best_val_loss", "BLEU-4", "CIDEr"]].notna().all().all()
     assert table["example_caption"].str.len().min() > 0
-    assert (tmp_path / "out" / "loss_curves.png").stat().st_size > 1000
+    assert (folder / "loss_curves.png").stat().st_size > 1000
+    summary = next(c for c in nb.cells if c.cell_type == "code" and "summarize(" in c.source)
+    assert text_outputs(summary).count(" ± ") >= 8                         # 2 variants x 4 measures, mean ± std
+    assert has_image(nb.cells[-1])                                           # the overlaid curves, shown
