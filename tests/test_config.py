@@ -149,7 +149,7 @@ def test_d_model_not_divisible_by_heads_names_d_model():
 
 
 @pytest.mark.parametrize("override, key", [
-    ("data.format=coco", "data.format"),
+    ("data.format=parquet", "data.format"),
     ("data.format=Flickr30k", "data.format"),
     ("train.precision=fp64", "train.precision"),
     ("train.precision=half", "train.precision"),

@@ -18,7 +18,7 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-DATA_FORMATS = ("flickr30k", "karpathy", "csv", "shapes")
+DATA_FORMATS = ("auto", "flickr30k", "karpathy", "coco", "csv", "jsonl", "shapes")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MONITORS = ("val_loss", "cider")
 OPTIMIZERS = ("adam", "adamw")
@@ -38,7 +38,8 @@ class EnvironmentProblem(RuntimeError):
 
 @dataclass
 class DataConfig:
-    format: str = "flickr30k"        # flickr30k | karpathy | csv | shapes
+    format: str = "auto"             # auto (told from data.captions, logged) | flickr30k | karpathy | coco | csv
+                                     # | jsonl | shapes (generated when missing)
     images: str = "data/flickr30k/flickr30k_images"
     captions: str = "data/flickr30k/results.csv"
     image_size: int = 224
@@ -181,7 +182,9 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     # format shapes generates its data when missing; every other format must find it
     if check_paths and d.format != "shapes":
         need(Path(d.images).expanduser().is_dir(), "data.images", f"folder {d.images!r} does not exist")
-        need(Path(d.captions).expanduser().is_file(), "data.captions", f"file {d.captions!r} does not exist")
+        captions = Path(d.captions).expanduser()   # coco (and so auto): a file or COCO's annotations/ folder
+        need(captions.exists() if d.format in ("coco", "auto") else captions.is_file(), "data.captions",
+             f"{'' if d.format in ('coco', 'auto') else 'file '}{d.captions!r} does not exist")
     return cfg
 
 
