@@ -6,6 +6,8 @@ examples:
   python -m captioning train --config configs/shapes.yaml --resume auto   # continue the run, or start it
   python -m captioning caption --checkpoint runs/shapes/best.pt photo.jpg https://example.com/cat.png
   python -m captioning evaluate --checkpoint runs/shapes/best.pt --out report.json
+  python -m captioning check-data --config configs/coco.yaml --out check.json     # before hours of training
+  python -m captioning score --predictions preds.jsonl --references data/coco/annotations --split test
   python -m captioning extract-features --config configs/flickr30k.yaml
   torchrun --nproc_per_node=4 -m captioning train --config configs/flickr30k.yaml
 
@@ -65,15 +67,18 @@ def _caption(args) -> int:
     from .captioner import Captioner
 
     captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
+    options = _decode_options(args)
     failed = False
     for start in range(0, len(args.inputs), args.batch_size):   # print each batch as it is done
-        for r in captioner.caption(args.inputs[start:start + args.batch_size], beam_size=args.beam,
-                                   batch_size=args.batch_size):
+        for n, r in enumerate(captioner.caption(args.inputs[start:start + args.batch_size], beam_size=args.beam,
+                                                batch_size=args.batch_size, **options), start):
             failed |= not r.ok
+            if args.attention and r.ok:
+                _draw_attention(r, n, Path(args.attention))
             if args.json:
                 print(json.dumps(r.to_dict()), flush=True)
             elif r.ok:
-                print(f"{r.input}\t{r.caption}", flush=True)
+                print("\n".join(f"{r.input}\t{c['caption']}" for c in r.captions), flush=True)
             else:
                 print(f"error: {r.error}", file=sys.stderr, flush=True)
     return 1 if failed else 0
@@ -83,12 +88,33 @@ def _evaluate(args) -> int:
     from .evaluate import evaluate
 
     report = evaluate(args.checkpoint, split=args.split, beam_size=args.beam, out=args.out,
-                      device=args.device, precision=args.precision, overrides=args.set)
+                      device=args.device, precision=args.precision, overrides=args.set, **_decode_options(args))
     for key, value in report["metrics"].items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {'n/a' if value is None else value}")
     for note in report["notes"]:
         print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _decode_options(args) -> dict:
+    """The decoding flags as Captioner.caption's keyword arguments (DecodeOptions)."""
+    keys = ("num_captions", "max_words", "length_penalty", "temperature", "top_k", "top_p", "seed",
+            "no_repeat_ngram_size", "min_words", "allow_function_word_end", "attention_layer", "attention_head")
+    options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "attention", None):
+        options["attention"] = True
+    return options
+
+
+def _draw_attention(result, n: int, folder: Path) -> None:
+    from .plots import show_attention
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(result.input).stem)[:60]
+    fig = show_attention(result.image, result.words, result.attention)
+    fig.savefig(folder / f"{n:04d}_{stem}.png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 def _extract_features(args) -> int:
@@ -113,6 +139,31 @@ def _shapes(args) -> int:
 
     out = build_shapes(args.out_dir, args.images, seed=args.seed)
     print(f"wrote {args.images} images to {out}")
+    return 0
+
+
+def _check_data(args) -> int:
+    from .check import check_data, format_report
+    from .config import load_config
+
+    report = check_data(load_config(args.config, args.set), workers=args.workers, out=args.out)
+    print(format_report(report))
+    if not report["usable_images"]:
+        print(f"error: no usable image left in {report['images_dir']} (every captioned image is missing or "
+              "unreadable): check data.images and data.captions", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _score(args) -> int:
+    from .evaluate import format_scores, score
+
+    report = score(args.predictions, args.references, fmt=args.format, split=args.split, splits_file=args.splits,
+                   split_seed=args.split_seed, out=args.out)
+    print(format_scores(report))
+    for note in report["notes"]:
+        if note not in report["warnings"]:      # the warnings were logged as they came
+            print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -169,8 +220,28 @@ def _add_caption(sub) -> None:
     _common(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 where the GPU or CPU has bf16 units, else fp32 (fp16: CUDA only)")
+    _decoding_flags(p)
+    p.add_argument("--attention", metavar="DIR", help="also draw each caption's per-word attention maps, a PNG per "
+                                                      "input in DIR")
     p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL", help="image files and http(s) URLs")
     p.set_defaults(func=_caption)
+
+
+def _decoding_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding", "how captions are chosen (Captioner.caption's keyword arguments)")
+    g.add_argument("--num-captions", type=positive_int, help="the n best captions of beam search (or n samples)")
+    g.add_argument("--max-words", type=positive_int, help="longest caption (default: the run's data.max_words)")
+    g.add_argument("--length-penalty", type=float, help="beam score = sum of log-probs / len ** this (default 1)")
+    g.add_argument("--temperature", type=float, help="sample instead of searching, at this temperature")
+    g.add_argument("--top-k", type=int, help="sample from the k likeliest words only")
+    g.add_argument("--top-p", type=float, help="sample from the likeliest words whose probability reaches p")
+    g.add_argument("--seed", type=int, help="sampling: the same seed gives the same captions")
+    g.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size")
+    g.add_argument("--min-words", type=int, help="no caption shorter than this")
+    g.add_argument("--allow-function-word-end", action="store_true", default=None,
+                   help="let a caption end on a function word (a, an, the, of, on, in, with, and)")
+    g.add_argument("--attention-layer", type=int, help="attention maps of this decoder layer (default: mean of all)")
+    g.add_argument("--attention-head", type=int, help="attention maps of this head (default: mean of all)")
 
 
 def _add_evaluate(sub) -> None:
@@ -188,6 +259,7 @@ def _add_evaluate(sub) -> None:
     _common(p)
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help="default: the run's train.precision, as its validation scores were computed")
+    _decoding_flags(p)
     p.set_defaults(func=_evaluate)
 
 
@@ -209,6 +281,39 @@ def _add_other(sub) -> None:
     p.set_defaults(func=_shapes)
 
 
+def _add_data_commands(sub) -> None:
+    p = sub.add_parser("check-data", help="check a data set before training: captions, every image, splits",
+                       description="Read a config's captions and open every image (in parallel), then report "
+                                   "missing, unreadable and small images, empty and duplicate captions, caption "
+                                   "lengths, the vocabulary and <unk> share, and the split sizes. Exit 1 when no "
+                                   "usable image is left.")
+    p.add_argument("--config", required=True, help="the training config (its data.* keys)")
+    _common(p, config=True, device=False)
+    p.add_argument("--out", help="also write the report to this JSON file")
+    p.add_argument("--workers", type=positive_int, default=None, help="threads opening images (default 2 per CPU)")
+    p.set_defaults(func=_check_data)
+
+    p = sub.add_parser("score", help="score any model's predictions against references (BLEU, METEOR, ROUGE-L, "
+                                     "CIDEr-D)",
+                       description="Score predictions (JSON Lines of image/caption or input/caption as caption "
+                                   "--json writes, CSV image,caption, or COCO's results format [{image_id, "
+                                   "caption}]) against references in any format the training data may have, as "
+                                   "evaluate scores a checkpoint. Images with a prediction and no references (or "
+                                   "the reverse) are named and left out.")
+    p.add_argument("--predictions", required=True, help="the predictions file")
+    p.add_argument("--references", required=True,
+                   help="a captions file (results.csv, dataset_coco.json, a CSV or JSON Lines) or COCO's annotations/")
+    p.add_argument("--format", default="auto", choices=["auto", "flickr30k", "karpathy", "coco", "csv", "jsonl"],
+                   help="the references' format (default: told from the file)")
+    p.add_argument("--split", choices=["train", "val", "test"],
+                   help="score only this split of the references (their own split, or --splits)")
+    p.add_argument("--splits", metavar="SPLITS_JSON", help="the split to pick from: a run's splits.json")
+    p.add_argument("--split-seed", type=int, default=0, help="COCO val2017 halves into val and test by this seed "
+                                                             "(a run's data.split_seed; default 0)")
+    p.add_argument("--out", help="write metrics, predictions, references and notes to this JSON file")
+    p.set_defaults(func=_score)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (argparse's own prints the whole usage first)."""
 
@@ -225,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption(sub)
     _add_evaluate(sub)
     _add_other(sub)
+    _add_data_commands(sub)
     return parser
 
 
