@@ -12,7 +12,11 @@ pinned to -inf, so the real `Captioner.caption` path runs all 20 steps). Measure
 - peak RSS of the process through the reference and our captioning (the bare batch-32 forward,
   which holds all 32 images' activations at once, comes after and is printed on its own).
 
+- the decoding options (attention maps, sampling, n-gram blocking and a minimum length, and beam
+  search with 3 best + attention + blocking), each against plain decoding at the same beam size.
+
 Last line: decode: speedup_vs_reference=X overhead_vs_encoder=Y batch_efficiency=Z rss_mb=W
+attention_overhead=... sampling_overhead=... controls_overhead=... beam_options_overhead=...
 
     python benchmarks/decode.py [--repeats 3] [--device cpu|cuda]
 """
@@ -93,6 +97,15 @@ def main() -> None:
     t_ours = timed(lambda: captioner.caption([photos[0]]), args.repeats, sync)
     t_encoder = timed(lambda: captioner.features(x1), args.repeats, sync)       # the Captioner's own encoder call
     t_ours32 = timed(lambda: captioner.caption(photos, batch_size=32), args.repeats, sync)
+    # the decoding options, each against plain decoding at the same beam size, in the same run
+    one = [photos[0]]
+    t_attention = timed(lambda: captioner.caption(one, attention=True), args.repeats, sync)
+    t_sampling = timed(lambda: captioner.caption(one, temperature=1.0, top_k=50, top_p=0.9, seed=0), args.repeats,
+                       sync)
+    t_controls = timed(lambda: captioner.caption(one, no_repeat_ngram_size=3, min_words=5), args.repeats, sync)
+    t_beam = timed(lambda: captioner.caption(one, beam_size=3), args.repeats, sync)
+    t_beam_all = timed(lambda: captioner.caption(one, beam_size=3, num_captions=3, attention=True,
+                                                 no_repeat_ngram_size=3), args.repeats, sync)
     rss_mb = peak_rss_mb()                          # the reference and ours, before the bare batch-32 forward
     t_encoder32 = timed(lambda: captioner.features(x32), args.repeats, sync)
 
@@ -103,9 +116,16 @@ def main() -> None:
     print(f"bare encoder, one image:           {t_encoder * 1e3:8.1f} ms / image")
     print(f"ours, batch 32:                    {32 / t_ours32:8.1f} images / s")
     print(f"bare encoder, batch 32:            {32 / t_encoder32:8.1f} images / s")
+    print(f"ours + attention maps:             {t_attention * 1e3:8.1f} ms / image")
+    print(f"ours, sampling (T 1, top-k 50, p .9): {t_sampling * 1e3:5.1f} ms / image")
+    print(f"ours + no-repeat 3-grams, min 5 words: {t_controls * 1e3:4.1f} ms / image")
+    print(f"beam 3:                            {t_beam * 1e3:8.1f} ms / image")
+    print(f"beam 3, 3 best + attention + no-repeat: {t_beam_all * 1e3:3.1f} ms / image")
     print(f"peak RSS: {rss_mb:.0f} MB captioning, {peak_rss_mb():.0f} MB after the bare batch-32 forward")
     print(f"decode: speedup_vs_reference={t_reference / t_ours:.1f} overhead_vs_encoder={t_ours / t_encoder:.2f} "
-          f"batch_efficiency={t_encoder32 / t_ours32:.2f} rss_mb={rss_mb:.0f}")
+          f"batch_efficiency={t_encoder32 / t_ours32:.2f} rss_mb={rss_mb:.0f} "
+          f"attention_overhead={t_attention / t_ours:.2f} sampling_overhead={t_sampling / t_ours:.2f} "
+          f"controls_overhead={t_controls / t_ours:.2f} beam_options_overhead={t_beam_all / t_beam:.2f}")
 
 
 if __name__ == "__main__":

@@ -7,15 +7,18 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data import build_transform
-from .decoding import beam_search, greedy
+from .decoding import DecodeOptions, Hypothesis, rules_for, search
 from .device import autocast, resolve_device, resolve_precision
 from .images import ImageLimits, ImageLoadError, describe, open_image
 from .model import CaptionModel
@@ -25,15 +28,27 @@ from .vocab import Vocabulary
 @dataclass
 class CaptionResult:
     input: str                  # a printable name of the input (path, URL, <bytes: n>, <PIL.Image ...>)
-    caption: str | None = None
+    caption: str | None = None  # the best caption
     error: str | None = None    # why this input got no caption
+    captions: list[dict] = field(default_factory=list)   # num_captions > 1: [{caption, score, logprob}], best first
+    words: list[str] | None = None             # attention=True: the best caption's words, then <eos> if it ended
+    attention: np.ndarray | None = None        # attention=True: (len(words), h, w), one map per word, each sums to 1
+    image: Image.Image | None = None           # attention=True: the image as the encoder saw it (resized)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict:
-        return {"input": self.input, "caption": self.caption} if self.ok else {"input": self.input, "error": self.error}
+        """The JSON line of `caption --json` (maps left out: `caption --attention DIR` draws them)."""
+        if not self.ok:
+            return {"input": self.input, "error": self.error}
+        out = {"input": self.input, "caption": self.caption}
+        if len(self.captions) > 1:
+            out["captions"] = self.captions
+        if self.words is not None:
+            out["words"] = self.words
+        return out
 
 
 class Captioner:
@@ -108,31 +123,45 @@ class Captioner:
             parts.append(self.memory(images=x))
         return torch.cat(parts)
 
-    def decode(self, memory: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
-               length_penalty: float = 1.0) -> list[str]:
-        """Memory (B, L, d_model) -> B captions, greedy (beam_size=1) or by beam search."""
-        max_words = max_words or self.cfg.data.max_words
-        bos, eos = self.vocab.bos, self.vocab.eos
+    def options(self, **options) -> DecodeOptions:
+        """DecodeOptions from keyword arguments (unknown ones are a TypeError naming them), checked."""
+        opts = DecodeOptions(**options)
+        if opts.max_words is None:
+            opts = replace(opts, max_words=self.cfg.data.max_words)
+        return opts.check(len(self.model.transformer.decoder.layers), self.cfg.model.num_heads)
+
+    def search(self, memory: torch.Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
+        """Memory (B, L, d_model) -> per image its hypotheses, best first."""
+        v = self.vocab
+        rules = rules_for(options, v.pad, v.bos, v.eos, v.index)
+        generator = None
+        if options.sampling:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(options.seed) if options.seed is not None else generator.seed()
         with self._inference():
-            if beam_size == 1:
-                ids = greedy(self.model, memory, bos, eos, max_words)
-            else:
-                ids = [hyps[0][0] for hyps in beam_search(self.model, memory, bos, eos, max_words, beam_size,
-                                                          length_penalty)]
-        return [self.vocab.decode(i) for i in ids]
+            return search(self.model, memory, options, rules, generator)
+
+    def decode(self, memory: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
+               length_penalty: float = 1.0, **options) -> list[str]:
+        """Memory (B, L, d_model) -> B captions (the best of each), greedy (beam_size=1) or by beam search."""
+        opts = self.options(beam_size=beam_size, max_words=max_words, length_penalty=length_penalty, **options)
+        return [self.vocab.decode(hyps[0].ids) for hyps in self.search(memory, opts)]
 
     def predict(self, *, images: torch.Tensor | None = None, features: torch.Tensor | None = None,
-                beam_size: int = 1, max_words: int | None = None, length_penalty: float = 1.0) -> list[str]:
+                **options) -> list[str]:
         """Captions of a batch already preprocessed (images) or encoded (cached features), in order."""
-        return self.decode(self.memory(images=images, features=features), beam_size, max_words, length_penalty)
+        return self.decode(self.memory(images=images, features=features), **options)
 
-    def caption(self, inputs, beam_size: int = 1, batch_size: int = 16, max_words: int | None = None,
-                length_penalty: float = 1.0) -> list[CaptionResult]:
-        """One result per input, in order; a bad input gets an error and the others still get captions."""
+    def caption(self, inputs, beam_size: int = 1, batch_size: int = 16, **options) -> list[CaptionResult]:
+        """One result per input, in order; a bad input gets an error and the others still get captions.
+
+        Keyword options are DecodeOptions' (num_captions, temperature, top_k, top_p, seed,
+        no_repeat_ngram_size, min_words, allow_function_word_end, attention, attention_layer,
+        attention_head, max_words, length_penalty).
+        """
         if isinstance(inputs, (str, Path, bytes)) or not hasattr(inputs, "__iter__"):
             inputs = [inputs]
-        if beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        opts = self.options(beam_size=beam_size, **options)
         inputs = list(inputs)
         results = [CaptionResult(describe(x)) for x in inputs]
         for start in range(0, len(inputs), batch_size):  # open a batch at a time: a folder never sits in memory
@@ -143,10 +172,24 @@ class Captioner:
                 except ImageLoadError as e:
                     results[i].error = str(e)
             if images:
-                captions = self.decode(self.encode(list(images.values())), beam_size, max_words, length_penalty)
-                for i, caption in zip(images, captions):
-                    results[i].caption = caption
+                memory = self.encode(list(images.values()))
+                for i, hyps in zip(images, self.search(memory, opts)):
+                    self._fill(results[i], hyps, opts, memory.size(1))
+                    if opts.attention:
+                        results[i].image = images[i].resize((self.cfg.data.image_size,) * 2, Image.BILINEAR)
         return results
+
+    def _fill(self, result: CaptionResult, hyps: list[Hypothesis], options: DecodeOptions, cells: int) -> None:
+        best = hyps[0]
+        result.caption = self.vocab.decode(best.ids)
+        result.captions = [{"caption": self.vocab.decode(h.ids), "score": round(h.score, 6),
+                            "logprob": round(h.logprob, 6)} for h in hyps]
+        if options.attention:
+            side = math.isqrt(cells)
+            h, w = (side, side) if side * side == cells else (1, cells)     # the grid, as CaptionModel.memory has it
+            tokens = self.vocab.to_list()
+            result.words = [tokens[i] for i in best.ids] + (["<eos>"] if len(best.maps) > len(best.ids) else [])
+            result.attention = best.maps.cpu().numpy().reshape(len(best.maps), h, w)
 
     def __call__(self, x, beam_size: int = 1) -> str:
         """The caption of one input; raises ImageLoadError when it cannot be read."""

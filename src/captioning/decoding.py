@@ -83,13 +83,15 @@ def init_cache(model: CaptionModel, memory: torch.Tensor, group: int = 1) -> Dec
 
 
 @torch.no_grad()
-def step(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor) -> torch.Tensor:
+def step(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor, attention: list | None = None) -> torch.Tensor:
     """Feed one word per sequence, tokens (N,), at position cache.length -> next-word logits (N, V).
 
     Mirrors nn.TransformerDecoderLayer.forward (both norm_first settings) and
-    appends each layer's self-attention keys/values to `cache`.
+    appends each layer's self-attention keys/values to `cache`. With an `attention`
+    list, each layer's cross-attention weights (N, H, L) are appended to it.
     """
     x = model.embed_tokens(tokens[:, None], offset=cache.length)      # (N, 1, D)
+    weights = None if attention is None else []
     for i, layer in enumerate(model.transformer.decoder.layers):
 
         def cached_self_attention(y: torch.Tensor, layer=layer, i=i) -> torch.Tensor:
@@ -98,58 +100,182 @@ def step(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor) -> torc
             return out                                                 # cache: (N, H, t+1, hd)
 
         x = decoder_layer(layer, x, cached_self_attention,
-                          lambda y, layer=layer, i=i: cross_attention(layer, y, cache.cross_k[i], cache.cross_v[i]))
+                          lambda y, layer=layer, i=i: cross_attention(layer, y, cache.cross_k[i], cache.cross_v[i],
+                                                                      weights))
+    if attention is not None:
+        attention.extend(w[:, :, 0] for w in weights)                  # per layer (N, H, L)
     if model.transformer.decoder.norm is not None:
         x = model.transformer.decoder.norm(x)
     return model.head(x)[:, 0]                                         # (N, V)
 
 
-def _words_only(logits: torch.Tensor, pad_id: int, bos: int) -> torch.Tensor:
-    """Logits with <pad> and <bos> ruled out: neither is ever a word."""
-    return logits.index_fill(-1, torch.tensor([pad_id, bos], device=logits.device), float("-inf"))
+# -----------------------------------------------------------------------------
+# what a caption may say, how the next word is chosen, which attention is kept
+
+FUNCTION_WORDS = ("a", "an", "the", "of", "on", "in", "with", "and")
+
+
+@dataclass
+class Rules:
+    """The logits processors every search applies before choosing a word.
+
+    Never <pad> or <bos> (neither is ever a word); no <eos> before `min_words` words, nor right
+    after a word of `banned_endings` (function words: a caption never stops on "a"); with
+    `no_repeat_ngram_size` n, no word that would repeat an n-gram already in the caption.
+    """
+    pad: int
+    bos: int
+    eos: int
+    min_words: int = 0
+    no_repeat_ngram_size: int = 0
+    banned_endings: frozenset[int] = frozenset()
+
+    def apply(self, logits: torch.Tensor, words: list[list[int]]) -> torch.Tensor:
+        """logits (N, V) of the next word after each row's `words` -> the same with banned words at -inf."""
+        logits = logits.index_fill(-1, torch.tensor([self.pad, self.bos], device=logits.device), float("-inf"))
+        rows, banned = [], []
+        for i, ws in enumerate(words):
+            ban = self._banned(ws)
+            rows += [i] * len(ban)
+            banned += ban
+        if rows:
+            logits = logits.index_put((torch.tensor(rows, device=logits.device),
+                                       torch.tensor(banned, device=logits.device)),
+                                      torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype))
+            stuck = torch.isinf(logits).all(-1)                        # everything banned (a tiny vocabulary)
+            if stuck.any():
+                logits[stuck, self.eos] = 0.0
+        return logits
+
+    def _banned(self, words: list[int]) -> list[int]:
+        ban = []
+        if len(words) < self.min_words or (words and words[-1] in self.banned_endings):
+            ban.append(self.eos)
+        n = self.no_repeat_ngram_size
+        if n and len(words) >= n - 1:
+            prefix = tuple(words[len(words) - n + 1:]) if n > 1 else ()
+            ban += [words[i + n - 1] for i in range(len(words) - n + 1) if tuple(words[i:i + n - 1]) == prefix]
+        return ban
+
+
+@dataclass
+class Sampling:
+    """Choosing the next word by sampling: softmax(logits / temperature) over the top_k words (0: all)
+    and the smallest set of them whose probability reaches top_p, drawn with `generator`."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float() / self.temperature                       # (N, V)
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.size(-1)), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)   # probability of the words ranked above
+            logits = logits.scatter(-1, order, ordered.masked_fill(before >= self.top_p, float("-inf")))
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs.cpu() if self.generator is not None and self.generator.device.type == "cpu"
+                                 else probs, 1, generator=self.generator).squeeze(1).to(logits.device)
+
+
+@dataclass
+class AttentionSpec:
+    """Which cross-attention map each word keeps: the mean over heads and layers, or one layer / head."""
+    layer: int | None = None
+    head: int | None = None
+
+    def reduce(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """Per layer (N, H, L) -> (N, L), a map that sums to 1 over the grid."""
+        w = torch.stack(weights) if self.layer is None else weights[self.layer][None]   # (layers, N, H, L)
+        w = w.mean(2) if self.head is None else w[:, :, self.head]
+        return w.float().mean(0)
+
+
+@dataclass
+class Hypothesis:
+    """One caption of one image: word ids (no <bos>/<eos>), the sum of their log-probabilities (with
+    <eos> when it ended), the length-penalised score search ranked it by, and a map per word, <eos> too."""
+    ids: list[int]
+    logprob: float
+    score: float
+    maps: torch.Tensor | None = None        # (words + 1, L) when it ended, (words, L) when cut at max_words
+
+
+def _length_score(total: float, length: int, length_penalty: float) -> float:
+    return total / max(length, 1) ** length_penalty
+
+
+def _next_word(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor, words: list[list[int]], rules: Rules,
+               attention: AttentionSpec | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step of every row: log-probabilities (N, V) under the rules, and each row's map (N, L) if kept."""
+    weights = None if attention is None else []
+    logits = step(model, cache, tokens, weights)
+    maps = None if attention is None else attention.reduce(weights)
+    return rules.apply(logits.float(), words).log_softmax(-1), maps
 
 
 # -----------------------------------------------------------------------------
-# greedy
+# greedy and sampling
 
 @torch.no_grad()
-def greedy(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_words: int) -> list[list[int]]:
-    """Batched greedy decoding; each sequence stops at its own <eos>.
+def sample_or_greedy(model: CaptionModel, memory: torch.Tensor, rules: Rules, max_words: int,
+                     sampling: Sampling | None = None, attention: AttentionSpec | None = None,
+                     length_penalty: float = 1.0) -> list[Hypothesis]:
+    """One caption per image of memory (B, L, D): the likeliest word at each step, or a sampled one.
 
-    memory: (B, L, D) from `model.encode`. Returns B lists of word ids
-    (without <bos>/<eos>), at most `max_words` words each. A sequence that
-    reaches <eos> leaves the batch, so the others do not carry it along.
+    Each sequence stops at its own <eos> and leaves the batch, so the others do not carry it along.
     """
     B = memory.size(0)
-    if B == 0:
-        return []
     cache = init_cache(model, memory)
-    out = [[] for _ in range(B)]
+    words, sums = [[] for _ in range(B)], [0.0] * B
+    maps = [[] for _ in range(B)]
     alive = list(range(B))                                            # the image each row of the cache decodes
-    tokens = torch.full((B,), bos, dtype=torch.long, device=memory.device)
+    tokens = torch.full((B,), rules.bos, dtype=torch.long, device=memory.device)
+    ended = [False] * B
     for _ in range(max_words):
-        tokens = _words_only(step(model, cache, tokens), model.pad_id, bos).argmax(-1)   # (n,)
-        going = tokens != eos
-        for b, word in zip(alive, tokens.tolist()):
-            if word != eos:
-                out[b].append(word)
-        if not going.all():
-            if not going.any():
-                break
-            keep = going.nonzero().squeeze(1)
-            cache, tokens = cache.select(keep, keep), tokens[keep]
-            alive = [alive[j] for j in keep.tolist()]
-    return out
+        logp, step_maps = _next_word(model, cache, tokens, [words[b] for b in alive], rules, attention)
+        tokens = logp.argmax(-1) if sampling is None else sampling.choose(logp)     # (n,)
+        picked = logp.gather(1, tokens[:, None])[:, 0].tolist()
+        for j, (b, word) in enumerate(zip(alive, tokens.tolist())):
+            sums[b] += picked[j]
+            if step_maps is not None:
+                maps[b].append(step_maps[j])
+            if word == rules.eos:
+                ended[b] = True
+            else:
+                words[b].append(word)
+        keep = [j for j, b in enumerate(alive) if not ended[b]]
+        if not keep:
+            break
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, device=memory.device)
+            cache, tokens, alive = cache.select(index, index), tokens[index], [alive[j] for j in keep]
+    return [Hypothesis(words[b], sums[b], _length_score(sums[b], len(words[b]) + ended[b], length_penalty),
+                       torch.stack(maps[b]) if maps[b] else None) for b in range(B)]
+
+
+@torch.no_grad()
+def greedy(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_words: int,
+           rules: Rules | None = None) -> list[list[int]]:
+    """Batched greedy decoding: B lists of word ids (without <bos>/<eos>), at most `max_words` each."""
+    if memory.size(0) == 0:
+        return []
+    rules = rules or Rules(model.pad_id, bos, eos)
+    return [h.ids for h in sample_or_greedy(model, memory, rules, max_words)]
 
 
 @torch.no_grad()
 def greedy_reference(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_words: int) -> list[list[int]]:
     """`greedy` the slow way: the training path (`model.decode`) over the whole prefix at every step."""
     B = memory.size(0)
+    rules = Rules(model.pad_id, bos, eos)
     tokens = torch.full((B, 1), bos, dtype=torch.long, device=memory.device)
     done = torch.zeros(B, dtype=torch.bool, device=memory.device)
     for _ in range(max_words):
-        logits = _words_only(model.decode(memory, tokens)[:, -1], model.pad_id, bos)   # (B, V)
+        logits = rules.apply(model.decode(memory, tokens)[:, -1], [[]] * B)   # (B, V)
         nxt = logits.argmax(-1).masked_fill(done, eos)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done |= nxt == eos
@@ -164,9 +290,19 @@ def greedy_reference(model: CaptionModel, memory: torch.Tensor, bos: int, eos: i
 # -----------------------------------------------------------------------------
 # beam search
 
+@dataclass
+class _Beams:
+    """The live beams of the images still searching: K per image, row j*K+k of the cache."""
+    images: list[int]                      # which image each searching group is
+    words: list[list[list[int]]]           # [group][beam] -> word ids so far
+    maps: list[list[list[torch.Tensor]]]   # [group][beam] -> a map per word so far (empty without attention)
+    sums: torch.Tensor                     # (groups, K) summed log-probabilities
+
+
 @torch.no_grad()
-def beam_search(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_words: int, beam_size: int = 3,
-                length_penalty: float = 1.0, n_best: int = 1) -> list[list[tuple[list[int], float]]]:
+def beam_search_hypotheses(model: CaptionModel, memory: torch.Tensor, rules: Rules, max_words: int,
+                           beam_size: int = 3, length_penalty: float = 1.0, n_best: int = 1,
+                           attention: AttentionSpec | None = None) -> list[list[Hypothesis]]:
     """Batched beam search: B images x K beams flattened into one batch of B*K sequences.
 
     A hypothesis scores  sum of log-probs / len ** length_penalty,  len = words
@@ -176,64 +312,47 @@ def beam_search(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, m
     top K of its image; as in Hugging Face's (early_stopping=False), an image
     stops once it holds K finished hypotheses and its K-th best scores at least
     what its best live beam would score if it ended now. beam_size=1 is then
-    exactly `greedy`.
+    exactly greedy. Attention maps follow the beams' back-pointers.
 
-    Returns per image its n_best (ids without <bos>/<eos>, score), best first;
-    when fewer than n_best finished within `max_words` words, the best live
-    beams (scored over their words) fill in.
+    Returns per image its n_best hypotheses, best first; when fewer than n_best
+    finished within `max_words` words, the best live beams (scored over their words) fill in.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"need 1 <= n_best <= beam_size, got n_best={n_best}, beam_size={beam_size}")
     B, K, device = memory.size(0), beam_size, memory.device
-    if B == 0:
-        return []
     cache = init_cache(model, memory, group=K)
-    finished: list[list[tuple[list[int], float]]] = [[] for _ in range(B)]
-    images = list(range(B))                   # images still searching; the j-th owns rows j*K..j*K+K-1
-    words = [[[] for _ in range(K)] for _ in range(B)]                # per searching image, the words of each beam
-    # every beam starts as <bos>; -inf on all but the first so the first step expands just one of them
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     sums = torch.full((B, K), float("-inf"), device=device)
-    sums[:, 0] = 0.0
-    tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
+    sums[:, 0] = 0.0           # every beam starts as <bos>; -inf on all but the first expands just one of them
+    beams = _Beams(list(range(B)), [[[] for _ in range(K)] for _ in range(B)],
+                   [[[] for _ in range(K)] for _ in range(B)], sums)
+    tokens = torch.full((B * K,), rules.bos, dtype=torch.long, device=device)
     score = functools.partial(_length_score, length_penalty=length_penalty)
     for t in range(max_words):
-        logp = _words_only(step(model, cache, tokens).float(), model.pad_id, bos).log_softmax(-1)   # (n*K, V)
+        logp, maps = _next_word(model, cache, tokens, [w for ws in beams.words for w in ws], rules, attention)
         V = logp.size(-1)
-        candidates = (sums[:, :, None] + logp.view(-1, K, V)).view(-1, K * V)            # (n, K*V)
+        candidates = (beams.sums[:, :, None] + logp.view(-1, K, V)).view(-1, K * V)      # (n, K*V)
         # a beam has one <eos>, so 2K candidates hold K that go on
         top_sums, top_idx = candidates.topk(min(2 * K, K * V), dim=1)                     # (n, 2K)
-        beams, still = [], []                     # (row, word, sum, words) of the next beams; images going on
-        for j, (b, cand_sums, cand_idx) in enumerate(zip(images, top_sums.tolist(), top_idx.tolist())):
-            going = _expand_image(j, cand_sums, cand_idx, words[j], finished[b], K, V, eos, score)
+        chosen, still = [], []                  # (row, word, sum, words, maps) of the next beams; groups going on
+        for j, (cand_sums, cand_idx) in enumerate(zip(top_sums.tolist(), top_idx.tolist())):
+            b = beams.images[j]
+            going = _expand_image(j, cand_sums, cand_idx, beams, maps, finished[b], K, V, rules.eos, score)
             if _image_done(going, finished[b], K, score(going[0][2], t + 1) if going else float("-inf")):
                 continue
             still.append(j)
-            beams += going + [going[0][:2] + (float("-inf"), [])] * (K - len(going))   # dead fillers (tiny vocab)
+            chosen += going + [going[0][:2] + (float("-inf"), [], [])] * (K - len(going))   # dead fillers
         if not still:
             break
-        rows, next_tokens, next_sums, next_words = zip(*beams)
-        as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
-        cache = cache.select(as_tensor(rows), None if len(still) == len(images) else as_tensor(still))
-        tokens = as_tensor(next_tokens)
-        sums = torch.tensor(next_sums, device=device).view(-1, K)
-        words = [list(next_words[i:i + K]) for i in range(0, len(next_words), K)]
-        images = [images[j] for j in still]
+        cache, tokens, beams = _advance(cache, beams, chosen, still, K, device)
     else:
-        # max_words words and still fewer than n_best finished: the live beams fill in
-        for j, b in enumerate(images):
-            if len(finished[b]) < n_best:
-                finished[b] += [(ws, score(total, len(ws))) for ws, total in zip(words[j], sums[j].tolist())
-                                if total > float("-inf")]
-    return [sorted(hyps, key=lambda h: -h[1])[:n_best] for hyps in finished]
+        _fill_in(beams, finished, n_best, score)
+    return [sorted(hyps, key=lambda h: -h.score)[:n_best] for hyps in finished]
 
 
-def _length_score(total: float, length: int, length_penalty: float) -> float:
-    return total / max(length, 1) ** length_penalty
-
-
-def _expand_image(j: int, cand_sums: list[float], cand_idx: list[int], words: list[list[int]],
-                  finished: list, K: int, V: int, eos: int, score) -> list[tuple]:
-    """Image j's top candidates (best first) -> its up to K beams that go on, as (row, word, sum, words).
+def _expand_image(j: int, cand_sums: list[float], cand_idx: list[int], beams: _Beams, maps: torch.Tensor | None,
+                  finished: list[Hypothesis], K: int, V: int, eos: int, score) -> list[tuple]:
+    """Group j's top candidates (best first) -> its up to K beams that go on, as (row, word, sum, words, maps).
 
     An <eos> candidate ranked in the top K finishes its hypothesis (appended to `finished`).
     """
@@ -242,19 +361,122 @@ def _expand_image(j: int, cand_sums: list[float], cand_idx: list[int], words: li
         if total == float("-inf") or len(going) == K:
             break
         k, word = divmod(idx, V)
+        words, kept = beams.words[j][k], beams.maps[j][k] + ([] if maps is None else [maps[j * K + k]])
         if word != eos:
-            going.append((j * K + k, word, total, words[k] + [word]))
+            going.append((j * K + k, word, total, words + [word], kept))
         elif rank < K:
-            finished.append((words[k], score(total, len(words[k]) + 1)))
+            finished.append(Hypothesis(words, total, score(total, len(words) + 1),
+                                       torch.stack(kept) if kept else None))
     return going
 
 
-def _image_done(going: list, finished: list, K: int, reach: float) -> bool:
+def _image_done(going: list, finished: list[Hypothesis], K: int, reach: float) -> bool:
     """No beam goes on, or K finished hypotheses of which the K-th best scores at least `reach`.
 
     `reach`: the best live sum scored at the length of this step's finished hypotheses: Hugging
     Face's heuristic bound (exact for length_penalty=0, as sums only fall; a longer length could
     still lift a score). It never beats a finished sibling ranked above it, so beam_size=1 is greedy.
     """
-    best = sorted((s for _, s in finished), reverse=True)
+    best = sorted((h.score for h in finished), reverse=True)
     return not going or (len(best) >= K and best[K - 1] >= reach)
+
+
+def _advance(cache: DecoderCache, beams: _Beams, chosen: list[tuple], still: list[int], K: int, device):
+    """The cache, next tokens and beams of the groups still searching, in the order of `chosen`."""
+    rows, next_tokens, next_sums, next_words, next_maps = zip(*chosen)
+    as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    cache = cache.select(as_tensor(rows), None if len(still) == len(beams.images) else as_tensor(still))
+    group = lambda xs: [list(xs[i:i + K]) for i in range(0, len(xs), K)]   # noqa: E731
+    return cache, as_tensor(next_tokens), _Beams([beams.images[j] for j in still], group(next_words),
+                                                 group(next_maps), torch.tensor(next_sums, device=device).view(-1, K))
+
+
+def _fill_in(beams: _Beams, finished: list[list[Hypothesis]], n_best: int, score) -> None:
+    """max_words words and still fewer than n_best finished: the live beams fill in."""
+    for j, b in enumerate(beams.images):
+        if len(finished[b]) < n_best:
+            finished[b] += [Hypothesis(ws, total, score(total, len(ws)), torch.stack(ms) if ms else None)
+                            for ws, ms, total in zip(beams.words[j], beams.maps[j], beams.sums[j].tolist())
+                            if total > float("-inf")]
+
+
+@torch.no_grad()
+def beam_search(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_words: int, beam_size: int = 3,
+                length_penalty: float = 1.0, n_best: int = 1) -> list[list[tuple[list[int], float]]]:
+    """Per image its n_best (ids without <bos>/<eos>, score), best first (see beam_search_hypotheses)."""
+    if memory.size(0) == 0:
+        return []
+    hyps = beam_search_hypotheses(model, memory, Rules(model.pad_id, bos, eos), max_words, beam_size,
+                                  length_penalty, n_best)
+    return [[(h.ids, h.score) for h in image] for image in hyps]
+
+
+# -----------------------------------------------------------------------------
+# one entry point: the options a user sets, the search they choose
+
+@dataclass
+class DecodeOptions:
+    """How captions are made: the keyword arguments of Captioner.caption, the flags of `caption`."""
+    beam_size: int = 1                  # 1: greedy
+    num_captions: int = 1               # the n best of beam search (or n samples), best first
+    max_words: int | None = None        # None: the checkpoint's data.max_words
+    length_penalty: float = 1.0         # beam search: score = sum of log-probs / len ** length_penalty
+    temperature: float | None = None    # any of temperature, top_k, top_p: sample instead of searching
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None             # sampling: the same seed gives the same captions
+    no_repeat_ngram_size: int = 0       # a caption never repeats an n-gram of this size
+    min_words: int = 0                  # no <eos> before this many words
+    allow_function_word_end: bool = False   # else no caption ends on "a", "the", "of", ... (FUNCTION_WORDS)
+    attention: bool = False             # keep a cross-attention map per word
+    attention_layer: int | None = None  # None: the mean over layers
+    attention_head: int | None = None   # None: the mean over heads
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature is not None or self.top_k > 0 or self.top_p < 1.0
+
+    def check(self, num_layers: int, num_heads: int) -> DecodeOptions:
+        """Raise ValueError naming the first bad option."""
+        bad = [(self.beam_size < 1, "beam_size", "must be >= 1"), (self.num_captions < 1, "num_captions", ">= 1"),
+               (self.max_words is not None and self.max_words < 1, "max_words", ">= 1"),
+               (self.temperature is not None and not self.temperature > 0, "temperature", "must be > 0"),
+               (self.top_k < 0, "top_k", ">= 0 (0: all words)"), (not 0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+               (self.sampling and self.beam_size > 1, "beam_size", "must be 1 when sampling"),
+               (self.no_repeat_ngram_size < 0, "no_repeat_ngram_size", ">= 0"),
+               (self.min_words < 0, "min_words", ">= 0"),
+               (self.attention_layer is not None and not 0 <= self.attention_layer < num_layers,
+                "attention_layer", f"in 0..{num_layers - 1}"),
+               (self.attention_head is not None and not 0 <= self.attention_head < num_heads,
+                "attention_head", f"in 0..{num_heads - 1}")]
+        for wrong, name, why in bad:
+            if wrong:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
+        return self
+
+
+def rules_for(options: DecodeOptions, pad: int, bos: int, eos: int, word_ids: dict[str, int]) -> Rules:
+    """The Rules of `options` for a vocabulary (word -> id)."""
+    endings = frozenset() if options.allow_function_word_end else \
+        frozenset(word_ids[w] for w in FUNCTION_WORDS if w in word_ids)
+    return Rules(pad, bos, eos, options.min_words, options.no_repeat_ngram_size, endings)
+
+
+@torch.no_grad()
+def search(model: CaptionModel, memory: torch.Tensor, options: DecodeOptions, rules: Rules,
+           generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+    """Per image of memory (B, L, D) its `num_captions` hypotheses, best first: sampled, by beam search, or greedy."""
+    if memory.size(0) == 0:
+        return []
+    spec = AttentionSpec(options.attention_layer, options.attention_head) if options.attention else None
+    n = options.num_captions
+    if options.sampling:
+        sampling = Sampling(options.temperature or 1.0, options.top_k, options.top_p, generator)
+        hyps = sample_or_greedy(model, memory.repeat_interleave(n, 0), rules, options.max_words, sampling, spec,
+                                options.length_penalty)
+        return [sorted(hyps[i:i + n], key=lambda h: -h.score) for i in range(0, len(hyps), n)]
+    if options.beam_size == 1 and n == 1:
+        return [[h] for h in sample_or_greedy(model, memory, rules, options.max_words, None, spec,
+                                               options.length_penalty)]
+    return beam_search_hypotheses(model, memory, rules, options.max_words, max(options.beam_size, n),
+                                  options.length_penalty, n, spec)

@@ -200,18 +200,26 @@ def self_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, past=None
     return layer.dropout1(attn.out_proj(merge_heads(y))), k, v
 
 
-def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    weights: list | None = None):
     """The layer's cross-attention block: x (N, T, D) reads keys/values (M, H, L, hd) of M images.
 
     N = M * G: rows G*m .. G*m+G-1 of x read image m (G = 1 in training, whose keys are already
     picked per caption; G = the beams of one image when decoding). The G rows of one image are
-    lined up on its query axis rather than copying its keys G times.
+    lined up on its query axis rather than copying its keys G times. With a `weights` list, the
+    attention weights (N, H, T, L) are appended to it (computed as softmax(q k^T / sqrt(hd)) instead
+    of by the fused kernel, which does not return them; no attention dropout).
     """
     attn = layer.multihead_attn
     N, T, D = x.shape
-    M, H = k.shape[:2]
-    q = F.linear(x, *in_proj(attn, slice(0, D))).view(M, N // M * T, D)   # (M, G*T, D), rows in (g, t) order
-    y = attention(attn, split_heads(q, H), k, v)                         # (M, H, G*T, hd)
+    M, H, L = k.shape[:3]
+    q = split_heads(F.linear(x, *in_proj(attn, slice(0, D))).view(M, N // M * T, D), H)   # (M, H, G*T, hd)
+    if weights is None:
+        y = attention(attn, q, k, v)                                    # (M, H, G*T, hd)
+    else:
+        w = torch.softmax((q @ k.transpose(-1, -2)).float() * q.size(-1) ** -0.5, dim=-1)   # (M, H, G*T, L)
+        weights.append(w.view(M, H, N // M, T, L).transpose(1, 2).reshape(N, H, T, L))
+        y = w.to(v.dtype) @ v
     return layer.dropout2(attn.out_proj(merge_heads(y).view(N, T, D)))
 
 
@@ -264,8 +272,8 @@ class CaptionModel(nn.Module):
         """(N, T) ids -> (N, T, d_model), scaled embedding plus word position."""
         return self.dropout(self.positions(self.embed(tokens) * math.sqrt(self.cfg.d_model), offset))
 
-    def decode(self, memory: torch.Tensor, tokens: torch.Tensor,
-               image_index: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, memory: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None,
+               attention: list | None = None) -> torch.Tensor:
         """memory (B, L, D) and tokens (N, T) -> logits (N, T, V); caption n reads image image_index[n]
         (default: image n).
 
@@ -274,6 +282,7 @@ class CaptionModel(nn.Module):
         cross-attention keys and values from the B images once and lets their captions share them,
         instead of projecting memory copied to every caption: with 5 captions an image that was a
         sixth of a training step at the reference size. Self-attention masks the future and every <pad> key.
+        With an `attention` list, each layer's cross-attention weights (N, H, T, L) are appended to it.
         """
         x = self.embed_tokens(tokens)                                      # (N, T, D)
         T = tokens.size(1)
@@ -283,7 +292,7 @@ class CaptionModel(nn.Module):
             if image_index is not None:
                 k, v = k.index_select(0, image_index), v.index_select(0, image_index)   # (N, H, L, hd)
             x = decoder_layer(layer, x, lambda y: self_attention(layer, y, allowed=allowed)[0],
-                              lambda y: cross_attention(layer, y, k, v))
+                              lambda y: cross_attention(layer, y, k, v, attention))
         if self.transformer.decoder.norm is not None:
             x = self.transformer.decoder.norm(x)
         return self.head(x)

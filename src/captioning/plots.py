@@ -59,3 +59,34 @@ def _wrap(text: str, width: int) -> list[str]:
         else:
             line = f"{line} {word}".strip()
     return lines + [line] if line else lines
+
+
+def show_attention(image, words: list[str], maps, cols: int = 5, size: float = 2.2, image_size: int | None = None):
+    """Where the decoder looked for each word: one panel per word, titled by it, its map upsampled smoothly
+    onto the image as the encoder saw it.
+
+    `image`: a PIL image (resized to image_size x image_size when given: the encoder's square resize);
+    `maps`: (words, h, w), each summing to 1 over the encoder's grid (Captioner.caption(attention=True)).
+    """
+    import numpy as np
+    from PIL import Image
+
+    maps = np.asarray(maps, dtype=np.float32)
+    if len(words) != len(maps):
+        raise ValueError(f"{len(words)} words but {len(maps)} maps: one map per word")
+    if image_size is not None:
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    pixels = np.asarray(image.convert("RGB"))
+    rows = (len(words) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, word, grid in zip(axes.flat, words, maps):
+        h, w = grid.shape
+        # bicubic upsampling of the h x w grid to the picture: each cell's weight lands on its own patch
+        overlay = np.asarray(Image.fromarray(grid / max(grid.max(), 1e-12)).resize(image.size, Image.BICUBIC))
+        ax.imshow(pixels)
+        ax.imshow(overlay.clip(0, 1), cmap="jet", alpha=0.45, extent=(0, image.size[0], image.size[1], 0))
+        ax.set_title(word, fontsize=10)
+    fig.tight_layout()
+    return fig

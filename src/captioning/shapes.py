@@ -160,3 +160,33 @@ def accuracy(captions: dict[str, str], truth: dict[str, list[dict]]) -> float:
     if not captions:
         raise ValueError("no captions to score")
     return sum(is_correct(c, truth[name]) for name, c in captions.items()) / len(captions)
+
+
+def _box(o: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of an object, in fractions of the image side."""
+    r = SIZES[o["size"]]
+    return o["x"] - r, o["y"] - r, o["x"] + r, o["y"] + r
+
+
+def _inside(x: float, y: float, boxes: list[tuple]) -> bool:
+    return any(left <= x <= right and top <= y <= bottom for left, top, right, bottom in boxes)
+
+
+def pointing_game(words: list[str], maps, objects: list[dict]) -> list[tuple[bool, float]]:
+    """Does each colour or shape word that names a drawn object look at it?
+
+    For every such word: (is the peak of its map, a cell of the encoder's h x w grid, inside the box
+    of an object it names, the share of grid cells whose centre lies in those boxes: the chance of a
+    hit for a map that points at random). Words naming nothing drawn are not counted.
+    """
+    out = []
+    for word, grid in zip(words, maps):
+        named = [o for o in objects if word in (o["color"], o["shape"])]
+        if not named:
+            continue
+        h, w = grid.shape
+        boxes = [_box(o) for o in named]
+        centres = [((j + 0.5) / w, (i + 0.5) / h) for i in range(h) for j in range(w)]
+        peak = int(grid.reshape(-1).argmax())
+        out.append((_inside(*centres[peak], boxes), sum(_inside(x, y, boxes) for x, y in centres) / len(centres)))
+    return out
