@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -161,23 +164,45 @@ class Captioner:
         """
         if isinstance(inputs, (str, Path, bytes)) or not hasattr(inputs, "__iter__"):
             inputs = [inputs]
+        return list(self.caption_iter(list(inputs), beam_size=beam_size, batch_size=batch_size, **options))
+
+    def caption_iter(self, inputs: list, beam_size: int = 1, batch_size: int = 16, workers: int = 4, **options):
+        """`caption`'s results one by one, as each batch is done: for a folder of any size.
+
+        `workers` threads open (read, download, decode) the next batch's images while the model
+        captions this one; only two batches of images are ever in memory.
+        """
         opts = self.options(beam_size=beam_size, **options)
-        inputs = list(inputs)
-        results = [CaptionResult(describe(x)) for x in inputs]
-        for start in range(0, len(inputs), batch_size):  # open a batch at a time: a folder never sits in memory
-            images = {}
-            for i in range(start, min(start + batch_size, len(inputs))):
-                try:
-                    images[i] = open_image(inputs[i], self.limits)
-                except ImageLoadError as e:
-                    results[i].error = str(e)
-            if images:
-                memory = self.encode(list(images.values()))
-                for i, hyps in zip(images, self.search(memory, opts)):
-                    self._fill(results[i], hyps, opts, memory.size(1))
-                    if opts.attention:
-                        results[i].image = images[i].resize((self.cfg.data.image_size,) * 2, Image.BILINEAR)
-        return results
+        with ThreadPoolExecutor(max(workers, 1)) as pool:
+            for batch in self._opened_batches(inputs, batch_size, pool):
+                results = [CaptionResult(describe(inputs[i])) for i, _ in batch]
+                images = {k: image for k, (_, image) in enumerate(batch) if not isinstance(image, ImageLoadError)}
+                for k, (_, image) in enumerate(batch):
+                    if isinstance(image, ImageLoadError):
+                        results[k].error = str(image)
+                if images:
+                    memory = self.encode(list(images.values()))
+                    for k, hyps in zip(images, self.search(memory, opts)):
+                        self._fill(results[k], hyps, opts, memory.size(1))
+                        if opts.attention:
+                            results[k].image = images[k].resize((self.cfg.data.image_size,) * 2, Image.BILINEAR)
+                yield from results
+
+    def _opened_batches(self, inputs: list, batch_size: int, pool: ThreadPoolExecutor):
+        """Batches of (index, PIL image or the ImageLoadError), the next one opening while this one is used."""
+        def submit(start: int) -> list:
+            return [(i, pool.submit(self._open, inputs[i])) for i in range(start, min(start + batch_size, len(inputs)))]
+
+        ahead = submit(0)
+        for start in range(0, len(inputs), batch_size):
+            current, ahead = ahead, submit(start + batch_size)
+            yield [(i, future.result()) for i, future in current]
+
+    def _open(self, source) -> Image.Image | ImageLoadError:
+        try:
+            return open_image(source, self.limits)
+        except ImageLoadError as e:
+            return e
 
     def _fill(self, result: CaptionResult, hyps: list[Hypothesis], options: DecodeOptions, cells: int) -> None:
         best = hyps[0]
@@ -197,3 +222,48 @@ class Captioner:
         if not result.ok:
             raise ImageLoadError(result.error)
         return result.caption
+
+
+class ResultsFile:
+    """`caption --out FILE`: results appended as JSON Lines (`--json`'s objects) or CSV (input,caption,error),
+    by extension, a whole line at a time; the inputs already in it are skipped by a run that goes on."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.suffix.lower() not in (".jsonl", ".csv"):
+            raise ValueError(f"--out {self.path}: expected a .jsonl or .csv file")
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"--out {self.path}: folder {self.path.parent} does not exist")
+        self.csv = self.path.suffix.lower() == ".csv"
+        self._drop_partial_line()
+        self.done = self._read_done()
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.file = open(self.path, "a", newline="", encoding="utf-8")
+        self.writer = csv.writer(self.file) if self.csv else None
+        if new and self.csv:
+            self.writer.writerow(["input", "caption", "error"])
+
+    def _drop_partial_line(self) -> None:
+        """A run killed mid-write leaves at most a partial last line: cut it, so the file reads whole."""
+        if self.path.is_file() and self.path.stat().st_size:
+            data = self.path.read_bytes()
+            if not data.endswith(b"\n"):
+                self.path.write_bytes(data[:data.rfind(b"\n") + 1])
+
+    def _read_done(self) -> set[str]:
+        if not self.path.is_file():
+            return set()
+        with open(self.path, newline="", encoding="utf-8") as f:
+            if self.csv:
+                return {row["input"] for row in csv.DictReader(f) if row.get("input")}
+            return {json.loads(line)["input"] for line in f if line.strip()}
+
+    def write(self, result: CaptionResult) -> None:
+        if self.csv:
+            self.writer.writerow([result.input, result.caption or "", result.error or ""])
+        else:
+            self.file.write(json.dumps(result.to_dict()) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

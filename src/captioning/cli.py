@@ -64,24 +64,46 @@ def _train(args) -> int:
 
 
 def _caption(args) -> int:
-    from .captioner import Captioner
+    from tqdm.auto import tqdm
 
+    from .captioner import Captioner, ResultsFile
+    from .images import expand_inputs
+
+    out = ResultsFile(args.out) if args.out else None
+    inputs = expand_inputs(args.inputs)
+    todo = [x for x in inputs if out is None or x not in out.done]
     captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
-    options = _decode_options(args)
     failed = False
-    for start in range(0, len(args.inputs), args.batch_size):   # print each batch as it is done
-        for n, r in enumerate(captioner.caption(args.inputs[start:start + args.batch_size], beam_size=args.beam,
-                                                batch_size=args.batch_size, **options), start):
+    bar = tqdm(total=len(inputs), initial=len(inputs) - len(todo), desc="captioning", unit="img", file=sys.stderr,
+               disable=len(inputs) < 2 * args.batch_size and not out)
+    try:
+        results = captioner.caption_iter(todo, beam_size=args.beam, batch_size=args.batch_size,
+                                         **_decode_options(args))
+        for n, r in enumerate(results):
             failed |= not r.ok
-            if args.attention and r.ok:
-                _draw_attention(r, n, Path(args.attention))
-            if args.json:
-                print(json.dumps(r.to_dict()), flush=True)
-            elif r.ok:
-                print("\n".join(f"{r.input}\t{c['caption']}" for c in r.captions), flush=True)
-            else:
-                print(f"error: {r.error}", file=sys.stderr, flush=True)
+            _show(r, args, out, n)
+            bar.update()
+    finally:
+        bar.close()
+        if out is not None:
+            out.close()
     return 1 if failed else 0
+
+
+def _show(r, args, out, n: int) -> None:
+    """One result: to --out, to stdout (a JSON line or `input<TAB>caption` lines), errors to stderr."""
+    if args.attention and r.ok:
+        _draw_attention(r, n, Path(args.attention))
+    if out is not None:
+        out.write(r)
+        if not r.ok:
+            print(f"error: {r.error}", file=sys.stderr, flush=True)
+    elif args.json:
+        print(json.dumps(r.to_dict()), flush=True)
+    elif r.ok:
+        print("\n".join(f"{r.input}\t{c['caption']}" for c in r.captions), flush=True)
+    else:
+        print(f"error: {r.error}", file=sys.stderr, flush=True)
 
 
 def _evaluate(args) -> int:
@@ -210,12 +232,15 @@ def _add_train(sub) -> None:
 
 
 def _add_caption(sub) -> None:
-    p = sub.add_parser("caption", help="caption images given as paths or http(s) URLs",
-                       description="Caption images given as paths or http(s) URLs; a bad input gets an error "
-                                   "line and the others still get captions (exit 1 if any failed).")
+    p = sub.add_parser("caption", help="caption images: files, folders, globs, http(s) URLs",
+                       description="Caption images given as files, folders, globs or http(s) URLs; a bad input gets "
+                                   "an error line and the others still get captions (exit 1 if any failed).")
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (a run directory means its best.pt)")
     p.add_argument("--beam", type=positive_int, default=1, help="beam size (1 = greedy)")
     p.add_argument("--json", action="store_true", help="one JSON object a line per input, in input order")
+    p.add_argument("--out", metavar="FILE.jsonl|FILE.csv",
+                   help="write the results to this file (JSON Lines or CSV input,caption,error) instead of stdout; "
+                        "inputs already in it are skipped, so a stopped run goes on")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images captioned at a time")
     _common(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -223,7 +248,8 @@ def _add_caption(sub) -> None:
     _decoding_flags(p)
     p.add_argument("--attention", metavar="DIR", help="also draw each caption's per-word attention maps, a PNG per "
                                                       "input in DIR")
-    p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL", help="image files and http(s) URLs")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (their images, recursively), globs ('photos/**/*.jpg') and http(s) URLs")
     p.set_defaults(func=_caption)
 
 

@@ -8,12 +8,14 @@ log or report the failing input as is.
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import re
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
@@ -265,3 +267,31 @@ def _rescale_gray(image: Image.Image, full_scale: float) -> Image.Image:
     values = np.asarray(image).astype(np.float32) * (255.0 / full_scale)
     values = np.clip(np.nan_to_num(values), 0, 255)  # negatives (signed 'I') and NaN become black
     return Image.fromarray(np.rint(values).astype(np.uint8))
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def expand_inputs(items) -> list[str]:
+    """Paths, URLs, folders and globs -> the inputs to caption, in order.
+
+    A folder gives its image files (by extension), recursively and sorted; a pattern with *, ? or [
+    that is not itself a file gives its matches, sorted (** spans folders), so a pattern a shell or a
+    notebook passed quoted still works. A folder or pattern that finds no image is kept as it is, so
+    that it gets an error naming it; paths and URLs pass through.
+    """
+    out = []
+    for item in map(str, items):
+        path = Path(item).expanduser()
+        if _is_url(item) or path.is_file():
+            out.append(item)
+        elif path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            out += found or [item]
+        elif any(c in item for c in "*?["):
+            found = sorted(p for p in glob.glob(os.path.expanduser(item), recursive=True)
+                           if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+            out += found or [item]
+        else:
+            out.append(item)
+    return out

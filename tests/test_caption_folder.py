@@ -1,0 +1,75 @@
+"""Captioning a folder: folders and globs expand to their images, --out JSON Lines or CSV, a stopped run goes
+on where it stopped, images open on worker threads while the model runs."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from captioning.images import expand_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def photos(shapes_dir: Path, tmp_path: Path, n: int = 6) -> Path:
+    """A nested folder of n images and a file that is not an image."""
+    folder = tmp_path / "photos"
+    for i, image in enumerate(sorted((shapes_dir / "flickr30k_images").iterdir())[:n]):
+        target = folder / ("a" if i % 2 else "b/c") / image.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, target)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_folders_and_quoted_globs_expand_to_their_images_sorted(shapes_dir, tmp_path):
+    folder = photos(shapes_dir, tmp_path)
+    found = expand_inputs([folder])
+    assert len(found) == 6 and found == sorted(found) and not any(f.endswith(".txt") for f in found)
+    assert expand_inputs([f"{folder}/**/*.png"]) == found
+    assert expand_inputs([f"{folder}/a/*.png"]) == [f for f in found if "/a/" in f]
+    assert expand_inputs([f"{folder}/none*.png", "https://example.com/x.jpg", "missing.jpg"]) == \
+        [f"{folder}/none*.png", "https://example.com/x.jpg", "missing.jpg"]
+
+
+def caption(*args):
+    return subprocess.run([sys.executable, "-m", "captioning", "caption", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=180)
+
+
+def test_out_jsonl_is_written_and_a_stopped_run_goes_on_where_it_stopped(tiny_run, shapes_dir, tmp_path):
+    folder = photos(shapes_dir, tmp_path)
+    out = tmp_path / "captions.jsonl"
+    images = expand_inputs([folder])
+    first = [json.dumps({"input": images[0], "caption": "kept from before"}), json.dumps({"input": images[1]})[:-3]]
+    out.write_text(first[0] + "\n" + first[1])             # a run killed mid-line
+    result = caption("--checkpoint", tiny_run / "best.pt", "--precision", "fp32", "--out", out, "--batch-size", "2",
+                     folder, tmp_path / "missing.png")
+    assert result.returncode == 1 and "missing.png" in result.stderr and result.stdout == ""
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0] == {"input": images[0], "caption": "kept from before"}      # skipped, not captioned again
+    assert [x["input"] for x in lines[1:]] == images[1:] + [str(tmp_path / "missing.png")]
+    assert all(x.get("caption") for x in lines[1:-1]) and "error" in lines[-1]
+
+
+def test_out_csv_has_input_caption_error_columns(tiny_run, shapes_dir, tmp_path):
+    folder = photos(shapes_dir, tmp_path, n=3)
+    out = tmp_path / "captions.csv"
+    result = caption("--checkpoint", tiny_run / "best.pt", "--precision", "fp32", "--out", out,
+                     f"{folder}/**/*.png", folder / "notes.txt")
+    assert result.returncode == 1
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["input"] for r in rows] == expand_inputs([folder]) + [str(folder / "notes.txt")]
+    assert all(r["caption"] and not r["error"] for r in rows[:3]) and "not an image" in rows[3]["error"]
+
+
+def test_caption_iter_gives_caption_s_results_in_order_across_batches(tiny_run, shapes_dir, tmp_path):
+    from captioning import Captioner
+    captioner = Captioner.from_checkpoint(tiny_run / "best.pt", precision="fp32")
+    inputs = expand_inputs([photos(shapes_dir, tmp_path)]) + ["missing.png"]
+    streamed = list(captioner.caption_iter(inputs, batch_size=3, workers=3))
+    assert [r.input for r in streamed] == inputs
+    assert [r.caption for r in streamed] == [r.caption for r in captioner.caption(inputs, batch_size=7)]
+    assert streamed[-1].error and all(r.ok for r in streamed[:-1])
