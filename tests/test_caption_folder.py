@@ -73,3 +73,17 @@ def test_caption_iter_gives_caption_s_results_in_order_across_batches(tiny_run, 
     assert [r.input for r in streamed] == inputs
     assert [r.caption for r in streamed] == [r.caption for r in captioner.caption(inputs, batch_size=7)]
     assert streamed[-1].error and all(r.ok for r in streamed[:-1])
+
+
+def test_results_file_retries_failures_and_matches_long_inputs(tmp_path):
+    from captioning.captioner import CaptionResult, ResultsFile
+
+    long_url = "https://example.com/" + "x" * 300 + ".jpg"
+    for suffix in (".jsonl", ".csv"):
+        out = ResultsFile(tmp_path / f"r{suffix}")
+        out.write(CaptionResult("shown as a shortened name", caption="a dog"), long_url)
+        out.write(CaptionResult("b.jpg", error="timed out"))
+        out.write(CaptionResult("c.jpg", error="timed out"))
+        out.write(CaptionResult("c.jpg", caption="a cat"))            # a later run got it
+        out.close()
+        assert ResultsFile(tmp_path / f"r{suffix}").done == {long_url, "c.jpg"}   # b.jpg is tried again

@@ -115,3 +115,12 @@ def test_validation_batches_and_image_files_get_the_same_captions(tiny_run):
     references = {n: corpus.captions[n] for n in names}
     expected = score_captions(predicted, references, metrics=("CIDEr",))[0]["CIDEr"]
     assert val_cider(model, dataset, vocab, cfg, "fp32", torch.device("cpu")) == pytest.approx(expected, abs=1e-12)
+
+
+def test_max_words_beyond_the_models_positions_is_refused_up_front(tiny_run):
+    from captioning import Captioner
+    captioner = Captioner.from_checkpoint(tiny_run / "best.pt", precision="fp32")
+    limit = captioner.cfg.model.max_tokens - 2
+    assert captioner.options(max_words=limit).max_words == limit
+    with pytest.raises(ValueError, match="max_words.*max_tokens"):
+        captioner.options(max_words=limit + 1)

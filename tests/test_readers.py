@@ -316,3 +316,17 @@ def test_a_format_set_by_hand_that_does_not_fit_the_file_is_named_with_the_one_t
         read_corpus(own_config(tmp_path, path, "flickr30k"))             # every row unreadable as results.csv
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "skipped 7 unreadable row(s)" in warning and "looks like csv" in warning and "set data.format csv" in warning
+
+
+def test_a_coco_folder_mixing_releases_is_refused(tmp_path):
+    annotations = write_coco(tmp_path / "coco", parts=(("train2017", range(1, 3)), ("val2014", range(101, 103))))
+    with pytest.raises(ValueError, match="several COCO releases.*2014, 2017"):
+        read_coco(annotations)
+
+
+def test_a_csv_that_caption_out_wrote_reads_with_input_as_image(tmp_path):
+    make_image(tmp_path / "images" / "a.jpg")
+    captions = tmp_path / "out.csv"
+    captions.write_text("input,caption,error\na.jpg,a red square,\n")
+    found = read_captions(captions, "csv")
+    assert found.captions == {"a.jpg": ["a red square"]}

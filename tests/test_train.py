@@ -587,3 +587,20 @@ def test_resume_of_an_old_format_checkpoint(tiny_run, tmp_path):
     assert after["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr * gamma ** 2, rel=1e-12)
     assert "gamma" not in after["scheduler"]
     assert "max_words" in after["config"]["data"] and "max_len" not in after["config"]["data"]
+
+
+def test_resume_refuses_overrides_that_would_not_apply_and_auto_drops_them(tiny_run, tmp_path, caplog):
+    import shutil
+
+    from captioning.config import ConfigError, load_config
+    from captioning.train import RESUME_KEYS, resume, train_or_resume
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    with pytest.raises(ConfigError, match="train.batch_size.*a resumed run keeps"):
+        resume(run, ["train.batch_size=4"], progress=False)
+    assert "train.epochs" in RESUME_KEYS and "train.lr" not in RESUME_KEYS
+    # --resume auto: the job script's own --set (the first start's) does not stop the restart
+    cfg = load_config(run / "config.yaml", [f"run_dir={run}", "train.lr=0.5"])
+    with caplog.at_level("WARNING"):
+        assert train_or_resume(cfg, ["train.lr=0.5"], progress=False) == run
+    assert "train.lr" in caplog.text

@@ -131,16 +131,26 @@ class Captioner:
         opts = DecodeOptions(**options)
         if opts.max_words is None:
             opts = replace(opts, max_words=self.cfg.data.max_words)
+        if opts.max_words > self.cfg.model.max_tokens - 2:
+            raise ValueError(f"max_words={opts.max_words}: this model reads at most model.max_tokens="
+                             f"{self.cfg.model.max_tokens} tokens, <bos> and <eos> included: at most "
+                             f"{self.cfg.model.max_tokens - 2} words")
         return opts.check(len(self.model.transformer.decoder.layers), self.cfg.model.num_heads)
 
-    def search(self, memory: torch.Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
+    def generator(self, options: DecodeOptions) -> torch.Generator | None:
+        """Sampling's random numbers: one generator a call, seeded with `seed` (else at random)."""
+        if not options.sampling:
+            return None
+        generator = torch.Generator(self.device)
+        generator.manual_seed(options.seed) if options.seed is not None else generator.seed()
+        return generator
+
+    def search(self, memory: torch.Tensor, options: DecodeOptions,
+               generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
         """Memory (B, L, d_model) -> per image its hypotheses, best first."""
         v = self.vocab
         rules = rules_for(options, v.pad, v.bos, v.eos, v.index)
-        generator = None
-        if options.sampling:
-            generator = torch.Generator(self.device)
-            generator.manual_seed(options.seed) if options.seed is not None else generator.seed()
+        generator = generator or self.generator(options)
         with self._inference():
             return search(self.model, memory, options, rules, generator)
 
@@ -173,6 +183,7 @@ class Captioner:
         captions this one; only two batches of images are ever in memory.
         """
         opts = self.options(beam_size=beam_size, **options)
+        generator = self.generator(opts)     # one for the whole call: a caption does not depend on the batch it is in
         with ThreadPoolExecutor(max(workers, 1)) as pool:
             for batch in self._opened_batches(inputs, batch_size, pool):
                 results = [CaptionResult(describe(inputs[i])) for i, _ in batch]
@@ -182,7 +193,7 @@ class Captioner:
                         results[k].error = str(image)
                 if images:
                     memory = self.encode(list(images.values()))
-                    for k, hyps in zip(images, self.search(memory, opts)):
+                    for k, hyps in zip(images, self.search(memory, opts, generator)):
                         self._fill(results[k], hyps, opts, memory.size(1))
                         if opts.attention:
                             results[k].image = images[k].resize((self.cfg.data.image_size,) * 2, Image.BILINEAR)
@@ -251,18 +262,21 @@ class ResultsFile:
                 self.path.write_bytes(data[:data.rfind(b"\n") + 1])
 
     def _read_done(self) -> set[str]:
+        """The inputs whose last line holds a caption: those that failed are tried again."""
         if not self.path.is_file():
             return set()
         with open(self.path, newline="", encoding="utf-8") as f:
-            if self.csv:
-                return {row["input"] for row in csv.DictReader(f) if row.get("input")}
-            return {json.loads(line)["input"] for line in f if line.strip()}
+            rows = csv.DictReader(f) if self.csv else (json.loads(line) for line in f if line.strip())
+            last = {row["input"]: bool(row.get("caption")) for row in rows if row.get("input")}
+        return {name for name, captioned in last.items() if captioned}
 
-    def write(self, result: CaptionResult) -> None:
+    def write(self, result: CaptionResult, source: str | None = None) -> None:
+        """One result; `source`: the input as given (result.input may be shortened for display)."""
+        name = source if source is not None else result.input
         if self.csv:
-            self.writer.writerow([result.input, result.caption or "", result.error or ""])
+            self.writer.writerow([name, result.caption or "", result.error or ""])
         else:
-            self.file.write(json.dumps(result.to_dict()) + "\n")
+            self.file.write(json.dumps({**result.to_dict(), "input": name}) + "\n")
         self.file.flush()
 
     def close(self) -> None:

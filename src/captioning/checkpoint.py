@@ -94,11 +94,13 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def _why_unreadable(path: Path, error: Exception) -> str:
+    if isinstance(error, (PermissionError, IsADirectoryError)):
+        return f"cannot be read: {error.strerror or error}"
     if not zipfile.is_zipfile(path):       # torch.save writes a zip archive
         return "not a file torch.save wrote: a CSV, an image or a truncated download?"
     if "weights only load failed" in str(error).lower():
         return "it holds objects other than tensors, lists, dicts and numbers, which could run code when loaded"
-    return "a damaged or truncated PyTorch file"
+    return "a damaged or truncated PyTorch file, or a zip archive of something else"
 
 
 def load_checkpoint(path: str | Path, device="cpu") -> tuple[CaptionModel, Vocabulary, Config]:

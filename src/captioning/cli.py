@@ -79,9 +79,9 @@ def _caption(args) -> int:
     try:
         results = captioner.caption_iter(todo, beam_size=args.beam, batch_size=args.batch_size,
                                          **_decode_options(args))
-        for n, r in enumerate(results):
+        for source, r in zip(todo, results):
             failed |= not r.ok
-            _show(r, args, out, n)
+            _show(r, args, out, inputs.index(source) if args.attention else 0, source)
             bar.update()
     finally:
         bar.close()
@@ -90,12 +90,13 @@ def _caption(args) -> int:
     return 1 if failed else 0
 
 
-def _show(r, args, out, n: int) -> None:
-    """One result: to --out, to stdout (a JSON line or `input<TAB>caption` lines), errors to stderr."""
+def _show(r, args, out, n: int, source: str) -> None:
+    """One result: to --out, to stdout (a JSON line or `input<TAB>caption` lines), errors to stderr.
+    `n`: the input's place among all the inputs (its attention PNG's number)."""
     if args.attention and r.ok:
         _draw_attention(r, n, Path(args.attention))
     if out is not None:
-        out.write(r)
+        out.write(r, source)
         if not r.ok:
             print(f"error: {r.error}", file=sys.stderr, flush=True)
     elif args.json:

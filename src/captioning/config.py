@@ -76,7 +76,7 @@ class TrainConfig:
     weight_decay: float = 0.0        # adamw: decoupled; adam: L2 added to the gradient
     scheduler: str = "exponential"   # exponential: lr * gamma ** epoch (the reference's) | cosine: to 0 over all steps
     gamma: float = 0.95              # scheduler=exponential: the factor per epoch
-    warmup_steps: int = 0            # linear warmup from 0 over this many optimizer steps, then the scheduler
+    warmup_steps: int = 0            # linear warmup: step k (from 1) at k / warmup_steps of the rate, then the schedule
     label_smoothing: float = 0.0     # of the cross-entropy loss
     patience: int = 3                # evaluations without a better monitored value before stopping; 0 = never
     monitor: str = "val_loss"        # what picks best.pt and stops early: val_loss (lower) | cider (val CIDEr, higher)

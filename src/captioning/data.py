@@ -178,6 +178,10 @@ def _coco_files(path: Path) -> list[Path]:
         raise FileNotFoundError(f"{path}: no captions_*.json in this folder (format coco: data.captions names "
                                 "COCO's annotations/ folder, the one with captions_train2017.json and "
                                 "captions_val2017.json)")
+    years = sorted({m.group(0) for f in files if (m := re.search(r"\d{4}", f.stem))})
+    if len(years) > 1:      # 2014 and 2017 hold the same pictures: read together, images would sit in two splits
+        raise ValueError(f"{path}: caption files of several COCO releases ({', '.join(years)}); keep one release's "
+                         "captions_train/captions_val pair in the folder (or name one file in data.captions)")
     return files
 
 
@@ -234,13 +238,16 @@ def read_coco(path: str | Path, split_seed: int = 0) -> tuple[dict[str, list[str
 
 
 def csv_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
-    """(where, row) of a CSV with a header naming 'image' and 'caption' (any case; ',' ';' or tab-separated)."""
+    """(where, row) of a CSV with a header naming 'image' and 'caption' (any case; ',' ';' or tab-separated);
+    'input' stands for 'image' (as `caption --out FILE.csv` writes)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = f.readline()
         delimiter = next((d for d in (",", "\t", ";") if d in header), ",")
         f.seek(0)
         reader = csv.DictReader(f, delimiter=delimiter)
         fields = [str(n).strip().lower() for n in reader.fieldnames or []]
+        if "image" not in fields and "input" in fields:
+            fields = ["image" if n == "input" else n for n in fields]
         if not {"image", "caption"} <= set(fields):
             raise ValueError(f"{path}: expected a header with 'image' and 'caption' columns (and optionally 'split'), "
                              f"got {reader.fieldnames}: name the columns so, or {FORMAT_HINT}")

@@ -19,7 +19,8 @@ def init_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank); joins the process group when torchrun started several processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # gloo reduces the CPU tensors (loss sums), NCCL the CUDA ones (DDP's gradients)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))) if world > 1 else (0, 1, 0)
 
 

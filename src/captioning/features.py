@@ -246,7 +246,8 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
     writer = _CacheWriter(folder, names, cache, meta=lambda shape: _meta(key, names, shape, parts, fingerprint,
                                                                          precision, device))
     loader = DataLoader(_Images(images_dir, names[writer.done:], cfg.data.image_size), batch_size=batch_size,
-                        num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
+                        num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())   # its own: a run draws the same numbers, cache built or not
     bar = tqdm(total=len(names), initial=writer.done, desc="features", unit="img", disable=not progress)
     was_training = net.training
     net.eval()

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .captioner import Captioner
 from .checkpoint import model_checkpoint, read_checkpoint, rng_state, save_atomic, set_rng_state
-from .config import Config, absolute_paths, from_dict, read_yaml_config, save_config, to_dict
+from .config import Config, ConfigError, absolute_paths, from_dict, read_yaml_config, save_config, to_dict
 from .data import CaptionDataset, build_loader, load_splits, make_splits, read_corpus, save_splits
 from .device import autocast, resolve_device, resolve_precision
 from .env import write_env
@@ -288,7 +288,8 @@ def write_history(history: list[dict], run_dir: Path) -> None:
 
 def prepare_data(cfg: Config, run_dir: Path, vocab: Vocabulary | None, rank: int = 0):
     """Corpus, train/val datasets and vocabulary of a run: made fresh, or read back (`vocab` given) on resume."""
-    corpus = read_corpus(cfg)
+    with distributed.rank_zero_first(rank):           # rank 0 may generate Shapes; the others then read it
+        corpus = read_corpus(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)         # once the data is found: a typo leaves no folder behind
     if vocab is not None:
         splits = load_splits(run_dir / "splits.json")
@@ -337,7 +338,8 @@ def _start(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool) -> Run
     corpus, datasets, vocab = prepare_data(cfg, run_dir, vocab, rank)
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml", given)
-        write_env(run_dir / "env.json", device, precision)
+        if not (run_dir / "env.json").is_file():     # the run's start; a resume elsewhere logs its own device
+            write_env(run_dir / "env.json", device, precision)
     model = build_model(cfg.model, len(vocab), vocab.pad).to(device)
     if cfg.train.cache_features:
         datasets = _cached(cfg, corpus, datasets, model, device, precision, rank, progress)
@@ -365,7 +367,7 @@ def _epoch(run: Run, progress: bool) -> str:
     cfg, state, t = run.cfg, run.state, run.cfg.train
     epoch, start = state.epoch + 1, time.time()
     train_loader = run.loader("train", epoch, skip_batches=state.batch)
-    lr = run.optimizer.param_groups[0]["lr"]
+    lr = cfg.train.lr * run.scheduler.lr_lambdas[0](state.step - state.batch)   # at the epoch's first step
 
     end = state.batch + len(train_loader)
 
@@ -427,7 +429,8 @@ def resume(run_dir: str | Path, overrides: list[str] = (), progress: bool = True
 def _resume(run_dir: str | Path, overrides: list[str], progress: bool) -> Path:
     run_dir = Path(run_dir)
     ckpt = read_checkpoint(run_dir / "last.pt")
-    cfg = from_dict(ckpt["config"], overrides, source=str(run_dir / "last.pt"))
+    _check_resume_overrides(overrides, run_dir)
+    cfg = from_dict(ckpt["config"], [*overrides, f"run_dir={run_dir}"], source=str(run_dir / "last.pt"))
     state = TrainState()
     state.load_state_dict(ckpt)
     if state.finished(cfg):
@@ -437,15 +440,33 @@ def _resume(run_dir: str | Path, overrides: list[str], progress: bool) -> Path:
     return _fit(_start(cfg, run_dir, ckpt, progress), progress)
 
 
+# what --set may change when a run goes on: the rest (sizes, schedule, optimizer, data preparation)
+# would silently not apply, or change the run's past (the schedule is a function of the step)
+RESUME_KEYS = ("run_dir", "train.epochs", "train.patience", "train.save_every", "train.num_workers", "train.device",
+               "train.precision", "train.eval_every", "train.eval_images", "train.grad_clip", "data.images",
+               "data.captions", "data.features_dir")
+
+
+def _check_resume_overrides(overrides: list[str], run_dir: Path) -> None:
+    fixed = [item.partition("=")[0].strip() for item in overrides
+             if item.partition("=")[0].strip() not in RESUME_KEYS]
+    if fixed:
+        raise ConfigError(f"--set {', '.join(fixed)}: a resumed run keeps these from {run_dir}/config.yaml (its "
+                          "optimizer, schedule and data are already under way); it can change "
+                          f"{', '.join(RESUME_KEYS)}. Start a new run (another run_dir) to change the rest")
+
+
 def train_or_resume(cfg: Config, overrides: list[str] = (), progress: bool = True) -> Path:
     """`--resume auto`: continue the run in cfg.run_dir when it holds a last.pt, else start it.
 
-    A run that goes on keeps the config saved in it (plus `overrides`); keys of `cfg` that differ
-    from it are named in a warning.
+    A run that goes on keeps the config saved in it, plus those of `overrides` a resumed run can
+    take (RESUME_KEYS: the same job script, with its --set, serves the start and every restart); keys
+    of `cfg` that differ from the saved config are named in a warning.
     """
     run_dir = Path(cfg.run_dir)
     if not (run_dir / "last.pt").is_file():
         return train(cfg, progress)
+    overrides = [item for item in overrides if item.partition("=")[0].strip() in RESUME_KEYS]
     if (run_dir / "config.yaml").is_file():
         saved = absolute_paths(from_dict(read_yaml_config(run_dir / "config.yaml"), overrides, check_paths=False))[0]
         changed = _differences(saved, absolute_paths(cfg)[0])
