@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 SHAPES := data/shapes
 RUN    := runs/shapes
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo figures test test-fast lint install clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,19 @@ demo: install
 	$(PY) -m papermill inference.ipynb $(RUN)/inference.ipynb -p checkpoint $(RUN)/best.pt \
 	    -y "images: [$(SHAPES)/flickr30k_images/$$1, 'http://127.0.0.1:$(PORT)/$$2']"
 	$(PY) scripts/strip_injected.py $(RUN)/inference.ipynb
+
+# Maintainers, after `make demo`: the executed notebooks and the figures of that run into the repo (the
+# committed outputs and the README's figures come from here), and the attention maps of the first test image.
+figures:
+	cp $(RUN)/training.ipynb training.ipynb
+	cp $(RUN)/inference.ipynb inference.ipynb
+	cp $(RUN)/loss.png imgs/shapes_loss.png
+	cp $(RUN)/lr.png imgs/shapes_lr.png
+	cp $(RUN)/data_examples.png imgs/shapes_data_examples.png
+	cp $(RUN)/test_predictions.png imgs/shapes_test_predictions.png
+	rm -rf imgs/attention
+	set -- $$($(PY) -c "import json; print(json.load(open('$(RUN)/splits.json'))['test'][0])"); \
+	$(PY) -m captioning caption --checkpoint $(RUN)/best.pt --attention imgs/attention $(SHAPES)/flickr30k_images/$$1
 
 # ruff, configured in pyproject.toml ([tool.ruff]).
 lint: install
