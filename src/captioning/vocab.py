@@ -1,6 +1,7 @@
 """Word tokenizer and vocabulary, stored as a plain list of tokens."""
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -34,6 +35,11 @@ class Vocabulary:
         # frequency first, then alphabetical: the same captions always give the same ids
         words = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
         return cls(list(SPECIALS) + words)
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokens in id order: what ties data built for one vocabulary (CIDEr-D's document
+        frequencies) to it."""
+        return hashlib.sha256("\n".join(self.tokens).encode()).hexdigest()
 
     def to_list(self) -> list[str]:
         return list(self.tokens)
