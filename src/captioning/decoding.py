@@ -202,6 +202,7 @@ class Hypothesis:
     logprob: float
     score: float
     maps: torch.Tensor | None = None        # (words + 1, L) when it ended, (words, L) when cut at max_words
+    ended: bool = True                      # it chose <eos> (else max_words cut it)
 
 
 def _length_score(total: float, length: int, length_penalty: float) -> float:
@@ -254,7 +255,7 @@ def sample_or_greedy(model: CaptionModel, memory: torch.Tensor, rules: Rules, ma
             index = torch.tensor(keep, device=memory.device)
             cache, tokens, alive = cache.select(index, index), tokens[index], [alive[j] for j in keep]
     return [Hypothesis(words[b], sums[b], _length_score(sums[b], len(words[b]) + ended[b], length_penalty),
-                       torch.stack(maps[b]) if maps[b] else None) for b in range(B)]
+                       torch.stack(maps[b]) if maps[b] else None, ended[b]) for b in range(B)]
 
 
 @torch.no_grad()
@@ -395,7 +396,7 @@ def _fill_in(beams: _Beams, finished: list[list[Hypothesis]], n_best: int, score
     """max_words words and still fewer than n_best finished: the live beams fill in."""
     for j, b in enumerate(beams.images):
         if len(finished[b]) < n_best:
-            finished[b] += [Hypothesis(ws, total, score(total, len(ws)), torch.stack(ms) if ms else None)
+            finished[b] += [Hypothesis(ws, total, score(total, len(ws)), torch.stack(ms) if ms else None, False)
                             for ws, ms, total in zip(beams.words[j], beams.maps[j], beams.sums[j].tolist())
                             if total > float("-inf")]
 
