@@ -68,8 +68,11 @@ def test_rng_state_round_trips_through_weights_only(tmp_path):
 
 def test_not_a_checkpoint(tmp_path):
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="format version"):
+    with pytest.raises(ValueError, match="not a captioning checkpoint: .*other.pt"):
         read_checkpoint(tmp_path / "other.pt")
+    torch.save({"format_version": 99}, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="format version 99; this version reads 1"):
+        read_checkpoint(tmp_path / "future.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         read_checkpoint(tmp_path / "missing.pt")
 

@@ -163,6 +163,12 @@ def test_device_cuda_without_a_gpu_says_cpu_runs(tmp_path):
 
 # ---------------------------------------------------------------- Ctrl-C
 
+def _sigint_default():
+    """In the child before exec: Ctrl-C's default, which Python turns into KeyboardInterrupt. A process started
+    in the background by a non-interactive shell (a CI job, say) inherits SIGINT ignored, and Python keeps that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when(process: subprocess.Popen, ready, timeout: float = 120) -> tuple[str, str]:
     deadline = time.monotonic() + timeout
     while not ready() and time.monotonic() < deadline and process.poll() is None:
@@ -175,7 +181,8 @@ def _interrupt_when(process: subprocess.Popen, ready, timeout: float = 120) -> t
 def test_ctrl_c_in_train_exits_130_naming_the_checkpoint_and_the_resume_command(shapes_dir, tmp_path):
     save_config(tiny_config(shapes_dir, tmp_path / "run", "train.epochs=50", "train.save_every=1"), tmp_path / "c.yaml")
     process = subprocess.Popen([sys.executable, "-m", "captioning", "train", "--config", tmp_path / "c.yaml"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               preexec_fn=_sigint_default)
     _, err = _interrupt_when(process, lambda: (tmp_path / "run" / "last.pt").exists())
     assert process.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == (f"interrupted: the last checkpoint is {tmp_path / 'run' / 'last.pt'}; "
@@ -190,7 +197,7 @@ def test_ctrl_c_in_caption_exits_130_and_keeps_the_captions_already_printed(tiny
     with open(out, "w") as f:
         process = subprocess.Popen([sys.executable, "-m", "captioning", "caption", "--checkpoint", tiny_run / "best.pt",
                                     "--json", "--batch-size", "4", "--precision", "fp32", *images], stdout=f,
-                                   stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                                   stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=_sigint_default)
         _, err = _interrupt_when(process, lambda: out.stat().st_size > 0)
     assert process.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
     lines = out.read_text().splitlines()

@@ -456,7 +456,7 @@ def test_url_redirect_to_another_scheme_is_refused(server):
 @pytest.mark.parametrize("path, reason", [
     ("/missing", "HTTP 404 Not Found"),
     ("/error", "HTTP 500 Internal Server Error"),
-    ("/page.html", "not an image file"),
+    ("/page.html", "the server returned an HTML page"),
     ("/huge-declared", "max_bytes"),
 ])
 def test_url_errors(server, path, reason):

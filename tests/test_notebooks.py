@@ -149,6 +149,10 @@ def image_server(shapes_dir):
     server.shutdown()
 
 
+def batch_cell(nb):
+    return next(c for c in nb.cells if c.cell_type == "code" and "results = captioner.caption(images" in c.source)
+
+
 @pytest.mark.slow
 def test_inference_notebook_captions_paths_and_urls_and_reports_bad_inputs(tiny_run, shapes_dir, image_server,
                                                                           tmp_path):
@@ -157,13 +161,17 @@ def test_inference_notebook_captions_paths_and_urls_and_reports_bad_inputs(tiny_
               str(tmp_path / "missing.jpg")]
     nb = execute("inference.ipynb", tmp_path / "inference.ipynb", checkpoint=str(tiny_run / "best.pt"),
                  images=images, beam_size=2)
-    batch = text_outputs(nb.cells[-1])                                     # the batch's table, one row per input
+    batch = text_outputs(batch_cell(nb))                                   # the batch's table, one row per input
     for source in images:
         assert source in batch
     assert "missing.jpg" in batch and "error" in batch
     one_by_one = next(c for c in nb.cells if c.cell_type == "code" and "for source in images" in c.source)
     assert sum(has_image({"outputs": [o]}) for o in one_by_one.outputs) == 2   # the two good images, drawn
     assert "missing.jpg" in text_outputs(one_by_one)
+    n_best = next(c for c in nb.cells if c.cell_type == "code" and "num_captions=3" in c.source)
+    assert "beam" in text_outputs(n_best) and "sampled" in text_outputs(n_best)
+    maps = next(c for c in nb.cells if c.cell_type == "code" and "show_attention" in c.source)
+    assert sum(has_image({"outputs": [o]}) for o in maps.outputs) == 2          # a grid of maps per good image
 
 
 @pytest.mark.slow
@@ -171,7 +179,7 @@ def test_inference_notebook_takes_held_out_test_images_when_images_is_empty(tiny
     nb = execute("inference.ipynb", tmp_path / "inference.ipynb", checkpoint=str(tiny_run / "best.pt"), images=[],
                  examples=2)
     test_names = json.loads((tiny_run / "splits.json").read_text())["test"][:2]
-    batch = text_outputs(nb.cells[-1])
+    batch = text_outputs(batch_cell(nb))
     assert all(name in batch for name in test_names)
     assert "error" not in batch
 

@@ -139,9 +139,9 @@ def test_a_rerun_reuses_finished_runs_and_trains_only_the_new_seed(shapes_dir, t
     stamps = {s: (runs / f"seed{s}" / "best.pt").stat().st_mtime_ns for s in (0, 1)}
 
     trained = []
-    entry = "train" if hasattr(study_module._train, "train") else "fit"
-    real = getattr(study_module._train, entry)
-    monkeypatch.setattr(study_module._train, entry, lambda cfg, *a, **k: trained.append(cfg.seed) or real(cfg, *a, **k))
+    real = study_module.train_or_resume
+    monkeypatch.setattr(study_module, "train_or_resume",
+                        lambda cfg, *a, **k: trained.append(cfg.seed) or real(cfg, *a, **k))
     write_study(path, **{**study, "seeds": [0, 1, 2]})
     second = run_study(path, progress=False, java=False)
     assert trained == [2]                                                     # only the new seed trained

@@ -208,17 +208,16 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
     """Grid features of `names` (files in `images_dir`) cached under `root`/<key>; returns the complete cache.
 
     A complete cache returns at once without running the encoder; a partial one
-    (the process was killed) continues from its recorded count. `encoder`
-    defaults to `build_encoder(cfg)`; one given must have the weights cfg
-    describes, is not changed, and `device` defaults to where it lives.
+    (the process was killed) continues from its recorded count. `encoder` defaults to
+    `build_encoder(cfg)`; one given must have the weights cfg describes, is not changed,
+    and `device` defaults to where it lives. The loader has a generator of its own: a
+    run draws the same numbers from the global RNG, cache built or not.
     """
     if cfg.model.train_backbone:
         raise ValueError("config key 'model.train_backbone': features can only be cached for a frozen encoder")
     names = list(names)
-    if not names:
-        raise ValueError("no images to extract features of")
-    if len(set(names)) != len(names):
-        raise ValueError("the image list for the feature cache holds duplicate names")
+    if not names or len(set(names)) != len(names):
+        raise ValueError("the image list for the feature cache " + ("is empty" if not names else "holds duplicates"))
     images_dir = Path(images_dir).expanduser()
     parts = key_parts(cfg, names, images_dir)
     key = _digest(parts)
@@ -245,9 +244,9 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
         del encoder                    # the folded copy is all that runs
     writer = _CacheWriter(folder, names, cache, meta=lambda shape: _meta(key, names, shape, parts, fingerprint,
                                                                          precision, device))
-    loader = DataLoader(_Images(images_dir, names[writer.done:], cfg.data.image_size), batch_size=batch_size,
+    loader = DataLoader(_Images(images_dir, names[writer.done:], cfg.data.image_size), batch_size,
                         num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator())   # its own: a run draws the same numbers, cache built or not
+                        generator=torch.Generator())
     bar = tqdm(total=len(names), initial=writer.done, desc="features", unit="img", disable=not progress)
     was_training = net.training
     net.eval()
