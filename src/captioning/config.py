@@ -278,6 +278,14 @@ def to_dict(cfg: Config) -> dict:
     return asdict(cfg)
 
 
+def flatten(mapping: dict, prefix: str = "") -> dict:
+    """{'train': {'epochs': 6}, 'model.d_model': 128} -> {'train.epochs': 6, 'model.d_model': 128}."""
+    flat = {}
+    for key, value in mapping.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
 PATH_KEYS = ("run_dir", "data.images", "data.captions", "data.features_dir")
 
 

@@ -38,7 +38,7 @@ import pandas as pd
 import yaml
 
 from .checkpoint import load_checkpoint
-from .config import Config, ConfigError, from_dict, load_config
+from .config import Config, ConfigError, flatten, from_dict, load_config
 from .evaluate import evaluate
 from .model import count_parameters
 from .train import train_or_resume
@@ -91,14 +91,7 @@ def _flatten(mapping: dict, where: str, prefix: str = "") -> dict:
     """{'train': {'epochs': 6}, 'model.d_model': 128} -> {'train.epochs': 6, 'model.d_model': 128}."""
     if not isinstance(mapping, dict):
         raise ConfigError(f"{where}: expected a mapping of config keys to values, got {mapping!r}")
-    flat = {}
-    for key, value in mapping.items():
-        key = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, where, f"{key}."))
-        else:
-            flat[key] = value
-    return flat
+    return flatten(mapping, prefix)
 
 
 def _resolve(value, folder: Path, where: str) -> str:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .captioner import Captioner
 from .checkpoint import model_checkpoint, read_checkpoint, rng_state, save_atomic, set_rng_state
-from .config import Config, ConfigError, absolute_paths, from_dict, read_yaml_config, save_config, to_dict
+from .config import Config, ConfigError, absolute_paths, flatten, from_dict, read_yaml_config, save_config, to_dict
 from .data import CaptionDataset, build_loader, load_splits, make_splits, read_corpus, save_splits
 from .device import autocast, resolve_device, resolve_precision
 from .env import write_env
@@ -478,13 +478,7 @@ def train_or_resume(cfg: Config, overrides: list[str] = (), progress: bool = Tru
 
 def _differences(a: Config, b: Config) -> list[str]:
     """The dotted keys whose values differ between two configs."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in d.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-        return out
-
-    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
     return sorted(k for k in fa if fa[k] != fb.get(k))
 
 
