@@ -55,3 +55,20 @@ def test_two_processes_train_what_one_process_trains(shapes_dir, tmp_path):
     assert not any(k.startswith("module.") for k in b["model"])
     model, _, _ = load_checkpoint(tmp_path / "two" / "best.pt")
     assert model.head.out_features > 0
+
+
+def test_two_processes_train_scst(shapes_dir, tiny_run, tmp_path):
+    """SCST under torchrun: each process samples and rewards its share of the images, the loss is averaged
+    over both, and rank 0 writes the run with the reward's document frequencies and the mean rewards."""
+    settings = ("train.objective=scst", "train.monitor=cider", f"train.init_from={tiny_run / 'best.pt'}",
+                "scst.samples=3", "scst.max_words=8", "train.batch_size=8", "train.epochs=1")
+    save_config(tiny_config(shapes_dir, tmp_path / "scst", *settings), tmp_path / "scst.yaml")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "-m", "captioning", "train", "--config",
+                          tmp_path / "scst.yaml"], capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ckpt = read_checkpoint(tmp_path / "scst" / "last.pt")
+    assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
+    row = ckpt["history"][0]
+    assert row["reward"] != "" and row["val_cider"] != ""
+    assert (tmp_path / "scst" / "cider_df.json").is_file()

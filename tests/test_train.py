@@ -18,8 +18,9 @@ def test_run_directory_holds_everything(shapes_dir, tmp_path):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "val_cider", "lr", "seconds"}
+    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "val_cider", "reward", "baseline", "lr", "seconds"}
     assert rows[0]["val_cider"] == ""                          # monitor=val_loss (the default) skips captioning
+    assert rows[0]["reward"] == rows[0]["baseline"] == ""      # objective=xe has no reward
     assert float(rows[1]["lr"]) == pytest.approx(1e-3 * 0.9)   # ExponentialLR stepped once per epoch
     splits = json.loads((run / "splits.json").read_text())
     names = [set(splits[s]) for s in ("train", "val", "test")]
@@ -246,9 +247,12 @@ def test_train_state_round_trips_through_its_state_dict():
     from captioning.train import TrainState
 
     history = [{"epoch": 1, "train_loss": 2.5, "val_loss": 2.4, "val_cider": "", "lr": 1e-3, "seconds": 3.0}]
-    state = _state(epoch=3, step=42, batch=5, loss_sum=12.5, tokens=250, history=history, best=1.75, bad_epochs=2)
+    state = _state(epoch=3, step=42, batch=5, loss_sum=12.5, tokens=250, history=history, best=1.75, bad_epochs=2,
+                   sums={"reward": 3.5, "samples": 10}, lr_drops=1)
     saved = state.state_dict()
-    assert set(saved) == {"epoch", "step", "batch", "epoch_totals", "history", "best_val", "bad_epochs"}   # last.pt's
+    # last.pt's names; epoch_sums and lr_drops are new (scst's rewards, scheduler=plateau) and default when absent
+    assert set(saved) == {"epoch", "step", "batch", "epoch_totals", "history", "best_val", "bad_epochs",
+                          "epoch_sums", "lr_drops"}
     assert saved["best_val"] == 1.75 and saved["epoch_totals"] == [12.5, 250]
     again = TrainState()
     again.load_state_dict(saved)

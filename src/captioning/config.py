@@ -22,7 +22,9 @@ DATA_FORMATS = ("auto", "flickr30k", "karpathy", "coco", "csv", "jsonl", "shapes
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MONITORS = ("val_loss", "cider")
 OPTIMIZERS = ("adam", "adamw")
-SCHEDULERS = ("exponential", "cosine")
+SCHEDULERS = ("exponential", "cosine", "constant", "plateau")
+OBJECTIVES = ("xe", "scst")
+BASELINES = ("mean", "greedy")
 # old key -> new key: configs and checkpoints written with the old name still load, with a warning
 RENAMED = {"data.max_len": "data.max_words", "model.max_len": "model.max_tokens"}
 
@@ -75,7 +77,8 @@ class TrainConfig:
     optimizer: str = "adam"          # adam (the reference's) | adamw (decoupled weight decay)
     weight_decay: float = 0.0        # adamw: decoupled; adam: L2 added to the gradient
     scheduler: str = "exponential"   # exponential: lr * gamma ** epoch (the reference's) | cosine: to 0 over all steps
-    gamma: float = 0.95              # scheduler=exponential: the factor per epoch
+                                     # | constant | plateau: lr * gamma after each evaluation that did not improve
+    gamma: float = 0.95              # scheduler=exponential: the factor per epoch; plateau: per evaluation
     warmup_steps: int = 0            # linear warmup: step k (from 1) at k / warmup_steps of the rate, then the schedule
     label_smoothing: float = 0.0     # of the cross-entropy loss
     patience: int = 3                # evaluations without a better monitored value before stopping; 0 = never
@@ -88,6 +91,17 @@ class TrainConfig:
     save_every: int = 0              # also write last.pt every this many steps, mid-epoch (0 = at epoch ends only)
     grad_clip: float = 0.0           # max gradient norm; 0 = off
     device: str = "auto"             # auto | cpu | cuda | cuda:N
+    objective: str = "xe"            # xe: cross-entropy | scst: self-critical, CIDEr-D reward (see scst:)
+    init_from: str = ""              # a checkpoint to start from (its model, vocabulary and splits): scst's xe best.pt
+    eval_beam: int = 1               # monitor=cider: beam size of the validation captions (1 = greedy)
+
+
+@dataclass
+class ScstConfig:
+    """train.objective=scst: self-critical sequence training (scst.py)."""
+    samples: int = 5                 # captions sampled per image and step
+    baseline: str = "mean"           # mean: of the image's other samples (Luo 2020) | greedy: its greedy caption's
+    max_words: int = 20              # words per sampled caption
 
 
 @dataclass
@@ -97,6 +111,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
 
 
 def _fill(cls, values: dict, prefix: str):
@@ -179,6 +194,7 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
          f"must be auto, cpu or cuda[:N], got {t.device!r}")
     need(bool(cfg.run_dir), "run_dir", "must not be empty")
+    _validate_objective(cfg, need, check_paths)
     # format shapes generates its data when missing; every other format must find it
     if check_paths and d.format != "shapes":
         need(Path(d.images).expanduser().is_dir(), "data.images", f"folder {d.images!r} does not exist")
@@ -186,6 +202,24 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
         need(captions.exists() if d.format in ("coco", "auto") else captions.is_file(), "data.captions",
              f"{'' if d.format in ('coco', 'auto') else 'file '}{d.captions!r} does not exist")
     return cfg
+
+
+def _validate_objective(cfg: Config, need, check_paths: bool) -> None:
+    t, s = cfg.train, cfg.scst
+    need(t.objective in OBJECTIVES, "train.objective", f"must be one of {OBJECTIVES}, got {t.objective!r}")
+    need(t.eval_beam >= 1, "train.eval_beam", f"must be >= 1, got {t.eval_beam}")
+    need(s.baseline in BASELINES, "scst.baseline", f"must be one of {BASELINES}, got {s.baseline!r}")
+    need(s.samples >= (2 if s.baseline == "mean" else 1), "scst.samples",
+         f"must be >= {2 if s.baseline == 'mean' else 1} (scst.baseline={s.baseline}), got {s.samples}")
+    if t.objective == "scst":
+        need(1 <= s.max_words <= cfg.model.max_tokens - 2, "scst.max_words",
+             f"must be 1 to model.max_tokens - 2 ({cfg.model.max_tokens - 2}), got {s.max_words}")
+        need(bool(t.init_from), "train.init_from",
+             "train.objective=scst starts from a trained model: name its checkpoint (e.g. runs/shapes/best.pt)")
+        need(t.monitor == "cider", "train.monitor", "train.objective=scst selects its model by validation CIDEr: "
+             f"set train.monitor=cider (got {t.monitor!r}; the cross-entropy it does not optimise says little)")
+    if check_paths and t.init_from:
+        need(Path(t.init_from).expanduser().is_file(), "train.init_from", f"file {t.init_from!r} does not exist")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -286,7 +320,7 @@ def flatten(mapping: dict, prefix: str = "") -> dict:
     return flat
 
 
-PATH_KEYS = ("run_dir", "data.images", "data.captions", "data.features_dir")
+PATH_KEYS = ("run_dir", "data.images", "data.captions", "data.features_dir", "train.init_from")
 
 
 def absolute_paths(cfg: Config, base: str | Path | None = None) -> tuple[Config, dict[str, str]]:
@@ -298,6 +332,8 @@ def absolute_paths(cfg: Config, base: str | Path | None = None) -> tuple[Config,
         section, _, name = key.rpartition(".")
         owner = getattr(cfg, section) if section else cfg
         value = getattr(owner, name)
+        if not value:                                  # an optional path left empty (train.init_from)
+            continue
         path = Path(value).expanduser()
         if not path.is_absolute():
             setattr(owner, name, os.path.normpath(base / path))

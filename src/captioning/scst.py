@@ -10,8 +10,13 @@ gives their log-probabilities:
 
 summed over each caption's words up to and including <eos> (a caption that learns to stop early is
 rewarded or punished for the stop too: leaving <eos> out is how captions learn to end on "a"),
-averaged over all the words of the batch. Not yet a config objective of train.py: the functions here
-are what its SCST phase will call.
+averaged over all the words of the batch.
+
+    drawn = draw(model, memory, keys, cider, rules)              # no gradient: the cached decoder
+    logits = net(drawn.tokens[:, :-1], drawn.image_index, ...)    # with gradient: the training path
+    loss, words = policy_loss(logits, drawn.tokens, drawn.advantage, pad)
+
+`ScstObjective` is that, as train.py's objective for `train.objective: scst`.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoding import Rules, Sampling, sample_or_greedy
+from .device import autocast
 from .model import CaptionModel
 from .reward import CiderD
 
@@ -30,6 +36,16 @@ class ScstStats:
     reward: float          # mean reward of the samples
     baseline: float        # mean baseline
     words: int             # words (with <eos>) the loss averages over
+
+
+@dataclass
+class Drawn:
+    """The sampled captions of B images, `samples` each, as a teacher-forced batch."""
+    tokens: torch.Tensor          # (B*samples, T) <bos> w1 ... wn [<eos>] <pad>...
+    image_index: torch.Tensor     # (B*samples,) the image of each
+    advantage: torch.Tensor       # (B*samples,) reward minus baseline
+    reward: torch.Tensor          # (B*samples,)
+    baseline: torch.Tensor        # (B*samples,)
 
 
 def advantages(rewards: torch.Tensor, samples: int, greedy: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,13 +68,45 @@ def caption_tokens(ids: list[list[int]], ended: list[bool], bos: int, eos: int, 
     return torch.tensor([r + [pad] * (width - len(r)) for r in rows])
 
 
+@torch.no_grad()
+def draw(model: CaptionModel, memory: torch.Tensor, keys: list[str], cider: CiderD, rules: Rules,
+         samples: int = 5, max_words: int = 20, baseline: str = "mean",
+         generator: torch.Generator | None = None) -> Drawn:
+    """Sample `samples` captions per image of memory (B, L, D), reward them, and set their baselines."""
+    B, device = memory.size(0), memory.device
+    drawn = sample_or_greedy(model, memory.repeat_interleave(samples, 0), rules, max_words,
+                             Sampling(generator=generator))
+    rewards = torch.tensor(cider.scores([h.ids for h in drawn], [k for k in keys for _ in range(samples)]),
+                           dtype=torch.float32)
+    greedy = None
+    if baseline == "greedy":
+        best = sample_or_greedy(model, memory, rules, max_words)
+        greedy = torch.tensor(cider.scores([h.ids for h in best], keys), dtype=torch.float32)
+    advantage, base = advantages(rewards, samples, greedy)
+    tokens = caption_tokens([h.ids for h in drawn], [h.ended for h in drawn], rules.bos, rules.eos, model.pad_id)
+    index = torch.arange(B, device=device).repeat_interleave(samples)
+    return Drawn(tokens.to(device), index, advantage.to(device), rewards, base)
+
+
+def _picked(logits: torch.Tensor, targets: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of each target word (N, T), 0 at <pad>; and the real words' mask."""
+    real = targets != pad
+    logp = F.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp * real, real
+
+
+def policy_loss(logits: torch.Tensor, tokens: torch.Tensor, advantage: torch.Tensor,
+                pad: int) -> tuple[torch.Tensor, int]:
+    """The SCST loss from the teacher-forced logits (N, T-1, V) of tokens (N, T); and the words it averages over."""
+    picked, real = _picked(logits, tokens[:, 1:], pad)
+    words = int(real.sum())
+    return -(advantage * picked.sum(1)).sum() / max(words, 1), words
+
+
 def sequence_logprobs(model: CaptionModel, memory: torch.Tensor, tokens: torch.Tensor,
                       image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each caption's words and <eos>, (N,); their count, (N,)), with gradient."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logp = F.log_softmax(model.decode(memory, inputs, image_index).float(), -1)    # (N, T-1, V)
-    real = targets != model.pad_id
-    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * real
+    picked, real = _picked(model.decode(memory, tokens[:, :-1], image_index), tokens[:, 1:], model.pad_id)
     return picked.sum(1), real.sum(1)
 
 
@@ -66,19 +114,48 @@ def scst_loss(model: CaptionModel, memory: torch.Tensor, keys: list[str], cider:
               samples: int = 5, max_words: int = 20, baseline: str = "mean",
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, ScstStats]:
     """The SCST loss of B images (memory (B, L, D), with gradient; keys: each image's key in `cider`)."""
-    B, device = memory.size(0), memory.device
-    with torch.no_grad():
-        drawn = sample_or_greedy(model, memory.detach().repeat_interleave(samples, 0), rules, max_words,
-                                 Sampling(generator=generator))
-        ids = [h.ids for h in drawn]
-        rewards = torch.tensor(cider.scores(ids, [k for k in keys for _ in range(samples)]), dtype=torch.float32)
-        greedy = None
-        if baseline == "greedy":
-            best = sample_or_greedy(model, memory.detach(), rules, max_words)
-            greedy = torch.tensor(cider.scores([h.ids for h in best], keys), dtype=torch.float32)
-        advantage, base = advantages(rewards, samples, greedy)
-    tokens = caption_tokens(ids, [h.ended for h in drawn], rules.bos, rules.eos, model.pad_id).to(device)
-    index = torch.arange(B, device=device).repeat_interleave(samples)
-    logp, words = sequence_logprobs(model, memory, tokens, index)
-    loss = -(advantage.to(device) * logp).sum() / words.sum().clamp(min=1)
-    return loss, ScstStats(float(rewards.mean()), float(base.mean()), int(words.sum()))
+    drawn = draw(model, memory.detach(), keys, cider, rules, samples, max_words, baseline, generator)
+    logits = model.decode(memory, drawn.tokens[:, :-1], drawn.image_index)
+    loss, words = policy_loss(logits, drawn.tokens, drawn.advantage, model.pad_id)
+    return loss, ScstStats(float(drawn.reward.mean()), float(drawn.baseline.mean()), words)
+
+
+class ScstObjective:
+    """train.objective=scst: `objective(net, batch)` -> (loss, words, sums of the batch's rewards and baselines).
+
+    Sampling runs the model in eval mode (no dropout) through the cached decoder, without gradient;
+    the loss's teacher-forced pass goes through `net` (DistributedDataParallel with several
+    processes, so gradients are averaged over them), in training mode, as cross-entropy's does.
+    """
+
+    def __init__(self, model: CaptionModel, cider: CiderD, rules: Rules, samples: int, max_words: int,
+                 baseline: str, precision: str, device: torch.device):
+        self.model, self.cider, self.rules = model, cider, rules
+        self.samples, self.max_words, self.baseline = samples, max_words, baseline
+        self.precision, self.device = precision, device
+
+    def _sample(self, batch) -> Drawn:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast(self.precision, self.device):
+                inputs = batch.model_inputs()
+                memory = self.model.memory(inputs["features"]) if "features" in inputs \
+                    else self.model.encode(inputs["images"])
+                return draw(self.model, memory, batch.names, self.cider, self.rules, self.samples,
+                            self.max_words, self.baseline)
+        finally:
+            self.model.train(was_training)
+
+    def __call__(self, net: torch.nn.Module, batch) -> tuple[torch.Tensor, int, dict]:
+        drawn = self._sample(batch)
+        with autocast(self.precision, self.device):
+            logits = net(drawn.tokens[:, :-1], drawn.image_index, **batch.model_inputs())
+        loss, words = policy_loss(logits, drawn.tokens, drawn.advantage, self.model.pad_id)
+        return loss, words, {"reward": float(drawn.reward.sum()), "baseline": float(drawn.baseline.sum()),
+                             "samples": drawn.reward.numel()}
+
+
+def reference_ids(dataset, vocab) -> dict[str, list[list[int]]]:
+    """image name -> the token ids of its captions (no <bos>/<eos>), as CiderD.build takes them."""
+    return {name: [vocab.encode(c)[1:-1] for c in refs] for name, refs in zip(dataset.names, dataset.references)}

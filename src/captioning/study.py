@@ -38,7 +38,7 @@ import pandas as pd
 import yaml
 
 from .checkpoint import load_checkpoint
-from .config import Config, ConfigError, flatten, from_dict, load_config
+from .config import PATH_KEYS, Config, ConfigError, flatten, from_dict, load_config
 from .evaluate import evaluate
 from .model import count_parameters
 from .train import train_or_resume
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 COLUMNS = ("variant", "seed", "d_model", "num_heads", "trainable_params", "epochs", "seconds_per_epoch",
            "best_val_loss", "BLEU-4", "CIDEr", "example_image", "example_caption")
 STUDY_KEYS = ("base", "run_root", "seeds", "set", "variants")
-# config keys whose values are paths: in a study file they are relative to the study file's folder
-PATH_KEYS = ("run_dir", "data.images", "data.captions", "data.features_dir")
 # what summarize() averages over the seeds, and the decimals format_summary() shows them with
 SUMMARY_METRICS = {"best_val_loss": 3, "BLEU-4": 3, "CIDEr": 3, "seconds_per_epoch": 1}
 # what may differ between a run's saved config and the study's for the run to be reused (or resumed)

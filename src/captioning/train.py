@@ -26,7 +26,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +39,21 @@ from .captioner import Captioner
 from .checkpoint import model_checkpoint, read_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import Config, ConfigError, absolute_paths, flatten, from_dict, read_yaml_config, save_config, to_dict
 from .data import CaptionDataset, build_loader, load_splits, make_splits, read_corpus, save_splits
+from .decoding import Rules
 from .device import autocast, resolve_device, resolve_precision
 from .env import write_env
 from .features import FeatureDataset, extract_features
 from .metrics import score_captions
 from .model import CaptionModel, build_model, count_parameters
 from .plots import plot_history
+from .reward import CiderD
+from .scst import ScstObjective, reference_ids
 from .vocab import Vocabulary
 
 log = logging.getLogger(__name__)
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_cider", "lr", "seconds")   # val_cider: monitor=cider
+CIDER_FILE = "cider_df.json"     # objective=scst: CIDEr-D's document frequencies of the training split
+# val_cider: monitor=cider; reward, baseline: objective=scst (the means over the epoch's samples)
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_cider", "reward", "baseline", "lr", "seconds")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,19 +91,31 @@ def _global_mean(loss: torch.Tensor, n: int) -> tuple[torch.Tensor, float, int]:
     return loss * (n * world / n_all), summed / n_all, int(n_all)
 
 
+class CrossEntropy:
+    """train.objective=xe: `objective(net, batch)` -> (mean cross-entropy, tokens, {})."""
+
+    def __init__(self, precision: str, device: torch.device, label_smoothing: float = 0.0):
+        self.precision, self.device, self.label_smoothing = precision, device, label_smoothing
+
+    def __call__(self, net, batch) -> tuple[torch.Tensor, int, dict]:
+        return *caption_loss(net, batch, self.precision, self.device, self.label_smoothing), {}
+
+
 def train_one_epoch(net, loader, optimizer, scheduler, scaler, state: TrainState, *, precision: str,
                     device: torch.device, grad_clip: float = 0.0, label_smoothing: float = 0.0,
-                    progress: bool = True, on_step=None) -> dict:
+                    progress: bool = True, on_step=None, objective=None) -> dict:
     """One pass over `loader`, which starts at batch `state.batch` of epoch `state.epoch + 1`.
 
-    Every optimizer step advances `state` (step, batch, running totals) and the scheduler, then
-    calls `on_step()` (mid-epoch checkpoints).
+    `objective(net, batch)` gives each step's loss (default: cross-entropy, `CrossEntropy`; scst.py's
+    `ScstObjective` for self-critical training). Every optimizer step advances `state` (step,
+    batch, running totals) and the scheduler, then calls `on_step()` (mid-epoch checkpoints).
     """
+    objective = objective or CrossEntropy(precision, device, label_smoothing)
     net.train()
     epoch = state.epoch + 1
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
     for batch in bar:
-        loss, n = caption_loss(net, batch.to(device), precision, device, label_smoothing)
+        loss, n, sums = objective(net, batch.to(device))
         loss, value, n = _global_mean(loss, n)
         if not math.isfinite(value):
             raise NonFiniteLossError(f"loss is {value} at epoch {epoch}, batch {state.batch}: stopping without "
@@ -111,7 +128,7 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, state: TrainState
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        state.advance(value * n, n)
+        state.advance(value * n, n, sums)
         if on_step is not None:
             on_step()
         bar.set_postfix(loss=f"{value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
@@ -130,7 +147,8 @@ def evaluate_loss(model, loader, precision, device, progress: bool = False) -> d
 
 
 def val_cider(model, dataset: CaptionDataset, vocab: Vocabulary, cfg: Config, precision, device) -> float:
-    """CIDEr-D of greedy captions over the first train.eval_images val images (0 = all), scored at once.
+    """CIDEr-D of the captions (beam train.eval_beam; 1: greedy) of the first train.eval_images val images
+    (0 = all), scored at once.
 
     The captions come from the Captioner's own prediction path, as `evaluate`'s do.
     """
@@ -141,7 +159,7 @@ def val_cider(model, dataset: CaptionDataset, vocab: Vocabulary, cfg: Config, pr
     captioner = Captioner(model, vocab, cfg, device=device, precision=precision)
     predictions = {}
     for batch in loader:
-        predictions.update(zip(batch.names, captioner.predict(**batch.model_inputs())))
+        predictions.update(zip(batch.names, captioner.predict(**batch.model_inputs(), beam_size=cfg.train.eval_beam)))
     references = {dataset.names[i]: dataset.references[i] for i in subset.indices}
     return score_captions(predictions, references, metrics=("CIDEr",))[0]["CIDEr"]
 
@@ -156,13 +174,17 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     return kind(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
 
 
-def lr_factor(cfg: Config, steps_per_epoch: int):
-    """step -> the factor of train.lr for the optimizer step after `step` steps."""
+def lr_factor(cfg: Config, steps_per_epoch: int, state: TrainState | None = None):
+    """step -> the factor of train.lr for the optimizer step after `step` steps (plateau: and `state`'s drops)."""
     t = cfg.train
     total = max(t.epochs * steps_per_epoch, 1)
 
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+        if t.scheduler == "constant":
+            return warm
+        if t.scheduler == "plateau":                          # gamma after each evaluation that did not improve
+            return warm * t.gamma ** (state.lr_drops if state is not None else 0)
         if t.scheduler == "cosine":
             done = min(max(step - t.warmup_steps, 0) / max(total - t.warmup_steps, 1), 1.0)
             return warm * 0.5 * (1.0 + math.cos(math.pi * done))
@@ -171,13 +193,15 @@ def lr_factor(cfg: Config, steps_per_epoch: int):
     return factor
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                    state: TrainState | None = None):
     """The learning rate of every optimizer step: LambdaLR over `lr_factor`, stepped after each step.
 
     The default (train.scheduler=exponential, no warmup) is the reference's ExponentialLR(gamma)
-    stepped once per epoch: the factor is gamma ** (epochs done).
+    stepped once per epoch: the factor is gamma ** (epochs done). `plateau` (ReduceLROnPlateau's
+    rule, with patience 0) reads its drops from `state`, which last.pt keeps.
     """
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch, state))
 
 
 def load_scheduler_state(scheduler, saved: dict, step: int) -> None:
@@ -199,13 +223,17 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     best: float | None = None       # the best monitored value so far
     bad_epochs: int = 0             # evaluations since it last improved
+    sums: dict = field(default_factory=dict)   # of epoch + 1 so far: the objective's other sums (scst: rewards)
+    lr_drops: int = 0               # scheduler=plateau: evaluations that did not improve, each a factor gamma
 
-    def advance(self, loss_sum: float, tokens: int) -> None:
+    def advance(self, loss_sum: float, tokens: int, sums: dict | None = None) -> None:
         self.step, self.batch = self.step + 1, self.batch + 1
         self.loss_sum, self.tokens = self.loss_sum + loss_sum, self.tokens + tokens
+        for key, value in (sums or {}).items():
+            self.sums[key] = self.sums.get(key, 0) + value
 
     def end_epoch(self, row: dict) -> None:
-        self.epoch, self.batch, self.loss_sum, self.tokens = self.epoch + 1, 0, 0.0, 0
+        self.epoch, self.batch, self.loss_sum, self.tokens, self.sums = self.epoch + 1, 0, 0.0, 0, {}
         self.history.append(row)
 
     def record(self, value: float | None, lower_is_better: bool) -> bool:
@@ -224,7 +252,8 @@ class TrainState:
         # the names last.pt has always used, so older checkpoints resume and newer ones read the same
         return {"epoch": self.epoch, "step": self.step, "batch": self.batch,
                 "epoch_totals": [self.loss_sum, self.tokens], "history": self.history,
-                "best_val": math.nan if self.best is None else self.best, "bad_epochs": self.bad_epochs}
+                "best_val": math.nan if self.best is None else self.best, "bad_epochs": self.bad_epochs,
+                "epoch_sums": dict(self.sums), "lr_drops": self.lr_drops}
 
     def load_state_dict(self, d: dict) -> None:
         best = d.get("best_val")
@@ -233,6 +262,7 @@ class TrainState:
         self.tokens = int(self.tokens)
         self.history, self.bad_epochs = list(d.get("history", [])), d.get("bad_epochs", 0)
         self.best = None if best is None or not math.isfinite(best) else best
+        self.sums, self.lr_drops = dict(d.get("epoch_sums", {})), d.get("lr_drops", 0)
 
 
 # ---------------------------------------------------------------- a run
@@ -255,6 +285,7 @@ class Run:
     rank: int = 0
     world: int = 1
     paths_given: dict = field(default_factory=dict)     # config paths as given, before they were made absolute
+    objective: object = None        # objective(net, batch) -> (loss, n, sums): CrossEntropy or scst.ScstObjective
 
     def loader(self, split: str, epoch: int = 0, skip_batches: int = 0):
         t = self.cfg.train
@@ -286,25 +317,35 @@ def write_history(history: list[dict], run_dir: Path) -> None:
     plot_history(history, run_dir)
 
 
-def prepare_data(cfg: Config, run_dir: Path, vocab: Vocabulary | None, rank: int = 0):
-    """Corpus, train/val datasets and vocabulary of a run: made fresh, or read back (`vocab` given) on resume."""
+def prepare_data(cfg: Config, run_dir: Path, vocab: Vocabulary | None, rank: int = 0,
+                 splits: dict | None = None):
+    """Corpus, train/val datasets and vocabulary of a run: made fresh, read back (`vocab` given) on resume,
+    or taken from the checkpoint a run starts from (`vocab` and that run's `splits` given)."""
     with distributed.rank_zero_first(rank):           # rank 0 may generate Shapes; the others then read it
         corpus = read_corpus(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)         # once the data is found: a typo leaves no folder behind
-    if vocab is not None:
+    if splits is None and vocab is not None:
         splits = load_splits(run_dir / "splits.json")
-    else:
-        splits = make_splits(corpus, cfg)
-        # built from training captions only: validation and test words stay unseen
+    splits = splits or make_splits(corpus, cfg)
+    _check_split_images(splits, corpus, cfg)
+    if vocab is None:                  # built from training captions only: validation and test words stay unseen
         vocab = Vocabulary.build((c for n in splits["train"] for c in corpus.captions[n]), cfg.data.min_freq)
-        if rank == 0:                  # every process makes the same splits (seeded); one writes them
-            save_splits(splits, run_dir / "splits.json")
+    if rank == 0 and not (run_dir / "splits.json").is_file():   # every process makes the same splits; one writes
+        save_splits(splits, run_dir / "splits.json")
     for split in ("train", "val"):
         if not splits[split]:
             raise ValueError(f"the {split} split is empty: check data.val_fraction and the data set size")
     datasets = {s: CaptionDataset(corpus, splits[s], vocab, cfg.data.image_size, cfg.data.max_words)
                 for s in ("train", "val")}
     return corpus, datasets, vocab
+
+
+def _check_split_images(splits: dict, corpus, cfg: Config) -> None:
+    unknown = [n for names in splits.values() for n in names if n not in corpus.captions]
+    if unknown:
+        raise ConfigError(f"{len(unknown)} image(s) of the run's splits (e.g. {unknown[0]}) are not in "
+                          f"data.captions={cfg.data.captions}: train.init_from's run and this one must read the "
+                          "same data")
 
 
 def _cached(cfg: Config, corpus, datasets: dict, model: CaptionModel, device, precision, rank: int, progress: bool):
@@ -318,6 +359,48 @@ def _cached(cfg: Config, corpus, datasets: dict, model: CaptionModel, device, pr
                                  encoder=model.encoder, device=device, precision=precision,
                                  progress=progress and rank == 0)
     return {s: FeatureDataset(cache, d) for s, d in datasets.items()}
+
+
+# model keys a run started from a checkpoint may change: its weights come from the checkpoint
+INIT_FREE_MODEL_KEYS = ("pretrained", "dropout", "train_backbone")
+
+
+def read_init(cfg: Config) -> tuple[dict, Vocabulary, dict | None]:
+    """train.init_from: its checkpoint, vocabulary and its run's splits (None when it has no splits.json).
+
+    The config's model must be the checkpoint's: a key that differs is an error that names it.
+    """
+    path = Path(cfg.train.init_from)
+    ckpt = read_checkpoint(path)
+    saved = from_dict(ckpt["config"], check_paths=False, source=str(path)).model
+    for key, value in to_dict(saved).items():
+        if key not in INIT_FREE_MODEL_KEYS and getattr(cfg.model, key) != value:
+            raise ConfigError(f"config key 'model.{key}': {getattr(cfg.model, key)!r}, but train.init_from={path} "
+                              f"was trained with {value!r}: the model starts from its weights, so set "
+                              f"model.{key}={value}")
+    splits_file = path.parent / "splits.json"
+    splits = load_splits(splits_file) if splits_file.is_file() else None
+    return ckpt, Vocabulary.from_list(ckpt["vocab"]), splits
+
+
+def build_objective(cfg: Config, run_dir: Path, model: CaptionModel, vocab: Vocabulary, datasets: dict,
+                    precision: str, device: torch.device, rank: int = 0):
+    """The loss of train.objective: cross-entropy, or SCST with CIDEr-D's document frequencies of the
+    training split (built once into the run directory with the vocabulary's fingerprint; a resumed run
+    reads them back and refuses another vocabulary's)."""
+    if cfg.train.objective == "xe":
+        return CrossEntropy(precision, device, cfg.train.label_smoothing)
+    references = reference_ids(datasets["train"], vocab)
+    path = run_dir / CIDER_FILE
+    if path.is_file():
+        cider = CiderD.load(path, vocab.fingerprint(), references)
+    else:
+        cider = CiderD.build(references)
+        if rank == 0:
+            cider.save(path, vocab.fingerprint())
+    s = cfg.scst
+    return ScstObjective(model, cider, Rules(vocab.pad, vocab.bos, vocab.eos), s.samples, s.max_words, s.baseline,
+                         precision, device)
 
 
 def _start(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool) -> Run:
@@ -335,20 +418,31 @@ def _start(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool) -> Run
         torch.cuda.set_device(device)
     precision = resolve_precision(cfg.train.precision, device)
     vocab = None if ckpt is None else Vocabulary.from_list(ckpt["vocab"])
-    corpus, datasets, vocab = prepare_data(cfg, run_dir, vocab, rank)
+    init, splits = None, None
+    if ckpt is None and cfg.train.init_from:
+        init, vocab, splits = read_init(cfg)
+    corpus, datasets, vocab = prepare_data(cfg, run_dir, vocab, rank, splits)
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml", given)
         if not (run_dir / "env.json").is_file():     # the run's start; a resume elsewhere logs its own device
             write_env(run_dir / "env.json", device, precision)
-    model = build_model(cfg.model, len(vocab), vocab.pad).to(device)
+    # weights from a checkpoint (resume, init_from): torchvision's would be downloaded for nothing
+    start_weights = ckpt or init
+    model = build_model(replace(cfg.model, pretrained=cfg.model.pretrained and start_weights is None), len(vocab),
+                        vocab.pad).to(device)
+    if init is not None:
+        model.load_state_dict(init["model"])
+        log.info("starting from %s (epoch %s)", cfg.train.init_from, init.get("epoch"))
     if cfg.train.cache_features:
         datasets = _cached(cfg, corpus, datasets, model, device, precision, rank, progress)
     optimizer = build_optimizer(cfg, model)
     steps_per_epoch = len(build_loader(datasets["train"], batch_size=cfg.train.batch_size, shuffle=True,
                                        num_workers=0, rank=rank, world=world))
+    state = TrainState()
     run = Run(cfg, run_dir, device, precision, vocab, datasets, model, distributed.wrap(model, device, local_rank),
-              optimizer, build_scheduler(cfg, optimizer, steps_per_epoch),
-              torch.amp.GradScaler(device.type, enabled=precision == "fp16"), TrainState(), rank, world, given)
+              optimizer, build_scheduler(cfg, optimizer, steps_per_epoch, state),
+              torch.amp.GradScaler(device.type, enabled=precision == "fp16"), state, rank, world, given,
+              build_objective(cfg, run_dir, model, vocab, datasets, precision, device, rank))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -377,15 +471,20 @@ def _epoch(run: Run, progress: bool) -> str:
 
     train_stats = train_one_epoch(run.net, train_loader, run.optimizer, run.scheduler, run.scaler, state,
                                   precision=run.precision, device=run.device, grad_clip=t.grad_clip,
-                                  label_smoothing=t.label_smoothing, progress=progress, on_step=on_step)
+                                  progress=progress, on_step=on_step, objective=run.objective)
+    sums = distributed.all_sum(*(state.sums.get(k, 0) for k in ("reward", "baseline", "samples")))
     val_loss = evaluate_loss(run.model, run.loader("val"), run.precision, run.device)["loss"]
     cider = None
     if t.monitor == "cider" and (epoch % t.eval_every == 0 or epoch == t.epochs):
         cider = val_cider(run.model, run.datasets["val"], run.vocab, cfg, run.precision, run.device)
+    mean = (lambda i: round(sums[i] / sums[2], 5) if sums[2] else "")     # noqa: E731 (scst's rewards)
     state.end_epoch({"epoch": epoch, "train_loss": round(train_stats["loss"], 5), "val_loss": round(val_loss, 5),
-                     "val_cider": "" if cider is None else round(cider, 5), "lr": lr,
-                     "seconds": round(time.time() - start, 2)})
-    improved = state.record(val_loss if t.monitor == "val_loss" else cider, lower_is_better=t.monitor == "val_loss")
+                     "val_cider": "" if cider is None else round(cider, 5), "reward": mean(0), "baseline": mean(1),
+                     "lr": lr, "seconds": round(time.time() - start, 2)})
+    value = val_loss if t.monitor == "val_loss" else cider
+    improved = state.record(value, lower_is_better=t.monitor == "val_loss")
+    if t.scheduler == "plateau" and value is not None and not improved:
+        _drop_lr(run)
     if run.rank == 0:
         write_history(state.history, run.run_dir)
         if improved:
@@ -393,8 +492,17 @@ def _epoch(run: Run, progress: bool) -> str:
                                          paths_given=run.paths_given), run.run_dir / "best.pt")
     run.save_last()
     return (f"epoch {epoch}: train {train_stats['loss']:.4f}  val {val_loss:.4f}  "
-            f"{'' if cider is None else f'CIDEr {cider:.3f}  '}lr {lr:.2e}  "
+            f"{'' if cider is None else f'CIDEr {cider:.3f}  '}"
+            f"{'' if not sums[2] else f'reward {sums[0] / sums[2]:.3f}  '}lr {lr:.2e}  "
             f"{state.history[-1]['seconds']:.0f}s{'  *best' if improved else ''}")
+
+
+def _drop_lr(run: Run) -> None:
+    """scheduler=plateau: one more factor gamma, from the next step on."""
+    run.state.lr_drops += 1
+    factor = run.scheduler.lr_lambdas[0](run.state.step)
+    for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
+        group["lr"] = base * factor
 
 
 def _fit(run: Run, progress: bool) -> Path:
