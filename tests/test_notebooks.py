@@ -17,7 +17,7 @@ from captioning.config import save_config
 from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("training.ipynb", "inference.ipynb", "extra_research/dmodel_study.ipynb")
+NOTEBOOKS = ("training.ipynb", "inference.ipynb", "extra_research/dmodel_study.ipynb", "extra_research/scst.ipynb")
 INJECTED = "injected-parameters"     # papermill's tag for the cell it inserts after the parameters cell
 
 
@@ -209,3 +209,27 @@ def test_study_notebook_runs_every_seed_and_shows_the_table_the_summary_and_the_
     summary = next(c for c in nb.cells if c.cell_type == "code" and "summarize(" in c.source)
     assert text_outputs(summary).count(" ± ") >= 8                         # 2 variants x 4 measures, mean ± std
     assert has_image(nb.cells[-1])                                           # the overlaid curves, shown
+
+
+@pytest.mark.slow
+def test_scst_notebook_trains_xe_then_each_scst_variant_from_it_and_shows_the_reward_curves(shapes_dir, tmp_path):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    save_config(tiny_config(shapes_dir, "unused", "train.epochs=1"), folder / "base.yaml")
+    scst = {"from": "xe", "train.objective": "scst", "train.monitor": "cider", "train.epochs": 1,
+            "train.scheduler": "constant", "scst.samples": 3, "scst.max_words": 8}
+    study = {"base": "base.yaml", "run_root": "../runs", "seeds": [0],
+             "set": {"data.images": "../shapes/flickr30k_images", "data.captions": "../shapes/results.csv"},
+             "variants": {"xe": {}, "scst_mean": scst, "scst_greedy": {**scst, "scst.baseline": "greedy"}}}
+    (tmp_path / "shapes").symlink_to(shapes_dir, target_is_directory=True)
+    (folder / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))      # xe first: the others start from it
+    nb = execute("extra_research/scst.ipynb", tmp_path / "scst.ipynb", study=str(folder / "study.yaml"))
+    table = pd.read_csv(folder / "results.csv")
+    assert list(table["variant"]) == ["xe", "scst_mean", "scst_greedy"]
+    for variant in ("scst_mean", "scst_greedy"):
+        saved = yaml.safe_load((tmp_path / "runs" / variant / "seed0" / "config.yaml").read_text())
+        assert saved["train"]["init_from"] == str(tmp_path / "runs" / "xe" / "seed0" / "best.pt")
+    assert table[["CIDEr", "shapes_accuracy", "mean_words", "function_word_end", "distinct_1",
+                  "distinct_2"]].notna().all().all()
+    assert (folder / "reward_curves.png").stat().st_size > 1000
+    assert has_image(nb.cells[-1])

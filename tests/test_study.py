@@ -155,3 +155,18 @@ def test_a_rerun_reuses_finished_runs_and_trains_only_the_new_seed(shapes_dir, t
     write_study(path, **{**study, "variants": {"d16": {"model.d_model": 16, "model.dropout": 0.3}}})
     with pytest.raises(ConfigError, match="model.dropout"):
         run_study(path, progress=False, java=False)
+
+
+def test_a_variant_starts_from_another_variants_checkpoint_of_the_same_seed(base_config, tmp_path):
+    scst = {"from": "xe", "train.objective": "scst", "train.monitor": "cider", "scst.max_words": 8}
+    path = write_study(tmp_path / "s.yaml", base="configs/base.yaml", run_root="runs", seeds=[0, 1],
+                       variants={"xe": {}, "scst": scst})
+    runs = load_study(path)
+    assert [(r.variant, r.seed) for r in runs] == [("xe", 0), ("xe", 1), ("scst", 0), ("scst", 1)]
+    for run in runs[2:]:      # the checkpoint need not exist yet: xe trains first
+        assert run.config.train.init_from == str(tmp_path.resolve() / "runs" / "xe" / f"seed{run.seed}" / "best.pt")
+    assert runs[0].config.train.init_from == ""
+    bad = write_study(tmp_path / "bad.yaml", base="configs/base.yaml", run_root="runs",
+                      variants={"scst": scst, "xe": {}})
+    with pytest.raises(ConfigError, match="from: 'xe' must name a variant listed before it"):
+        load_study(bad)

@@ -38,17 +38,22 @@ import pandas as pd
 import yaml
 
 from .checkpoint import load_checkpoint
-from .config import PATH_KEYS, Config, ConfigError, flatten, from_dict, load_config
+from .config import PATH_KEYS, Config, ConfigError, flatten, from_dict, load_config, validate
 from .evaluate import evaluate
 from .model import count_parameters
 from .train import train_or_resume
 
 log = logging.getLogger(__name__)
 COLUMNS = ("variant", "seed", "d_model", "num_heads", "trainable_params", "epochs", "seconds_per_epoch",
-           "best_val_loss", "BLEU-4", "CIDEr", "example_image", "example_caption")
+           "best_val_loss", "BLEU-4", "METEOR", "CIDEr", "shapes_accuracy", "mean_words", "function_word_end",
+           "distinct_1", "distinct_2", "example_image", "example_caption")
 STUDY_KEYS = ("base", "run_root", "seeds", "set", "variants")
 # what summarize() averages over the seeds, and the decimals format_summary() shows them with
-SUMMARY_METRICS = {"best_val_loss": 3, "BLEU-4": 3, "CIDEr": 3, "seconds_per_epoch": 1}
+SUMMARY_METRICS = {"best_val_loss": 3, "BLEU-4": 3, "METEOR": 3, "CIDEr": 3, "shapes_accuracy": 3, "mean_words": 2,
+                   "function_word_end": 3, "distinct_1": 3, "distinct_2": 3, "seconds_per_epoch": 1}
+# evaluate's figures a row keeps (those a run lacks, e.g. METEOR without Java, stay empty)
+RESULT_METRICS = ("BLEU-4", "METEOR", "CIDEr", "shapes_accuracy", "mean_words", "function_word_end", "distinct_1",
+                  "distinct_2")
 # what may differ between a run's saved config and the study's for the run to be reused (or resumed)
 _REUSE_IGNORES = {"run_dir", "data.images", "data.captions", "data.features_dir", "train.epochs",
                   "train.patience", "train.num_workers", "train.device", "train.save_every"}
@@ -155,17 +160,30 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> list[Run]:
     if "run_dir" in common:
         raise ConfigError(f"{path}: set: 'run_dir' would put every variant in one folder: use 'run_root'")
     runs = []
+    variant_dirs = {}
     for name, own in study["variants"].items():
         name = str(name)
         if not name or name != Path(name).name or name in (".", ".."):
             raise ConfigError(f"{path}: variant name {name!r} must be a plain folder name")
         own = _overrides(own, folder, f"{path}: variants: {name}")
-        variant_dir = Path(own.pop("run_dir", run_root / name))
+        start = _start_variant(own, variant_dirs, f"{path}: variants: {name}")
+        variant_dirs[name] = variant_dir = Path(own.pop("run_dir", run_root / name))
         for seed in seeds:
             last = {"seed": seed, "run_dir": str(variant_dir / f"seed{seed}")}
-            cfg = load_config(base, _as_set(common) + list(overrides) + _as_set(own) + _as_set(last))
+            if start is not None:          # that variant's best.pt of the same seed, trained first
+                last["train.init_from"] = str(variant_dirs[start] / f"seed{seed}" / "best.pt")
+            cfg = load_config(base, _as_set(common) + list(overrides) + _as_set(own) + _as_set(last),
+                              check_paths=start is None)
             runs.append(Run(name, seed, cfg))
     return runs
+
+
+def _start_variant(own: dict, earlier: dict, where: str) -> str | None:
+    """A variant's `from: OTHER`: each of its runs starts from OTHER's best.pt of the same seed (train.init_from)."""
+    start = own.pop("from", None)
+    if start is not None and str(start) not in earlier:
+        raise ConfigError(f"{where}: from: {start!r} must name a variant listed before it ({', '.join(earlier)})")
+    return None if start is None else str(start)
 
 
 def describe(runs: list[Run]) -> pd.DataFrame:
@@ -230,6 +248,7 @@ def _train_run(cfg: Config, progress: bool) -> None:
 def run_one(run: Run, progress: bool = True, java: bool | None = None) -> dict:
     """Train one run (or continue it, or reuse it when finished), score best.pt on the test split: a table row."""
     cfg, run_dir = run.config, run.run_dir
+    validate(cfg)                      # its paths too: a `from` variant's checkpoint exists by now
     _check_same_run(cfg, run_dir)
     if _finished(cfg):
         log.info("%s: finished in %s, reused", run.name, run_dir)
@@ -239,12 +258,13 @@ def run_one(run: Run, progress: bool = True, java: bool | None = None) -> dict:
     report = evaluate(run_dir / "best.pt", split="test", precision="fp32", progress=progress, java=java)
     history = _history(run_dir)
     model, _, _ = load_checkpoint(run_dir / "best.pt")
-    example = report["predictions"][0]
+    example, metrics = report["predictions"][0], report["metrics"]
     return {"variant": run.variant, "seed": run.seed, "d_model": cfg.model.d_model, "num_heads": cfg.model.num_heads,
             "trainable_params": count_parameters(model)[0], "epochs": len(history),
             "seconds_per_epoch": round(sum(float(h["seconds"]) for h in history) / len(history), 1),
             "best_val_loss": min(float(h["val_loss"]) for h in history),
-            "BLEU-4": round(report["metrics"]["BLEU-4"], 4), "CIDEr": round(report["metrics"]["CIDEr"], 4),
+            **{k: round(metrics[k], 4) if isinstance(metrics.get(k), float) else metrics.get(k)
+               for k in RESULT_METRICS},
             "example_image": example["image"], "example_caption": example["caption"]}
 
 
@@ -262,6 +282,8 @@ def run_study(path: str | Path, overrides: list[str] = (), out_dir: str | Path |
     table = pd.DataFrame([run_one(r, progress, java) for r in runs], columns=list(COLUMNS))
     table.to_csv(out / "results.csv", index=False)
     plot_study(runs, out / "loss_curves.png")
+    if any(_history(r.run_dir)[0].get("reward") not in (None, "") for r in runs):
+        plot_rewards(runs, out / "reward_curves.png")
     return table
 
 
@@ -322,6 +344,31 @@ def plot_study(runs: list[Run], path: str | Path) -> Path:
     ax.set_ylabel("cross-entropy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_rewards(runs: list[Run], path: str | Path) -> Path:
+    """Self-critical variants: the mean CIDEr-D reward of the samples (left) and the validation CIDEr (right)
+    per epoch, one colour per variant, each seed thin and the mean over the seeds bold."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    variants = list(dict.fromkeys(r.variant for r in runs))
+    for ax, key, label in zip(axes, ("reward", "val_cider"), ("mean reward of the samples", "validation CIDEr")):
+        for i, variant in enumerate(variants):
+            histories = [h for h in (_history(r.run_dir) for r in runs if r.variant == variant)
+                         if h and all(x.get(key) not in (None, "") for x in h)]
+            if not histories:
+                continue
+            for h in histories:
+                ax.plot([int(x["epoch"]) for x in h], [float(x[key]) for x in h], color=f"C{i}", lw=0.8, alpha=0.35)
+            ax.plot(*_mean_curve(histories, key), color=f"C{i}", lw=2.2, marker="o", ms=3.5,
+                    label=f"{variant} (mean of {len(histories)})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
