@@ -122,8 +122,12 @@ def test_committed_notebooks_have_a_tagged_parameters_cell_and_outputs_of_a_real
 def test_training_notebook_trains_evaluates_and_shows(shapes_dir, tmp_path):
     cfg = tiny_config(shapes_dir, tmp_path / "run")
     save_config(cfg, tmp_path / "tiny.yaml")
+    scst = tiny_config(shapes_dir, tmp_path / "scst", "train.objective=scst", "train.monitor=cider", "train.epochs=1",
+                       "scst.samples=3", "scst.max_words=8", f"train.init_from={tiny_run_checkpoint(tmp_path)}")
+    save_config(scst, tmp_path / "scst.yaml")
     nb = execute("training.ipynb", tmp_path / "training.ipynb", config=str(tmp_path / "tiny.yaml"),
-                 overrides=["train.epochs=2"], examples=3, figures_dir=str(tmp_path / "figures"))
+                 overrides=["train.epochs=2"], examples=3, figures_dir=str(tmp_path / "figures"),
+                 scst_config=str(tmp_path / "scst.yaml"))
     run = tmp_path / "run"
     for name in ("best.pt", "last.pt", "history.csv", "loss.png", "lr.png", "test_predictions.json"):
         assert (run / name).is_file(), name
@@ -135,7 +139,17 @@ def test_training_notebook_trains_evaluates_and_shows(shapes_dir, tmp_path):
         assert (tmp_path / "figures" / name).stat().st_size > 1000, name
     shown = "".join(text_outputs(c) for c in nb.cells)
     assert "CIDEr" in shown and "BLEU-4" in shown                           # the metrics table is displayed
-    assert sum(has_image(c) for c in nb.cells) >= 3                         # data, history, predictions
+    assert sum(has_image(c) for c in nb.cells) >= 4                         # data, history, predictions, reward
+    assert "missing images" in shown                                        # the data check's report
+    # the SCST phase started from the notebook's own best.pt (the config's init_from is replaced) and was scored
+    assert (tmp_path / "scst" / "test_predictions.json").is_file() and "+ SCST" in shown
+
+
+def tiny_run_checkpoint(tmp_path):
+    """A file for train.init_from to name when the config is written (the notebook replaces it with its own)."""
+    path = tmp_path / "placeholder.pt"
+    path.touch()
+    return path
 
 
 @pytest.fixture
