@@ -120,3 +120,11 @@ def test_plateau_schedule_drops_by_gamma_after_each_evaluation_without_improveme
     assert state.record(0.5, lower_is_better=False) and not state.record(0.4, lower_is_better=False)
     state.lr_drops += 1                      # what train._epoch does after an evaluation that did not improve
     assert factor(36) == 0.5
+
+
+def test_scst_under_bf16_autocast(shapes_dir, tiny_run, tmp_path):
+    run = fit(scst_config(shapes_dir, tmp_path / "scst", tiny_run, "train.epochs=1", "train.precision=bf16"),
+              progress=False)
+    row = next(csv.DictReader(open(run / "history.csv")))
+    assert float(row["reward"]) >= 0 and float(row["val_loss"]) > 0
+    assert read_checkpoint(run / "best.pt")["model"]["head.weight"].dtype == torch.float32

@@ -10,10 +10,12 @@ def plot_history(history: list[dict], out_dir: str | Path) -> list[Path]:
     """loss.png (train and val cross-entropy) and lr.png, from history.csv's rows; cider.png too
     when the run monitored validation CIDEr, and reward.png (the samples' mean reward and baseline) for SCST."""
     out_dir = Path(out_dir)
-    figures = [("loss.png", ("train_loss", "val_loss"), "cross-entropy"), ("lr.png", ("lr",), "learning rate")]
+    scst = any(h.get("reward") not in (None, "") for h in history)   # its train_loss is not a cross-entropy
+    figures = [("loss.png", ("val_loss",) if scst else ("train_loss", "val_loss"), "cross-entropy"),
+               ("lr.png", ("lr",), "learning rate")]
     if any(h.get("val_cider") not in (None, "") for h in history):
         figures.append(("cider.png", ("val_cider",), "validation CIDEr"))
-    if any(h.get("reward") not in (None, "") for h in history):          # objective=scst
+    if scst:
         figures.append(("reward.png", ("reward", "baseline"), "CIDEr-D of the samples"))
     paths = []
     for name, keys, ylabel in figures:
