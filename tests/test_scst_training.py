@@ -65,13 +65,20 @@ def test_scst_mid_epoch_resume_is_bit_exact(shapes_dir, tiny_run, tmp_path, monk
         assert [h[key] for h in full["history"]] == [h[key] for h in resumed["history"]], key
 
 
-def test_scst_refuses_document_frequencies_of_another_vocabulary(shapes_dir, tiny_run, tmp_path):
-    run = fit(scst_config(shapes_dir, tmp_path / "scst", tiny_run, "train.epochs=1"), progress=False)
+def test_scst_resumes_without_its_starting_checkpoint_and_refuses_another_vocabularys_statistics(shapes_dir,
+                                                                                                   tiny_run, tmp_path):
+    import shutil
+    start = tmp_path / "xe"
+    shutil.copytree(tiny_run, start)
+    run = fit(scst_config(shapes_dir, tmp_path / "scst", start, "train.epochs=1"), progress=False)
+    shutil.rmtree(start)                              # last.pt holds everything a resumed run needs
+    fit(None, resume=run, overrides=["train.epochs=2"], progress=False)
+    assert read_checkpoint(run / "last.pt")["epoch"] == 2
     df = json.loads((run / "cider_df.json").read_text())
     df["vocab_sha256"] = "0" * 64
     (run / "cider_df.json").write_text(json.dumps(df))
     with pytest.raises(ValueError, match="another vocabulary"):
-        fit(None, resume=run, overrides=["train.epochs=2"], progress=False)
+        fit(None, resume=run, overrides=["train.epochs=3"], progress=False)
 
 
 def test_scst_config_errors_name_the_key(shapes_dir, tiny_run, tmp_path):
@@ -79,8 +86,10 @@ def test_scst_config_errors_name_the_key(shapes_dir, tiny_run, tmp_path):
         tiny_config(shapes_dir, tmp_path, *SCST)
     with pytest.raises(ConfigError, match="train.monitor"):
         scst_config(shapes_dir, tmp_path, tiny_run, "train.monitor=val_loss")
-    with pytest.raises(ConfigError, match="train.init_from.*does not exist"):
-        tiny_config(shapes_dir, tmp_path, *SCST, f"train.init_from={tmp_path / 'nothing.pt'}")
+    with pytest.raises(ConfigError, match="train.init_from.*does not exist"):      # when the run starts
+        fit(tiny_config(shapes_dir, tmp_path / "none", *SCST, f"train.init_from={tmp_path / 'nothing.pt'}"),
+            progress=False)
+    assert not (tmp_path / "none").exists()
     with pytest.raises(ConfigError, match="scst.samples"):
         scst_config(shapes_dir, tmp_path, tiny_run, "scst.samples=1")
     with pytest.raises(ConfigError, match="scst.baseline"):

@@ -194,7 +194,7 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
          f"must be auto, cpu or cuda[:N], got {t.device!r}")
     need(bool(cfg.run_dir), "run_dir", "must not be empty")
-    _validate_objective(cfg, need, check_paths)
+    _validate_objective(cfg, need)
     # format shapes generates its data when missing; every other format must find it
     if check_paths and d.format != "shapes":
         need(Path(d.images).expanduser().is_dir(), "data.images", f"folder {d.images!r} does not exist")
@@ -204,7 +204,9 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
     return cfg
 
 
-def _validate_objective(cfg: Config, need, check_paths: bool) -> None:
+def _validate_objective(cfg: Config, need) -> None:
+    """train.objective and scst.*; train.init_from's file is looked for when a run starts from it (train.read_init),
+    so a resumed run, or a checkpoint scored elsewhere, does not need it."""
     t, s = cfg.train, cfg.scst
     need(t.objective in OBJECTIVES, "train.objective", f"must be one of {OBJECTIVES}, got {t.objective!r}")
     need(t.eval_beam >= 1, "train.eval_beam", f"must be >= 1, got {t.eval_beam}")
@@ -218,8 +220,6 @@ def _validate_objective(cfg: Config, need, check_paths: bool) -> None:
              "train.objective=scst starts from a trained model: name its checkpoint (e.g. runs/shapes/best.pt)")
         need(t.monitor == "cider", "train.monitor", "train.objective=scst selects its model by validation CIDEr: "
              f"set train.monitor=cider (got {t.monitor!r}; the cross-entropy it does not optimise says little)")
-    if check_paths and t.init_from:
-        need(Path(t.init_from).expanduser().is_file(), "train.init_from", f"file {t.init_from!r} does not exist")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

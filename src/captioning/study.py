@@ -248,7 +248,7 @@ def _train_run(cfg: Config, progress: bool) -> None:
 def run_one(run: Run, progress: bool = True, java: bool | None = None) -> dict:
     """Train one run (or continue it, or reuse it when finished), score best.pt on the test split: a table row."""
     cfg, run_dir = run.config, run.run_dir
-    validate(cfg)                      # its paths too: a `from` variant's checkpoint exists by now
+    validate(cfg)                      # its data paths too (a `from` variant was loaded without that check)
     _check_same_run(cfg, run_dir)
     if _finished(cfg):
         log.info("%s: finished in %s, reused", run.name, run_dir)

@@ -370,7 +370,9 @@ def read_init(cfg: Config) -> tuple[dict, Vocabulary, dict | None]:
 
     The config's model must be the checkpoint's: a key that differs is an error that names it.
     """
-    path = Path(cfg.train.init_from)
+    path = Path(cfg.train.init_from).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config key 'train.init_from': file {cfg.train.init_from!r} does not exist")
     ckpt = read_checkpoint(path)
     saved = from_dict(ckpt["config"], check_paths=False, source=str(path)).model
     for key, value in to_dict(saved).items():
