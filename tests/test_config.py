@@ -232,6 +232,17 @@ def test_flickr30k_yaml_holds_the_reference_hyper_parameters():
     assert (t.lr, t.gamma) == (5e-5, 0.95)
 
 
+def test_scst_configs_start_from_their_cross_entropy_run_with_the_same_model():
+    for name, first in (("shapes_scst.yaml", "shapes.yaml"), ("coco_scst.yaml", "coco.yaml")):
+        cfg, xe = _committed(name), _committed(first)
+        assert cfg.train.objective == "scst" and cfg.train.monitor == "cider"
+        assert cfg.train.init_from == f"{xe.run_dir}/best.pt" and cfg.model == xe.model and cfg.data == xe.data
+        assert (cfg.scst.samples, cfg.scst.baseline, cfg.scst.max_words) == (5, "mean", 20)
+        assert cfg.train.scheduler == "constant" and cfg.train.grad_clip > 0
+    coco = _committed("coco_scst.yaml")
+    assert (coco.train.lr, coco.train.eval_beam) == (5e-6, 5)                 # the published recipe
+
+
 def test_dmodel128_yaml_is_the_reference_variant():
     cfg = _committed("dmodel128.yaml")
     assert (cfg.model.d_model, cfg.model.num_heads) == (128, 4)
