@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 SHAPES := data/shapes
 RUN    := runs/shapes
+SCST   := runs/shapes_scst
 
 .PHONY: demo figures test test-fast lint install clean
 
@@ -18,13 +19,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 # Build Shapes, then run the two notebooks headless on it: training.ipynb trains from scratch on the
-# CPU and scores the test split; inference.ipynb captions a held-out image from its path and another
+# CPU and scores the test split, then trains configs/shapes_scst.yaml ($(SCST)) from its best.pt and
+# scores that; inference.ipynb captions a held-out image from its path and another
 # from a URL served on 127.0.0.1. The executed notebooks, checkpoints and figures land in $(RUN); each
 # executed notebook loses papermill's injected-parameters cell (scripts/strip_injected.py), so it can be
 # copied over the committed one without overriding a Jupyter reader's parameters cell.
 demo: install
 	test -f $(SHAPES)/results.csv || $(PY) -m captioning shapes $(SHAPES) --images 3000
-	rm -rf $(RUN) && mkdir -p $(RUN)
+	rm -rf $(RUN) $(SCST) && mkdir -p $(RUN)
 	$(PY) -m papermill training.ipynb $(RUN)/training.ipynb -p config configs/shapes.yaml
 	$(PY) scripts/strip_injected.py $(RUN)/training.ipynb
 	$(PY) -m http.server $(PORT) --bind 127.0.0.1 --directory $(SHAPES)/flickr30k_images >/dev/null 2>&1 & \
@@ -43,6 +45,7 @@ figures:
 	cp $(RUN)/lr.png imgs/shapes_lr.png
 	cp $(RUN)/data_examples.png imgs/shapes_data_examples.png
 	cp $(RUN)/test_predictions.png imgs/shapes_test_predictions.png
+	cp $(SCST)/reward.png imgs/shapes_scst_reward.png
 	rm -rf imgs/attention
 	set -- $$($(PY) -c "import json; print(json.load(open('$(RUN)/splits.json'))['test'][0])"); \
 	$(PY) -m captioning caption --checkpoint $(RUN)/best.pt --attention imgs/attention $(SHAPES)/flickr30k_images/$$1

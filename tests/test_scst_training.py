@@ -137,3 +137,53 @@ def test_scst_under_bf16_autocast(shapes_dir, tiny_run, tmp_path):
     row = next(csv.DictReader(open(run / "history.csv")))
     assert float(row["reward"]) >= 0 and float(row["val_loss"]) > 0
     assert read_checkpoint(run / "best.pt")["model"]["head.weight"].dtype == torch.float32
+
+
+def test_reference_words_outside_the_vocabulary_match_no_sample():
+    from captioning.reward import CiderD
+    from captioning.scst import reference_ids
+
+    vocab = Vocabulary.build(["a red circle"], min_freq=1)
+    dataset = type("D", (), {"names": ["x.png"], "references": [["a zebra circle", "a red zebra"]]})()
+    refs = reference_ids(dataset, vocab)["x.png"]
+    zebra = refs[0][1]
+    assert zebra < 0 and refs[1][2] == zebra                       # one id per unknown word, never a real one
+    cider = CiderD.build({"x.png": refs})
+    a, red, circle, unk = (vocab.index[w] for w in ("a", "red", "circle", "<unk>"))
+    # a sampled <unk> scores as coco-caption would score the string "<unk>": it matches no reference word
+    assert cider.scores([[a, unk, circle]], ["x.png"])[0] == cider.scores([[a, 999, circle]], ["x.png"])[0]
+
+
+def test_init_from_a_run_directory_without_splits_warns_and_makes_them(shapes_dir, tiny_run, tmp_path, caplog):
+    import shutil
+    start = tmp_path / "copied"
+    start.mkdir()
+    shutil.copy(tiny_run / "best.pt", start / "best.pt")               # best.pt alone, without its splits.json
+    cfg = tiny_config(shapes_dir, tmp_path / "scst", *SCST, f"train.init_from={start}", "train.epochs=1")
+    with caplog.at_level("WARNING"):
+        run = fit(cfg, progress=False)
+    assert "no splits.json beside" in caplog.text
+    assert json.loads((run / "splits.json").read_text()) == json.loads((tiny_run / "splits.json").read_text())
+    with pytest.raises(ConfigError, match=r"data.image_size.*64.*trained with 32"):
+        fit(tiny_config(shapes_dir, tmp_path / "other", *SCST, f"train.init_from={start}", "data.image_size=64"),
+            progress=False)
+
+
+def test_a_resumed_run_loads_its_weights_before_the_feature_cache_checks_them(shapes_dir, tmp_path, monkeypatch):
+    """A pretrained encoder is built without its download on resume (the checkpoint holds it): its weights must
+    be the checkpoint's before the cache compares them. Simulated: the encoder's fresh weights differ."""
+    import captioning.train as train
+
+    frozen = ("model.train_backbone=false", f"data.features_dir={tmp_path / 'features'}", "train.cache_features=true")
+    run = fit(tiny_config(shapes_dir, tmp_path / "run", *frozen, "train.epochs=1"), progress=False)
+    real = train.build_model
+
+    def other_initial_weights(*args, **kwargs):
+        model = real(*args, **kwargs)
+        with torch.no_grad():
+            for p in model.encoder.parameters():
+                p.add_(1.0)
+        return model
+    monkeypatch.setattr(train, "build_model", other_initial_weights)
+    fit(None, resume=run, overrides=["train.epochs=2"], progress=False)
+    assert read_checkpoint(run / "last.pt")["epoch"] == 2

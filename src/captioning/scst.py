@@ -29,6 +29,7 @@ from .decoding import Rules, Sampling, sample_or_greedy
 from .device import autocast
 from .model import CaptionModel
 from .reward import CiderD
+from .vocab import tokenize
 
 
 @dataclass
@@ -71,8 +72,9 @@ def caption_tokens(ids: list[list[int]], ended: list[bool], bos: int, eos: int, 
 @torch.no_grad()
 def draw(model: CaptionModel, memory: torch.Tensor, keys: list[str], cider: CiderD, rules: Rules,
          samples: int = 5, max_words: int = 20, baseline: str = "mean",
-         generator: torch.Generator | None = None) -> Drawn:
-    """Sample `samples` captions per image of memory (B, L, D), reward them, and set their baselines."""
+         generator: torch.Generator | None = None, greedy_ids: list[list[int]] | None = None) -> Drawn:
+    """Sample `samples` captions per image of memory (B, L, D), reward them, and set their baselines
+    (baseline greedy: the rewards of `greedy_ids`, each image's greedy caption, decoded here when not given)."""
     B, device = memory.size(0), memory.device
     drawn = sample_or_greedy(model, memory.repeat_interleave(samples, 0), rules, max_words,
                              Sampling(generator=generator))
@@ -80,8 +82,8 @@ def draw(model: CaptionModel, memory: torch.Tensor, keys: list[str], cider: Cide
                            dtype=torch.float32)
     greedy = None
     if baseline == "greedy":
-        best = sample_or_greedy(model, memory, rules, max_words)
-        greedy = torch.tensor(cider.scores([h.ids for h in best], keys), dtype=torch.float32)
+        greedy_ids = greedy_ids or [h.ids for h in sample_or_greedy(model, memory, rules, max_words)]
+        greedy = torch.tensor(cider.scores(greedy_ids, keys), dtype=torch.float32)
     advantage, base = advantages(rewards, samples, greedy)
     tokens = caption_tokens([h.ids for h in drawn], [h.ended for h in drawn], rules.bos, rules.eos, model.pad_id)
     index = torch.arange(B, device=device).repeat_interleave(samples)
@@ -123,29 +125,40 @@ def scst_loss(model: CaptionModel, memory: torch.Tensor, keys: list[str], cider:
 class ScstObjective:
     """train.objective=scst: `objective(net, batch)` -> (loss, words, sums of the batch's rewards and baselines).
 
-    Sampling runs the model in eval mode (no dropout) through the cached decoder, without gradient;
-    the loss's teacher-forced pass goes through `net` (DistributedDataParallel with several
-    processes, so gradients are averaged over them), in training mode, as cross-entropy's does.
+    The samples are drawn without gradient through the cached decoder, from the policy the loss then
+    differentiates: the model as it trains (dropout on, a trained backbone's BatchNorm on the batch),
+    with a generator seeded by (`seed`, the step `step()` gives), so a resumed run draws the same.
+    Rennie et al.'s greedy baseline is the caption at test time: decoded in eval mode. The loss's
+    teacher-forced pass goes through `net` (DistributedDataParallel with several processes, so
+    gradients are averaged over them), as cross-entropy's does.
     """
 
     def __init__(self, model: CaptionModel, cider: CiderD, rules: Rules, samples: int, max_words: int,
-                 baseline: str, precision: str, device: torch.device):
+                 baseline: str, precision: str, device: torch.device, seed: int = 0, step=None):
         self.model, self.cider, self.rules = model, cider, rules
         self.samples, self.max_words, self.baseline = samples, max_words, baseline
-        self.precision, self.device = precision, device
+        self.precision, self.device, self.seed, self.step = precision, device, seed, step
 
-    def _sample(self, batch) -> Drawn:
+    def _memory(self, batch) -> torch.Tensor:
+        inputs = batch.model_inputs()
+        return self.model.memory(inputs["features"]) if "features" in inputs else self.model.encode(inputs["images"])
+
+    def _greedy(self, batch) -> list[list[int]]:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), autocast(self.precision, self.device):
-                inputs = batch.model_inputs()
-                memory = self.model.memory(inputs["features"]) if "features" in inputs \
-                    else self.model.encode(inputs["images"])
-                return draw(self.model, memory, batch.names, self.cider, self.rules, self.samples,
-                            self.max_words, self.baseline)
+            return [h.ids for h in sample_or_greedy(self.model, self._memory(batch), self.rules, self.max_words)]
         finally:
             self.model.train(was_training)
+
+    def _sample(self, batch) -> Drawn:
+        generator = None
+        if self.step is not None:
+            generator = torch.Generator(self.device).manual_seed((self.seed * 1_000_033 + self.step()) % 2 ** 62)
+        with torch.no_grad(), autocast(self.precision, self.device):
+            greedy = self._greedy(batch) if self.baseline == "greedy" else None
+            return draw(self.model, self._memory(batch), batch.names, self.cider, self.rules, self.samples,
+                        self.max_words, self.baseline, generator, greedy)
 
     def __call__(self, net: torch.nn.Module, batch) -> tuple[torch.Tensor, int, dict]:
         drawn = self._sample(batch)
@@ -157,5 +170,14 @@ class ScstObjective:
 
 
 def reference_ids(dataset, vocab) -> dict[str, list[list[int]]]:
-    """image name -> the token ids of its captions (no <bos>/<eos>), as CiderD.build takes them."""
-    return {name: [vocab.encode(c)[1:-1] for c in refs] for name, refs in zip(dataset.names, dataset.references)}
+    """image name -> the token ids of its captions (no <bos>/<eos>), as CiderD.build takes them.
+
+    A word the vocabulary lacks gets an id of its own below 0, which no sample can have: a sampled <unk>
+    matches nothing, as coco-caption's CIDEr-D (on the words themselves) would score it.
+    """
+    unknown: dict[str, int] = {}
+
+    def ids(caption: str) -> list[int]:
+        return [vocab.index.get(w) if w in vocab.index else unknown.setdefault(w, -1 - len(unknown))
+                for w in tokenize(caption)]
+    return {name: [ids(c) for c in refs] for name, refs in zip(dataset.names, dataset.references)}

@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 COLUMNS = ("variant", "seed", "d_model", "num_heads", "trainable_params", "epochs", "seconds_per_epoch",
            "best_val_loss", "BLEU-4", "METEOR", "CIDEr", "shapes_accuracy", "mean_words", "function_word_end",
            "distinct_1", "distinct_2", "example_image", "example_caption")
-STUDY_KEYS = ("base", "run_root", "seeds", "set", "variants")
+STUDY_KEYS = ("base", "run_root", "seeds", "set", "variants", "evaluate")
 # what summarize() averages over the seeds, and the decimals format_summary() shows them with
 SUMMARY_METRICS = {"best_val_loss": 3, "BLEU-4": 3, "METEOR": 3, "CIDEr": 3, "shapes_accuracy": 3, "mean_words": 2,
                    "function_word_end": 3, "distinct_1": 3, "distinct_2": 3, "seconds_per_epoch": 1}
@@ -65,6 +65,7 @@ class Run:
     variant: str
     seed: int
     config: Config
+    evaluate: dict = field(default_factory=dict)    # decoding options of the test captions (the study's `evaluate`)
 
     @property
     def name(self) -> str:
@@ -157,6 +158,9 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> list[Run]:
     run_root = Path(_resolve(study["run_root"], folder, f"{path}: run_root"))
     seeds = _seeds(study.get("seeds"), str(path))
     common = _overrides(study.get("set"), folder, f"{path}: set")
+    scoring = study.get("evaluate") or {}
+    if not isinstance(scoring, dict):
+        raise ConfigError(f"{path}: 'evaluate' must map decoding options to values, e.g. {{beam_size: 3}}")
     if "run_dir" in common:
         raise ConfigError(f"{path}: set: 'run_dir' would put every variant in one folder: use 'run_root'")
     runs = []
@@ -174,7 +178,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> list[Run]:
                 last["train.init_from"] = str(variant_dirs[start] / f"seed{seed}" / "best.pt")
             cfg = load_config(base, _as_set(common) + list(overrides) + _as_set(own) + _as_set(last),
                               check_paths=start is None)
-            runs.append(Run(name, seed, cfg))
+            runs.append(Run(name, seed, cfg, scoring))
     return runs
 
 
@@ -255,7 +259,8 @@ def run_one(run: Run, progress: bool = True, java: bool | None = None) -> dict:
     else:
         log.info("training %s in %s%s", run.name, run_dir, " (resumed)" if (run_dir / "last.pt").is_file() else "")
         _train_run(cfg, progress)
-    report = evaluate(run_dir / "best.pt", split="test", precision="fp32", progress=progress, java=java)
+    report = evaluate(run_dir / "best.pt", split="test", precision="fp32", progress=progress, java=java,
+                      **run.evaluate)
     history = _history(run_dir)
     model, _, _ = load_checkpoint(run_dir / "best.pt")
     example, metrics = report["predictions"][0], report["metrics"]
@@ -338,8 +343,9 @@ def plot_study(runs: list[Run], path: str | Path) -> Path:
                         alpha=0.35)
         label = variant if len(histories) == 1 else f"{variant} (mean of {len(histories)} seeds)"
         ax.plot(*_mean_curve(histories, "val_loss"), color=color, lw=2.2, marker="o", ms=3.5, label=f"{label} val")
-        ax.plot(*_mean_curve(histories, "train_loss"), color=color, lw=1.2, ls="--", alpha=0.8,
-                label=f"{label} train")
+        if histories[0][0].get("reward") in (None, ""):       # an SCST run's train loss is no cross-entropy
+            ax.plot(*_mean_curve(histories, "train_loss"), color=color, lw=1.2, ls="--", alpha=0.8,
+                    label=f"{label} train")
     ax.set_xlabel("epoch")
     ax.set_ylabel("cross-entropy")
     ax.grid(alpha=0.3)

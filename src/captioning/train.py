@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .captioner import Captioner
-from .checkpoint import model_checkpoint, read_checkpoint, rng_state, save_atomic, set_rng_state
+from .checkpoint import checkpoint_path, model_checkpoint, read_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import Config, ConfigError, absolute_paths, flatten, from_dict, read_yaml_config, save_config, to_dict
 from .data import CaptionDataset, build_loader, load_splits, make_splits, read_corpus, save_splits
 from .decoding import Rules
@@ -117,6 +117,8 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, state: TrainState
     for batch in bar:
         loss, n, sums = objective(net, batch.to(device))
         loss, value, n = _global_mean(loss, n)
+        if sums and distributed.world_size() > 1:      # every process keeps the same totals, whichever saves them
+            sums = dict(zip(sums, distributed.all_sum(*sums.values())))
         if not math.isfinite(value):
             raise NonFiniteLossError(f"loss is {value} at epoch {epoch}, batch {state.batch}: stopping without "
                                      "saving. Try a lower train.lr, train.grad_clip, or train.precision=fp32.")
@@ -318,19 +320,20 @@ def write_history(history: list[dict], run_dir: Path) -> None:
 
 
 def prepare_data(cfg: Config, run_dir: Path, vocab: Vocabulary | None, rank: int = 0,
-                 splits: dict | None = None):
-    """Corpus, train/val datasets and vocabulary of a run: made fresh, read back (`vocab` given) on resume,
-    or taken from the checkpoint a run starts from (`vocab` and that run's `splits` given)."""
+                 splits: dict | None = None, resume: bool | None = None):
+    """Corpus, train/val datasets and vocabulary of a run: made fresh, read back on resume (from the run
+    directory), or taken from the checkpoint a run starts from (`vocab` and that run's `splits` given)."""
+    resume = vocab is not None and splits is None if resume is None else resume
     with distributed.rank_zero_first(rank):           # rank 0 may generate Shapes; the others then read it
         corpus = read_corpus(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)         # once the data is found: a typo leaves no folder behind
-    if splits is None and vocab is not None:
+    if resume:
         splits = load_splits(run_dir / "splits.json")
     splits = splits or make_splits(corpus, cfg)
     _check_split_images(splits, corpus, cfg)
     if vocab is None:                  # built from training captions only: validation and test words stay unseen
         vocab = Vocabulary.build((c for n in splits["train"] for c in corpus.captions[n]), cfg.data.min_freq)
-    if rank == 0 and not (run_dir / "splits.json").is_file():   # every process makes the same splits; one writes
+    if rank == 0 and not resume:       # every process makes the same splits (seeded); one writes them
         save_splits(splits, run_dir / "splits.json")
     for split in ("train", "val"):
         if not splits[split]:
@@ -344,8 +347,8 @@ def _check_split_images(splits: dict, corpus, cfg: Config) -> None:
     unknown = [n for names in splits.values() for n in names if n not in corpus.captions]
     if unknown:
         raise ConfigError(f"{len(unknown)} image(s) of the run's splits (e.g. {unknown[0]}) are not in "
-                          f"data.captions={cfg.data.captions}: train.init_from's run and this one must read the "
-                          "same data")
+                          f"data.captions={cfg.data.captions}: the splits come from "
+                          f"{'train.init_from' if cfg.train.init_from else 'the run'}, whose data this run must read")
 
 
 def _cached(cfg: Config, corpus, datasets: dict, model: CaptionModel, device, precision, rank: int, progress: bool):
@@ -366,33 +369,39 @@ INIT_FREE_MODEL_KEYS = ("pretrained", "dropout", "train_backbone")
 
 
 def read_init(cfg: Config) -> tuple[dict, Vocabulary, dict | None]:
-    """train.init_from: its checkpoint, vocabulary and its run's splits (None when it has no splits.json).
+    """train.init_from (a checkpoint, or a run directory: its best.pt): its checkpoint, vocabulary and its
+    run's splits (None, with a warning, when no splits.json lies beside it: the splits are made again).
 
-    The config's model must be the checkpoint's: a key that differs is an error that names it.
+    The config's model and image size must be the checkpoint's: a key that differs is an error naming it.
     """
-    path = Path(cfg.train.init_from).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"config key 'train.init_from': file {cfg.train.init_from!r} does not exist")
+    try:
+        path = checkpoint_path(cfg.train.init_from)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config key 'train.init_from': {e}") from None
     ckpt = read_checkpoint(path)
-    saved = from_dict(ckpt["config"], check_paths=False, source=str(path)).model
-    for key, value in to_dict(saved).items():
-        if key not in INIT_FREE_MODEL_KEYS and getattr(cfg.model, key) != value:
-            raise ConfigError(f"config key 'model.{key}': {getattr(cfg.model, key)!r}, but train.init_from={path} "
-                              f"was trained with {value!r}: the model starts from its weights, so set "
-                              f"model.{key}={value}")
-    splits_file = path.parent / "splits.json"
-    splits = load_splits(splits_file) if splits_file.is_file() else None
-    return ckpt, Vocabulary.from_list(ckpt["vocab"]), splits
+    saved = from_dict(ckpt["config"], check_paths=False, source=str(path))
+    pairs = [(f"model.{k}", getattr(cfg.model, k), v) for k, v in to_dict(saved.model).items()
+             if k not in INIT_FREE_MODEL_KEYS] + [("data.image_size", cfg.data.image_size, saved.data.image_size)]
+    for key, ours, theirs in pairs:
+        if ours != theirs:
+            raise ConfigError(f"config key '{key}': {ours!r}, but train.init_from={path} was trained with "
+                              f"{theirs!r}: the model starts from its weights, so set {key}={theirs}")
+    if not (path.parent / "splits.json").is_file():
+        log.warning("no splits.json beside %s: the splits are made from data.split_seed; if that run split its "
+                    "images otherwise, this run's val and test images may be some it trained on", path)
+        return ckpt, Vocabulary.from_list(ckpt["vocab"]), None
+    return ckpt, Vocabulary.from_list(ckpt["vocab"]), load_splits(path.parent / "splits.json")
 
 
 def build_objective(cfg: Config, run_dir: Path, model: CaptionModel, vocab: Vocabulary, datasets: dict,
-                    precision: str, device: torch.device, rank: int = 0):
+                    precision: str, device: torch.device, rank: int = 0, state: TrainState | None = None):
     """The loss of train.objective: cross-entropy, or SCST with CIDEr-D's document frequencies of the
     training split (built once into the run directory with the vocabulary's fingerprint; a resumed run
-    reads them back and refuses another vocabulary's)."""
+    reads them back and refuses another vocabulary's). SCST's samples are drawn from a generator seeded
+    by (seed, rank, step of `state`): each process draws its own, and a resumed run the same again."""
     if cfg.train.objective == "xe":
         return CrossEntropy(precision, device, cfg.train.label_smoothing)
-    references = reference_ids(datasets["train"], vocab)
+    references = reference_ids(datasets["train"], vocab)      # rare words: ids no sample can have
     path = run_dir / CIDER_FILE
     if path.is_file():
         cider = CiderD.load(path, vocab.fingerprint(), references)
@@ -402,7 +411,19 @@ def build_objective(cfg: Config, run_dir: Path, model: CaptionModel, vocab: Voca
             cider.save(path, vocab.fingerprint())
     s = cfg.scst
     return ScstObjective(model, cider, Rules(vocab.pad, vocab.bos, vocab.eos), s.samples, s.max_words, s.baseline,
-                         precision, device)
+                         precision, device, seed=cfg.seed * 1_000_003 + rank,
+                         step=(lambda: state.step) if state is not None else None)
+
+
+def _model(cfg: Config, vocab: Vocabulary, weights: dict | None, device: torch.device) -> CaptionModel:
+    """The run's model, with the weights of a checkpoint (resume, train.init_from) when given: loaded before
+    anything runs the encoder (the feature cache checks its weights). torchvision's would be downloaded for
+    nothing, so a model with weights to load is built without them."""
+    model = build_model(replace(cfg.model, pretrained=cfg.model.pretrained and weights is None), len(vocab),
+                        vocab.pad)
+    if weights is not None:
+        model.load_state_dict(weights["model"])
+    return model.to(device)
 
 
 def _start(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool) -> Run:
@@ -423,17 +444,13 @@ def _start(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool) -> Run
     init, splits = None, None
     if ckpt is None and cfg.train.init_from:
         init, vocab, splits = read_init(cfg)
-    corpus, datasets, vocab = prepare_data(cfg, run_dir, vocab, rank, splits)
+    corpus, datasets, vocab = prepare_data(cfg, run_dir, vocab, rank, splits, resume=ckpt is not None)
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml", given)
         if not (run_dir / "env.json").is_file():     # the run's start; a resume elsewhere logs its own device
             write_env(run_dir / "env.json", device, precision)
-    # weights from a checkpoint (resume, init_from): torchvision's would be downloaded for nothing
-    start_weights = ckpt or init
-    model = build_model(replace(cfg.model, pretrained=cfg.model.pretrained and start_weights is None), len(vocab),
-                        vocab.pad).to(device)
+    model = _model(cfg, vocab, ckpt or init, device)
     if init is not None:
-        model.load_state_dict(init["model"])
         log.info("starting from %s (epoch %s)", cfg.train.init_from, init.get("epoch"))
     if cfg.train.cache_features:
         datasets = _cached(cfg, corpus, datasets, model, device, precision, rank, progress)
@@ -444,9 +461,8 @@ def _start(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool) -> Run
     run = Run(cfg, run_dir, device, precision, vocab, datasets, model, distributed.wrap(model, device, local_rank),
               optimizer, build_scheduler(cfg, optimizer, steps_per_epoch, state),
               torch.amp.GradScaler(device.type, enabled=precision == "fp16"), state, rank, world, given,
-              build_objective(cfg, run_dir, model, vocab, datasets, precision, device, rank))
+              build_objective(cfg, run_dir, model, vocab, datasets, precision, device, rank, state))
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         run.state.load_state_dict(ckpt)
         load_scheduler_state(run.scheduler, ckpt["scheduler"], run.state.step)
@@ -474,11 +490,14 @@ def _epoch(run: Run, progress: bool) -> str:
     train_stats = train_one_epoch(run.net, train_loader, run.optimizer, run.scheduler, run.scaler, state,
                                   precision=run.precision, device=run.device, grad_clip=t.grad_clip,
                                   progress=progress, on_step=on_step, objective=run.objective)
-    sums = distributed.all_sum(*(state.sums.get(k, 0) for k in ("reward", "baseline", "samples")))
+    sums = [state.sums.get(k, 0) for k in ("reward", "baseline", "samples")]     # over all processes' samples
     val_loss = evaluate_loss(run.model, run.loader("val"), run.precision, run.device)["loss"]
     cider = None
     if t.monitor == "cider" and (epoch % t.eval_every == 0 or epoch == t.epochs):
-        cider = val_cider(run.model, run.datasets["val"], run.vocab, cfg, run.precision, run.device)
+        # rank 0's, shared: every process must take the same decisions (best, early stop, plateau)
+        cider = val_cider(run.model, run.datasets["val"], run.vocab, cfg, run.precision, run.device) \
+            if run.rank == 0 else 0.0
+        cider = distributed.all_sum(cider)[0]
     mean = (lambda i: round(sums[i] / sums[2], 5) if sums[2] else "")     # noqa: E731 (scst's rewards)
     state.end_epoch({"epoch": epoch, "train_loss": round(train_stats["loss"], 5), "val_loss": round(val_loss, 5),
                      "val_cider": "" if cider is None else round(cider, 5), "reward": mean(0), "baseline": mean(1),
