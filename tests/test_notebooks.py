@@ -210,7 +210,7 @@ def test_study_notebook_runs_every_seed_and_shows_the_table_the_summary_and_the_
     (tmp_path / "shapes").symlink_to(shapes_dir, target_is_directory=True)
     (folder / "study.yaml").write_text(yaml.safe_dump(study))
     nb = execute("extra_research/dmodel_study.ipynb", tmp_path / "study.ipynb", study=str(folder / "study.yaml"))
-    table = pd.read_csv(folder / "results.csv")                            # out_dir None: beside the study file
+    table = pd.read_csv(folder / "study" / "results.csv")        # out_dir None: beside the study file, by its name
     assert list(zip(table["variant"], table["seed"])) == [("d16", 0), ("d16", 1), ("d32", 0), ("d32", 1)]
     assert list(table["d_model"]) == [16, 16, 32, 32]
     for variant, seed in zip(table["variant"], table["seed"]):
@@ -219,7 +219,7 @@ def test_study_notebook_runs_every_seed_and_shows_the_table_the_summary_and_the_
     assert table["trainable_params"].iloc[0] < table["trainable_params"].iloc[2]
     assert table[["seconds_per_epoch", "best_val_loss", "BLEU-4", "CIDEr"]].notna().all().all()
     assert table["example_caption"].str.len().min() > 0
-    assert (folder / "loss_curves.png").stat().st_size > 1000
+    assert (folder / "study" / "loss_curves.png").stat().st_size > 1000
     summary = next(c for c in nb.cells if c.cell_type == "code" and "summarize(" in c.source)
     assert text_outputs(summary).count(" ± ") >= 8                         # 2 variants x 4 measures, mean ± std
     assert has_image(nb.cells[-1])                                           # the overlaid curves, shown
@@ -238,12 +238,12 @@ def test_scst_notebook_trains_xe_then_each_scst_variant_from_it_and_shows_the_re
     (tmp_path / "shapes").symlink_to(shapes_dir, target_is_directory=True)
     (folder / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))      # xe first: the others start from it
     nb = execute("extra_research/scst.ipynb", tmp_path / "scst.ipynb", study=str(folder / "study.yaml"))
-    table = pd.read_csv(folder / "results.csv")
+    table = pd.read_csv(folder / "study" / "results.csv")
     assert list(table["variant"]) == ["xe", "scst_mean", "scst_greedy"]
     for variant in ("scst_mean", "scst_greedy"):
         saved = yaml.safe_load((tmp_path / "runs" / variant / "seed0" / "config.yaml").read_text())
         assert saved["train"]["init_from"] == str(tmp_path / "runs" / "xe" / "seed0" / "best.pt")
     assert table[["CIDEr", "shapes_accuracy", "mean_words", "function_word_end", "distinct_1",
                   "distinct_2"]].notna().all().all()
-    assert (folder / "reward_curves.png").stat().st_size > 1000
+    assert (folder / "study" / "reward_curves.png").stat().st_size > 1000
     assert has_image(nb.cells[-1])

@@ -135,7 +135,7 @@ def test_a_rerun_reuses_finished_runs_and_trains_only_the_new_seed(shapes_dir, t
         assert yaml.safe_load((runs / f"seed{seed}" / "config.yaml").read_text())["seed"] == seed
     assert (runs / "seed0" / "splits.json").read_text() == (runs / "seed1" / "splits.json").read_text()
     assert first["best_val_loss"].iloc[0] != first["best_val_loss"].iloc[1]  # the seed changed the training
-    assert pd.read_csv(tmp_path / "study" / "results.csv").shape[0] == 2      # beside the study file
+    assert pd.read_csv(tmp_path / "study" / "s" / "results.csv").shape[0] == 2   # beside the study file, by its name
     stamps = {s: (runs / f"seed{s}" / "best.pt").stat().st_mtime_ns for s in (0, 1)}
 
     trained = []
@@ -149,7 +149,7 @@ def test_a_rerun_reuses_finished_runs_and_trains_only_the_new_seed(shapes_dir, t
     assert list(second["seed"]) == [0, 1, 2]
     pd.testing.assert_frame_equal(second.iloc[:2], first)                     # the reused runs score the same
     assert summarize(second)["n"].tolist() == [3]
-    assert (tmp_path / "study" / "loss_curves.png").stat().st_size > 1000
+    assert (tmp_path / "study" / "s" / "loss_curves.png").stat().st_size > 1000
 
     # a run folder of other settings is refused, not silently reused
     write_study(path, **{**study, "variants": {"d16": {"model.d_model": 16, "model.dropout": 0.3}}})

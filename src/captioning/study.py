@@ -274,13 +274,16 @@ def run_one(run: Run, progress: bool = True, java: bool | None = None) -> dict:
 
 
 def output_dir(study: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Where run_study writes results.csv and loss_curves.png: out_dir, or else the study file's folder."""
-    return Path(out_dir) if out_dir is not None else Path(study).expanduser().parent
+    """Where run_study writes results.csv and the curves: out_dir, or else a folder named after the study file
+    beside it (extra_research/dmodel_study.yaml -> extra_research/dmodel_study/), one per study."""
+    study = Path(study).expanduser()
+    return Path(out_dir) if out_dir is not None else study.parent / study.stem
 
 
 def run_study(path: str | Path, overrides: list[str] = (), out_dir: str | Path | None = None,
               progress: bool = True, java: bool | None = None) -> pd.DataFrame:
-    """Every run of the study, one row each: results.csv and loss_curves.png in out_dir (default: beside the study)."""
+    """Every run of the study, one row each: results.csv and loss_curves.png (reward_curves.png with SCST
+    variants) in output_dir(path, out_dir)."""
     runs = load_study(path, overrides)
     out = output_dir(path, out_dir)
     out.mkdir(parents=True, exist_ok=True)
