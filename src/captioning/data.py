@@ -19,11 +19,12 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
@@ -518,22 +519,85 @@ class FeatureItem(NamedTuple):
     name: str
 
 
+class PackedStrings(Sequence):
+    """A read-only list of str held as one UTF-8 buffer and its offsets.
+
+    A list of str is one Python object per string, and a forked DataLoader worker copies the memory
+    page of each one it reads (reading writes its reference count): over an epoch, all of them. Two
+    objects here, however many strings.
+    """
+
+    def __init__(self, texts: Iterable[str]):
+        encoded = [t.encode() for t in texts]
+        self._buffer = b"".join(encoded)
+        self._ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        i = range(len(self))[i]         # negative indices; IndexError past the end
+        return self._buffer[self._ends[i - 1] if i else 0:self._ends[i]].decode()
+
+
+class _TokenRows(Sequence):
+    """Caption k's token ids as a 1-D LongTensor, all captions' ids in one flat int32 array."""
+
+    def __init__(self, rows: list[list[int]]):
+        self._ids = np.fromiter((t for row in rows for t in row), dtype=np.int32)
+        self._ends = np.cumsum([len(row) for row in rows], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        k = range(len(self))[k]
+        return torch.from_numpy(self._ids[self._ends[k - 1] if k else 0:self._ends[k]].astype(np.int64))
+
+
+class PerImage(Sequence):
+    """Image i's captions as a list: rows first[i]..first[i+1]-1 of a flat sequence of all captions."""
+
+    def __init__(self, rows: Sequence, counts: list[int]):
+        self._rows = rows
+        self._first = np.cumsum([0, *counts], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._first) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        i = range(len(self))[i]
+        return [self._rows[k] for k in range(self._first[i], self._first[i + 1])]
+
+
 class CaptionDataset(Dataset):
-    """One Item per image: (image tensor, [token id tensors of each caption], name)."""
+    """One Item per image: (image tensor, [token id tensors of each caption], name).
+
+    `names[i]`, `references[i]` (the raw captions, for caption metrics) and `captions[i]` (their token
+    ids) read like lists, but are held in a few flat arrays (PackedStrings, PerImage), so that forked
+    DataLoader workers share them with the parent instead of copying them as the epoch goes by.
+    """
 
     def __init__(self, corpus: Corpus, names: list[str], vocab: Vocabulary, image_size: int, max_words: int):
         self.images_dir = corpus.images_dir
-        self.names = list(names)
-        self.references = [corpus.captions[n] for n in self.names]     # the raw text, for caption metrics
-        self.captions = [[torch.tensor(vocab.encode(c, max_words)) for c in refs] for refs in self.references]
+        names = list(names)
+        counts = [len(corpus.captions[n]) for n in names]
+        texts = [c for n in names for c in corpus.captions[n]]
+        self.names = PackedStrings(names)
+        self.references = PerImage(PackedStrings(texts), counts)
+        self.captions = PerImage(_TokenRows([vocab.encode(c, max_words) for c in texts]), counts)
         self.transform = build_transform(image_size)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int) -> Item:
-        image = open_image(self.images_dir / self.names[i])
-        return Item(self.transform(image), self.captions[i], self.names[i])
+        name = self.names[i]
+        return Item(self.transform(open_image(self.images_dir / name)), self.captions[i], name)
 
 
 @dataclass

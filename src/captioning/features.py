@@ -336,10 +336,10 @@ class FeatureDataset(Dataset):
             raise KeyError(f"{len(missing)} image(s) are not in the feature cache {cache.folder} (e.g. {missing[0]})")
         self.cache = cache
         self.names, self.captions, self.references = dataset.names, dataset.captions, dataset.references
-        self.rows = [cache.index(n) for n in self.names]
+        self.rows = np.array([cache.index(n) for n in self.names], dtype=np.int64)   # no Python ints: see PackedStrings
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int) -> FeatureItem:
-        return FeatureItem(self.cache[self.rows[i]], self.captions[i], self.names[i])
+        return FeatureItem(self.cache[int(self.rows[i])], self.captions[i], self.names[i])
