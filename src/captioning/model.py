@@ -23,10 +23,8 @@ from urllib.parse import urlsplit
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .config import EnvironmentProblem, ModelConfig
 
@@ -69,6 +67,8 @@ class Encoder(nn.Module):
         activations are gone. The fold is computed in fp32 whatever this module's dtype, and the copy
         gets that dtype back. This module is left as it is, its state_dict keys included.
         """
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+
         if self.trainable:
             raise ValueError("only a frozen encoder can be folded: a trained one's BatchNorm statistics change")
         dtype = next(self.parameters()).dtype
@@ -96,6 +96,8 @@ class WeightsUnavailableError(EnvironmentProblem):
 
 def _resnet(backbone: str, pretrained: bool) -> nn.Module:
     """torchvision's ResNet, with its ImageNet weights when `pretrained` (downloaded once into torch's cache)."""
+    import torchvision  # here, not at the top: captioning from an ONNX export never loads it
+
     if not pretrained:
         return torchvision.models.get_model(backbone, weights=None)
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
