@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .checkpoint import checkpoint_path, load_checkpoint
-from .config import ConfigError, to_dict
+from .config import ConfigError, EnvironmentProblem, to_dict
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .decoding import DecoderCache, decoder_step, init_cache, step
 from .model import CaptionModel, cross_keys_values
@@ -47,8 +47,9 @@ OPSET = 17
 TOLERANCE = {None: 1e-3, "int8": 0.1}
 
 
-class ExportCheckError(RuntimeError):
-    """The exported graphs do not give the checkpoint's logits: nothing was written."""
+class ExportCheckError(EnvironmentProblem):
+    """The exported graphs do not give the checkpoint's logits (an exporter or runtime version that does not fit):
+    nothing was written."""
 
 
 class _Start(nn.Module):

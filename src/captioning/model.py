@@ -215,7 +215,9 @@ def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch
     attn = layer.multihead_attn
     N, T, D = x.shape
     M, H, L = k.shape[:3]
-    q = split_heads(F.linear(x, *in_proj(attn, slice(0, D))).view(M, N // M * T, D), H)   # (M, H, G*T, hd)
+    # slices bounded by embed_dim, not by x's shape: a constant where the ONNX export traces it, so the weights
+    # stay initializers (folded once, quantizable) rather than sliced at every step
+    q = split_heads(F.linear(x, *in_proj(attn, slice(0, attn.embed_dim))).view(M, N // M * T, D), H)   # (M, H, G*T, hd)
     if weights is None:
         y = attention(attn, q, k, v)                                    # (M, H, G*T, hd)
     else:
@@ -227,7 +229,7 @@ def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch
 
 def cross_keys_values(layer: nn.TransformerDecoderLayer, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's cross-attention keys and values of memory (B, L, D) -> two (B, H, L, hd)."""
-    attn, D = layer.multihead_attn, memory.size(-1)
+    attn, D = layer.multihead_attn, layer.multihead_attn.embed_dim     # a constant when traced (cross_attention)
     if attn.in_proj_weight is None:
         raise NotImplementedError("the decoder reads packed q/k/v weights (kdim == vdim == d_model)")
     kv = F.linear(memory, *in_proj(attn, slice(D, 3 * D)))              # (B, L, 2D)
