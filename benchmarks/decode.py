@@ -15,18 +15,34 @@ pinned to -inf, so the real `Captioner.caption` path runs all 20 steps). Measure
 - the decoding options (attention maps, sampling, n-gram blocking and a minimum length, and beam
   search with 3 best + attention + blocking), each against plain decoding at the same beam size.
 
+- ONNX Runtime (CPU, with the [export] extra): the same model exported (`export.export_model`, in a
+  process of its own) in fp32 and with int8 decoder weights, through `Captioner.from_export`: one
+  image, batch 32, and the bare encoder graph (images -> memory: the ResNet and the transformer
+  encoder, as the export has them) at batch 1 and 32; beside them today's PyTorch path in fp32 (the
+  default where the CPU has no bf16). The int8 export's peak RSS is measured in a process of its own
+  that only captions (1 image, then 32).
+
 Last line: decode: speedup_vs_reference=X overhead_vs_encoder=Y batch_efficiency=Z rss_mb=W
 attention_overhead=... sampling_overhead=... controls_overhead=... beam_options_overhead=...
+ort_speedup_vs_torch=S ort_overhead_vs_encoder=O ort_batch_efficiency=E ort_rss_mb=R ...
+(ort_speedup_vs_torch: PyTorch fp32 over ONNX Runtime int8, one image; ort_overhead_vs_encoder: ONNX
+Runtime int8 over its own bare encoder graph, one image; ort_speedup_vs_auto: the PyTorch path at
+`precision: auto` over ONNX Runtime int8.)
 
-    python benchmarks/decode.py [--repeats 3] [--device cpu|cuda]
+    python benchmarks/decode.py [--repeats 3] [--device cpu|cuda] [--no-onnx]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,36 +85,89 @@ def reference_caption(model, image: torch.Tensor, bos: int, words: int) -> list[
     return tokens[0, 1:].tolist()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
+def reference_model():
+    """The reference-size model with random weights (seeded: every process builds the same), <eos> pinned to -inf."""
     torch.manual_seed(0)
     cfg = from_dict({"model": {"pretrained": False, "max_tokens": 64}, "data": {"max_words": WORDS}}, check_paths=False)
     vocab = Vocabulary(list(SPECIALS) + [f"w{i}" for i in range(7736 - len(SPECIALS))])
     model = build_model(cfg.model, len(vocab), vocab.pad).eval()
     with torch.no_grad():
         model.head.bias[vocab.eos] = float("-inf")     # force every caption to WORDS words
+    return model, vocab, cfg
+
+
+def photos(n: int = 32) -> list[Image.Image]:
     rng = np.random.default_rng(0)
-    photos = [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(32)]
+    return [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(n)]
 
-    # the reference first, in fp32; then the Captioner casts the same model's encoder for its precision
+
+def export_both(folder: Path) -> None:
+    """--export-to: the reference model exported in fp32 and int8 into folder/fp32 and folder/int8."""
+    from captioning.export import export_model
+
+    model, vocab, cfg = reference_model()
+    for quantize in (None, "int8"):
+        start = time.perf_counter()
+        meta = export_model(model, vocab, cfg, folder / (quantize or "fp32"), quantize, "benchmarks/decode.py")
+        print(f"export {quantize or 'fp32'}: {time.perf_counter() - start:.0f} s, check "
+              f"{json.dumps(meta['check'][quantize or 'fp32'])}", flush=True)
+
+
+def caption_rss(folder: Path) -> None:
+    """--rss-of: peak RSS of a process that only captions with the export in `folder`, and what it imported."""
+    from captioning import Captioner
+
+    before = peak_rss_mb()
+    captioner = Captioner.from_export(folder)
+    images = photos()
+    assert len(captioner.caption(images[:1])[0].caption.split()) == WORDS
+    captioner.caption(images, batch_size=32)
+    heavy = sorted(m for m in ("torchvision", "pandas", "matplotlib") if m in sys.modules)
+    print(json.dumps({"rss_mb": round(peak_rss_mb()), "rss_after_imports_mb": round(before), "imported": heavy}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
+    parser.add_argument("--export-to", type=Path, help=argparse.SUPPRESS)    # the child processes' jobs
+    parser.add_argument("--rss-of", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.export_to or args.rss_of:
+        return export_both(args.export_to) if args.export_to else caption_rss(args.rss_of)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    onnx = not args.no_onnx and device.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None
+    if not onnx:
+        print("ONNX Runtime rows skipped: " + ("--no-onnx" if args.no_onnx else "not on the CPU"
+              if device.type != "cpu" else "onnxruntime not installed (pip install -e '.[export]')"))
+    with tempfile.TemporaryDirectory() as tmp:
+        if onnx:         # first, in a process of its own: tracing ResNet-152 would count in this one's peak RSS
+            subprocess.run([sys.executable, __file__, "--export-to", tmp], check=True)
+        measure(args, device, sync, Path(tmp) if onnx else None)
+
+
+def measure(args, device: torch.device, sync, exports: Path | None) -> None:
+    model, vocab, cfg = reference_model()
+    photos32 = photos()
+
+    # the reference first, in fp32, and today's path in fp32; then the Captioner casts the same model's encoder
+    # for its precision
     model.to(device)
-    x1 = build_transform(cfg.data.image_size)(photos[0])[None].to(device)
+    x1 = build_transform(cfg.data.image_size)(photos32[0])[None].to(device)
     t_reference = timed(lambda: reference_caption(model, x1, vocab.bos, WORDS), max(1, args.repeats // 2), sync)
+    torch_fp32 = Captioner(model, vocab, cfg, device=device, precision="fp32")
+    t_torch_fp32 = timed(lambda: torch_fp32.caption(photos32[:1]), args.repeats, sync)
     captioner = Captioner(model, vocab, cfg, device=device, precision="auto", own_model=True)
-    assert len(captioner.caption([photos[0]])[0].caption.split()) == WORDS
+    assert len(captioner.caption(photos32[:1])[0].caption.split()) == WORDS
 
-    x32 = torch.stack([captioner.transform(p) for p in photos]).to(device)
-    t_ours = timed(lambda: captioner.caption([photos[0]]), args.repeats, sync)
+    x32 = torch.stack([captioner.transform(p) for p in photos32]).to(device)
+    t_ours = timed(lambda: captioner.caption(photos32[:1]), args.repeats, sync)
     t_encoder = timed(lambda: captioner.features(x1), args.repeats, sync)       # the Captioner's own encoder call
-    t_ours32 = timed(lambda: captioner.caption(photos, batch_size=32), args.repeats, sync)
+    t_ours32 = timed(lambda: captioner.caption(photos32, batch_size=32), args.repeats, sync)
     # the decoding options, each against plain decoding at the same beam size timed right beside them
-    one = [photos[0]]
+    one = photos32[:1]
     t_plain = timed(lambda: captioner.caption(one), args.repeats, sync)
     t_attention = timed(lambda: captioner.caption(one, attention=True), args.repeats, sync)
     t_sampling = timed(lambda: captioner.caption(one, temperature=1.0, top_k=50, top_p=0.9, seed=0), args.repeats,
@@ -124,10 +193,46 @@ def main() -> None:
     print(f"beam 3:                            {t_beam * 1e3:8.1f} ms / image")
     print(f"beam 3, 3 best + attention + no-repeat: {t_beam_all * 1e3:3.1f} ms / image")
     print(f"peak RSS: {rss_mb:.0f} MB captioning, {peak_rss_mb():.0f} MB after the bare batch-32 forward")
-    print(f"decode: speedup_vs_reference={t_reference / t_ours:.1f} overhead_vs_encoder={t_ours / t_encoder:.2f} "
-          f"batch_efficiency={t_encoder32 / t_ours32:.2f} rss_mb={rss_mb:.0f} "
-          f"attention_overhead={t_attention / t_plain:.2f} sampling_overhead={t_sampling / t_plain:.2f} "
-          f"controls_overhead={t_controls / t_plain:.2f} beam_options_overhead={t_beam_all / t_beam:.2f}")
+    print(f"PyTorch fp32 (today's path without bf16), one image: {t_torch_fp32 * 1e3:.1f} ms / image")
+    line = (f"decode: speedup_vs_reference={t_reference / t_ours:.1f} overhead_vs_encoder={t_ours / t_encoder:.2f} "
+            f"batch_efficiency={t_encoder32 / t_ours32:.2f} rss_mb={rss_mb:.0f} "
+            f"attention_overhead={t_attention / t_plain:.2f} sampling_overhead={t_sampling / t_plain:.2f} "
+            f"controls_overhead={t_controls / t_plain:.2f} beam_options_overhead={t_beam_all / t_beam:.2f}")
+    if exports is not None:
+        line += " " + onnx_runtime_rows(exports, photos32, x1.cpu(), x32.cpu(), args.repeats, t_torch_fp32, t_ours,
+                                        captioner.precision)
+    print(line)
+
+
+def onnx_runtime_rows(exports: Path, photos32: list, x1: torch.Tensor, x32: torch.Tensor, repeats: int,
+                      t_torch_fp32: float, t_auto: float, auto: str) -> str:
+    """The exports' rows, printed; their part of the last line."""
+    none = lambda: None     # noqa: E731 -- ONNX Runtime returns when done
+    t = {}
+    for name in ("fp32", "int8"):
+        ort = Captioner.from_export(exports / name)
+        assert len(ort.caption(photos32[:1])[0].caption.split()) == WORDS
+        t[name] = timed(lambda: ort.caption(photos32[:1]), repeats, none)
+        t[name + "_32"] = timed(lambda: ort.caption(photos32, batch_size=32), repeats, none)
+        t[name + "_beam"] = timed(lambda: ort.caption(photos32[:1], beam_size=3), repeats, none)
+    t["encoder"] = timed(lambda: ort.memory(images=x1), repeats, none)
+    t["encoder_32"] = timed(lambda: ort.memory(images=x32), repeats, none)
+    child = subprocess.run([sys.executable, __file__, "--rss-of", str(exports / "int8")], capture_output=True,
+                           text=True, check=True)
+    rss = json.loads(child.stdout.strip().splitlines()[-1])
+    for name in ("fp32", "int8"):
+        print(f"ONNX Runtime {name}, one image:     {t[name] * 1e3:8.1f} ms / image")
+        print(f"ONNX Runtime {name}, batch 32:      {32 / t[name + '_32']:8.1f} images / s")
+        print(f"ONNX Runtime {name}, beam 3:        {t[name + '_beam'] * 1e3:8.1f} ms / image")
+    print(f"ONNX Runtime bare encoder graph (ResNet + transformer encoder), one image: {t['encoder'] * 1e3:.1f} ms")
+    print(f"ONNX Runtime bare encoder graph, batch 32: {32 / t['encoder_32']:.1f} images / s")
+    print(f"ONNX Runtime int8, a process that only captions (1 image, then 32): peak RSS {rss['rss_mb']} MB "
+          f"({rss['rss_after_imports_mb']} MB after its imports; imported {rss['imported'] or 'none'} of "
+          "torchvision, pandas, matplotlib)")
+    return (f"ort_speedup_vs_torch={t_torch_fp32 / t['int8']:.2f} "
+            f"ort_overhead_vs_encoder={t['int8'] / t['encoder']:.2f} "
+            f"ort_batch_efficiency={t['encoder_32'] / t['int8_32']:.2f} ort_rss_mb={rss['rss_mb']} "
+            f"ort_fp32_speedup_vs_torch={t_torch_fp32 / t['fp32']:.2f} ort_speedup_vs_{auto}={t_auto / t['int8']:.2f}")
 
 
 if __name__ == "__main__":
