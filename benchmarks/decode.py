@@ -29,7 +29,7 @@ ort_speedup_vs_torch=S ort_overhead_vs_encoder=O ort_batch_efficiency=E ort_rss_
 Runtime int8 over its own bare encoder graph, one image; ort_speedup_vs_auto: the PyTorch path at
 `precision: auto` over ONNX Runtime int8.)
 
-    python benchmarks/decode.py [--repeats 3] [--device cpu|cuda] [--no-onnx]
+    python benchmarks/decode.py [--repeats 3] [--device cpu|cuda] [--no-onnx] [--exports DIR]
 """
 from __future__ import annotations
 
@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
+    parser.add_argument("--exports", type=Path, help="keep the two exports in this folder (made there when missing, "
+                                                     "reused when there)")
     parser.add_argument("--export-to", type=Path, help=argparse.SUPPRESS)    # the child processes' jobs
     parser.add_argument("--rss-of", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,9 +145,11 @@ def main() -> None:
         print("ONNX Runtime rows skipped: " + ("--no-onnx" if args.no_onnx else "not on the CPU"
               if device.type != "cpu" else "onnxruntime not installed (pip install -e '.[export]')"))
     with tempfile.TemporaryDirectory() as tmp:
-        if onnx:         # first, in a process of its own: tracing ResNet-152 would count in this one's peak RSS
-            subprocess.run([sys.executable, __file__, "--export-to", tmp], check=True)
-        measure(args, device, sync, Path(tmp) if onnx else None)
+        exports = args.exports or Path(tmp)
+        if onnx and not all((exports / name / "config.json").is_file() for name in ("fp32", "int8")):
+            # first, in a process of its own: tracing ResNet-152 would count in this one's peak RSS
+            subprocess.run([sys.executable, __file__, "--export-to", str(exports)], check=True)
+        measure(args, device, sync, exports if onnx else None)
 
 
 def measure(args, device: torch.device, sync, exports: Path | None) -> None:
