@@ -106,7 +106,10 @@ def export_both(folder: Path) -> None:
     from captioning.export import export_model
 
     model, vocab, cfg = reference_model()
+    folder.mkdir(parents=True, exist_ok=True)
     for quantize in (None, "int8"):
+        if (folder / (quantize or "fp32") / "config.json").is_file():
+            continue
         start = time.perf_counter()
         meta = export_model(model, vocab, cfg, folder / (quantize or "fp32"), quantize, "benchmarks/decode.py")
         print(f"export {quantize or 'fp32'}: {time.perf_counter() - start:.0f} s, check "
