@@ -18,9 +18,10 @@ pinned to -inf, so the real `Captioner.caption` path runs all 20 steps). Measure
 - ONNX Runtime (CPU, with the [export] extra): the same model exported (`export.export_model`, in a
   process of its own) in fp32 and with int8 decoder weights, through `Captioner.from_export`: one
   image, batch 32, and the bare encoder graph (images -> memory: the ResNet and the transformer
-  encoder, as the export has them) at batch 1 and 32; beside them today's PyTorch path in fp32 (the
-  default where the CPU has no bf16). The int8 export's peak RSS is measured in a process of its own
-  that only captions (1 image, then 32).
+  encoder, as the export has them) at batch 1 and 32, beside today's PyTorch path in fp32 (the
+  default where the CPU has no bf16) and at `precision: auto`, all timed in turns, round after round,
+  in another process. The int8 export's peak RSS is measured in a process of its own that only
+  captions (1 image, then 32).
 
 Last line: decode: speedup_vs_reference=X overhead_vs_encoder=Y batch_efficiency=Z rss_mb=W
 attention_overhead=... sampling_overhead=... controls_overhead=... beam_options_overhead=...
@@ -138,9 +139,11 @@ def main() -> None:
                                                      "reused when there)")
     parser.add_argument("--export-to", type=Path, help=argparse.SUPPRESS)    # the child processes' jobs
     parser.add_argument("--rss-of", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--compare", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.export_to or args.rss_of:
-        return export_both(args.export_to) if args.export_to else caption_rss(args.rss_of)
+    if args.export_to or args.rss_of or args.compare:
+        return export_both(args.export_to) if args.export_to else caption_rss(args.rss_of) if args.rss_of else \
+            compare_engines(args.compare, args.repeats)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     onnx = not args.no_onnx and device.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None
@@ -206,43 +209,67 @@ def measure(args, device: torch.device, sync, exports: Path | None) -> None:
             f"attention_overhead={t_attention / t_plain:.2f} sampling_overhead={t_sampling / t_plain:.2f} "
             f"controls_overhead={t_controls / t_plain:.2f} beam_options_overhead={t_beam_all / t_beam:.2f}")
     if exports is not None:
-        line += " " + onnx_runtime_rows(exports, photos32, x1.cpu(), x32.cpu(), args.repeats, t_torch_fp32, t_ours,
-                                        captioner.precision)
+        del captioner, torch_fp32, model           # the comparison's process needs the memory more
+        line += " " + onnx_runtime_rows(exports, args.repeats)
     print(line)
 
 
-def onnx_runtime_rows(exports: Path, photos32: list, x1: torch.Tensor, x32: torch.Tensor, repeats: int,
-                      t_torch_fp32: float, t_auto: float, auto: str) -> str:
-    """The exports' rows, printed; their part of the last line."""
-    none = lambda: None     # noqa: E731 -- ONNX Runtime returns when done
-    t = {}
-    for name in ("fp32", "int8"):
-        ort = Captioner.from_export(exports / name)
-        assert len(ort.caption(photos32[:1])[0].caption.split()) == WORDS
-        t[name] = timed(lambda: ort.caption(photos32[:1]), repeats, none)
-        t[name + "_32"] = timed(lambda: ort.caption(photos32, batch_size=32), repeats, none)
-        t[name + "_beam"] = timed(lambda: ort.caption(photos32[:1], beam_size=3), repeats, none)
-    t["encoder"] = timed(lambda: ort.memory(images=x1), repeats, none)
-    t["encoder_32"] = timed(lambda: ort.memory(images=x32), repeats, none)
-    child = subprocess.run([sys.executable, __file__, "--rss-of", str(exports / "int8")], capture_output=True,
-                           text=True)
-    if child.returncode:
-        print(f"the RSS process failed: {child.stderr.strip()[-2000:]}")
-    rss = json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0 else \
-        {"rss_mb": "n/a", "rss_after_imports_mb": "n/a", "imported": "n/a"}
-    for name in ("fp32", "int8"):
-        print(f"ONNX Runtime {name}, one image:     {t[name] * 1e3:8.1f} ms / image")
-        print(f"ONNX Runtime {name}, batch 32:      {32 / t[name + '_32']:8.1f} images / s")
-        print(f"ONNX Runtime {name}, beam 3:        {t[name + '_beam'] * 1e3:8.1f} ms / image")
-    print(f"ONNX Runtime bare encoder graph (ResNet + transformer encoder), one image: {t['encoder'] * 1e3:.1f} ms")
-    print(f"ONNX Runtime bare encoder graph, batch 32: {32 / t['encoder_32']:.1f} images / s")
+def compare_engines(exports: Path, repeats: int) -> None:
+    """--compare: PyTorch (fp32, and `precision: auto`) and ONNX Runtime (the fp32 and int8 exports, and the bare
+    encoder graph) timed in turns, round after round, so that a load that comes and goes weighs on each alike;
+    prints one JSON line of medians (seconds)."""
+    model, vocab, cfg = reference_model()
+    torch_fp32 = Captioner(model, vocab, cfg, device="cpu", precision="fp32")
+    model, vocab, cfg = reference_model()
+    torch_auto = Captioner(model, vocab, cfg, device="cpu", precision="auto", own_model=True)
+    ort = {name: Captioner.from_export(exports / name) for name in ("fp32", "int8")}
+    images = photos()
+    x1, x32 = ort["int8"].transform(images[0])[None], torch.stack([ort["int8"].transform(p) for p in images])
+    one = images[:1]
+    jobs = {"torch_fp32": lambda: torch_fp32.caption(one), "torch_auto": lambda: torch_auto.caption(one),
+            "ort_fp32": lambda: ort["fp32"].caption(one), "ort_int8": lambda: ort["int8"].caption(one),
+            "ort_encoder": lambda: ort["int8"].memory(images=x1),
+            "ort_int8_beam": lambda: ort["int8"].caption(one, beam_size=3),
+            "ort_int8_32": lambda: ort["int8"].caption(images, batch_size=32),
+            "ort_encoder_32": lambda: ort["int8"].memory(images=x32)}
+    assert len(ort["int8"].caption(one)[0].caption.split()) == WORDS
+    times = {name: [] for name in jobs}
+    for _ in range(repeats + 1):                                       # the first round warms up
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            times[name].append(time.perf_counter() - start)
+    print(json.dumps({"precision_auto": torch_auto.precision,
+                      **{name: statistics.median(ts[1:]) for name, ts in times.items()}}))
+
+
+def onnx_runtime_rows(exports: Path, repeats: int) -> str:
+    """The engines compared (in a process of their own), and the int8 export's peak RSS (in another); their rows,
+    printed, and their part of the last line."""
+    def child(*args) -> dict:
+        out = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True)
+        if out.returncode:
+            print(f"{args[0]} failed: {out.stderr.strip()[-2000:]}")
+            return {}
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    t = child("--compare", exports, "--repeats", repeats)
+    rss = child("--rss-of", exports / "int8") or {"rss_mb": "n/a", "rss_after_imports_mb": "n/a", "imported": "n/a"}
+    auto = t["precision_auto"]
+    print(f"engines compared in turns, one image: PyTorch fp32 {t['torch_fp32'] * 1e3:.1f} ms, PyTorch {auto} "
+          f"{t['torch_auto'] * 1e3:.1f} ms, ONNX Runtime fp32 {t['ort_fp32'] * 1e3:.1f} ms, ONNX Runtime int8 "
+          f"{t['ort_int8'] * 1e3:.1f} ms, ONNX Runtime bare encoder graph (ResNet + transformer encoder) "
+          f"{t['ort_encoder'] * 1e3:.1f} ms; int8 beam 3 {t['ort_int8_beam'] * 1e3:.1f} ms")
+    print(f"ONNX Runtime batch 32: int8 {32 / t['ort_int8_32']:.1f} images / s, bare encoder graph "
+          f"{32 / t['ort_encoder_32']:.1f} images / s")
     print(f"ONNX Runtime int8, a process that only captions (1 image, then 32): peak RSS {rss['rss_mb']} MB "
           f"({rss['rss_after_imports_mb']} MB after its imports; imported {rss['imported'] or 'none'} of "
           "torchvision, pandas, matplotlib)")
-    return (f"ort_speedup_vs_torch={t_torch_fp32 / t['int8']:.2f} "
-            f"ort_overhead_vs_encoder={t['int8'] / t['encoder']:.2f} "
-            f"ort_batch_efficiency={t['encoder_32'] / t['int8_32']:.2f} ort_rss_mb={rss['rss_mb']} "
-            f"ort_fp32_speedup_vs_torch={t_torch_fp32 / t['fp32']:.2f} ort_speedup_vs_{auto}={t_auto / t['int8']:.2f}")
+    return (f"ort_speedup_vs_torch={t['torch_fp32'] / t['ort_int8']:.2f} "
+            f"ort_overhead_vs_encoder={t['ort_int8'] / t['ort_encoder']:.2f} "
+            f"ort_batch_efficiency={t['ort_encoder_32'] / t['ort_int8_32']:.2f} ort_rss_mb={rss['rss_mb']} "
+            f"ort_fp32_speedup_vs_torch={t['torch_fp32'] / t['ort_fp32']:.2f} "
+            f"ort_speedup_vs_torch_{auto}={t['torch_auto'] / t['ort_int8']:.2f}")
 
 
 if __name__ == "__main__":
