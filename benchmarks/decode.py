@@ -117,17 +117,24 @@ def export_both(folder: Path) -> None:
               f"{json.dumps(meta['check'][quantize or 'fp32'])}", flush=True)
 
 
-def caption_rss(folder: Path) -> None:
-    """--rss-of: peak RSS of a process that only captions with the export in `folder`, and what it imported."""
-    from captioning import Captioner
-
-    before = peak_rss_mb()
-    captioner = Captioner.from_export(folder)
-    images = photos()
-    assert len(captioner.caption(images[:1])[0].caption.split()) == WORDS
-    captioner.caption(images, batch_size=32)
-    heavy = sorted(m for m in ("torchvision", "pandas", "matplotlib") if m in sys.modules)
-    print(json.dumps({"rss_mb": round(peak_rss_mb()), "rss_after_imports_mb": round(before), "imported": heavy}))
+# --rss-of: a process of its own that imports only what captioning from an export needs (not this script's
+# torchvision and data imports), captions 1 image, then 32, and prints its peak RSS and what it imported
+CAPTION_RSS = """
+import json, re, sys
+import numpy as np
+from PIL import Image
+from captioning import Captioner
+# VmHWM, this process's own peak: ru_maxrss would start at the parent's RSS, carried over by fork and exec
+mb = lambda: round(int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024)
+before = mb()
+captioner = Captioner.from_export(sys.argv[1])
+rng = np.random.default_rng(0)
+images = [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(32)]
+assert len(captioner.caption(images[:1])[0].caption.split()) == int(sys.argv[2])
+captioner.caption(images, batch_size=32)
+heavy = sorted(m for m in ("torchvision", "pandas", "matplotlib") if m in sys.modules)
+print(json.dumps({"rss_mb": mb(), "rss_after_imports_mb": before, "imported": heavy}))
+"""
 
 
 def main() -> None:
@@ -138,12 +145,10 @@ def main() -> None:
     parser.add_argument("--exports", type=Path, help="keep the two exports in this folder (made there when missing, "
                                                      "reused when there)")
     parser.add_argument("--export-to", type=Path, help=argparse.SUPPRESS)    # the child processes' jobs
-    parser.add_argument("--rss-of", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--compare", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.export_to or args.rss_of or args.compare:
-        return export_both(args.export_to) if args.export_to else caption_rss(args.rss_of) if args.rss_of else \
-            compare_engines(args.compare, args.repeats)
+    if args.export_to or args.compare:
+        return export_both(args.export_to) if args.export_to else compare_engines(args.compare, args.repeats)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     onnx = not args.no_onnx and device.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None
@@ -247,14 +252,15 @@ def onnx_runtime_rows(exports: Path, repeats: int) -> str:
     """The engines compared (in a process of their own), and the int8 export's peak RSS (in another); their rows,
     printed, and their part of the last line."""
     def child(*args) -> dict:
-        out = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True)
         if out.returncode:
             print(f"{args[0]} failed: {out.stderr.strip()[-2000:]}")
             return {}
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    t = child("--compare", exports, "--repeats", repeats)
-    rss = child("--rss-of", exports / "int8") or {"rss_mb": "n/a", "rss_after_imports_mb": "n/a", "imported": "n/a"}
+    t = child(__file__, "--compare", exports, "--repeats", repeats)
+    rss = child("-c", CAPTION_RSS, exports / "int8", WORDS) or \
+        {"rss_mb": "n/a", "rss_after_imports_mb": "n/a", "imported": "n/a"}
     auto = t["precision_auto"]
     print(f"engines compared in turns, one image: PyTorch fp32 {t['torch_fp32'] * 1e3:.1f} ms, PyTorch {auto} "
           f"{t['torch_auto'] * 1e3:.1f} ms, ONNX Runtime fp32 {t['ort_fp32'] * 1e3:.1f} ms, ONNX Runtime int8 "

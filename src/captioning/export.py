@@ -1,6 +1,7 @@
 """Export a checkpoint for ONNX Runtime: three graphs and three JSON files in one folder, checked before it is kept.
 
     encoder.onnx     images (B, 3, S, S), preprocessed -> memory (B, L, D)          CaptionModel.encode
+                     (its weights in encoder.onnx.data)
     start.onnx       memory (M, L, D) -> cross_k_i, cross_v_i (M, H, L, hd)         decoding.init_cache
     step.onnx        tokens (N,), position (), self_k_i, self_v_i (N, H, T, hd),     decoding.step
                      cross_k_i, cross_v_i (M, H, L, hd), N = M * group
@@ -104,6 +105,7 @@ def export_graphs(model: CaptionModel, image_size: int, folder: Path) -> None:
     images = torch.randn(2, 3, image_size, image_size)
     _export(_Encode(model), (images,),
             folder / "encoder.onnx", ["images"], ["memory"], {"images": {0: "B"}, "memory": {0: "B"}})
+    _weights_beside(folder / "encoder.onnx")
     memory = model.encode(images)
     kv_names = [f"cross_{kind}_{i}" for kind in ("k", "v") for i in range(n)]
     _export(_Start(model), (memory,), folder / "start.onnx", ["memory"], kv_names,
@@ -120,6 +122,15 @@ def export_graphs(model: CaptionModel, image_size: int, folder: Path) -> None:
     _export(_Step(model), (torch.tensor([5, 6, 7, 8]), torch.tensor(1), *past), folder / "step.onnx", inputs,
             outputs, axes)
     log.info("exported d_model %d, %d decoder layers, %d words", cfg.d_model, n, model.head.out_features)
+
+
+def _weights_beside(path: Path) -> None:
+    """The graph's weights moved into path.data: ONNX Runtime maps them from there instead of holding the whole
+    file in memory while it loads (a smaller peak RSS for ResNet-152's 240 MB)."""
+    import onnx
+
+    onnx.save_model(onnx.load(path), path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
 
 
 class _Encode(nn.Module):

@@ -28,7 +28,7 @@ from .images import ImageLimits
 from .vocab import Vocabulary
 
 EXPORT_FORMAT = 1
-FILES = ("encoder.onnx", "start.onnx", "step.onnx", "vocab.json", "preprocess.json", "config.json")
+FILES = ("encoder.onnx", "encoder.onnx.data", "start.onnx", "step.onnx", "vocab.json", "preprocess.json", "config.json")
 
 
 class MissingExtra(EnvironmentProblem):
@@ -53,6 +53,12 @@ def load_session(path: str | Path, threads: int | None = None):
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # three sessions take turns on the same cores: threads that spin after a run starve the next session's
+    # (one image took twice as long with spinning on, docs/benchmarks.md); no arena, and initializers outside
+    # it, for a smaller peak RSS
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    options.enable_cpu_mem_arena = False
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
