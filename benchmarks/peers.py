@@ -10,7 +10,7 @@ Optional: without transformers installed the peers are skipped with a line that 
 
 Last line: peers: ours_ms=... ort_int8_ms=... blip_ms=... git_ms=... (one image) ours_8_ms=... ...
 
-    python benchmarks/peers.py [--repeats 3]
+    python benchmarks/peers.py [--repeats 3] [--exports DIR]
 """
 from __future__ import annotations
 
@@ -46,15 +46,20 @@ def generate(model, pixels: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--exports", type=Path, help="the reference model's exports (decode.py --exports DIR); "
+                                                     "default: made anew in a temporary folder")
     args = parser.parse_args()
     none = lambda: None     # noqa: E731 -- CPU only
     images = photos(8)
     t = {}
     with tempfile.TemporaryDirectory() as tmp:
+        exports = args.exports or Path(tmp)
         if importlib.util.find_spec("onnxruntime") is not None:
-            subprocess.run([sys.executable, str(Path(__file__).with_name("decode.py")), "--export-to", tmp], check=True)
+            if not all((exports / name / "config.json").is_file() for name in ("fp32", "int8")):
+                subprocess.run([sys.executable, str(Path(__file__).with_name("decode.py")), "--export-to",
+                                str(exports)], check=True)
             for name in ("fp32", "int8"):
-                ort = Captioner.from_export(Path(tmp) / name)
+                ort = Captioner.from_export(exports / name)
                 t[f"ort_{name}"] = timed(lambda: ort.caption(images[:1]), args.repeats, none)
                 t[f"ort_{name}_8"] = timed(lambda: ort.caption(images, batch_size=8), args.repeats, none)
         else:
