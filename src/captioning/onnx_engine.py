@@ -3,7 +3,7 @@
     captioner = Captioner.from_export("exports/shapes")      # the folder `python -m captioning export` wrote
     captioner.caption(["photo.jpg"], beam_size=3)
 
-`OrtEngine` is an `decoding.Engine`: its `init_cache` runs start.onnx, its `step` runs step.onnx, and
+`OrtEngine` is a `decoding.Engine`: its `init_cache` runs start.onnx, its `step` runs step.onnx, and
 the cache is decoding's own `DecoderCache` (of tensors sharing the arrays ONNX Runtime returns), so
 greedy, beam and sampling search, n-best and attention maps are decoding.py's code whichever engine
 runs. `ExportCaptioner` is the Captioner with the encoder graph in place of the PyTorch model and
