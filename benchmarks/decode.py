@@ -15,18 +15,35 @@ pinned to -inf, so the real `Captioner.caption` path runs all 20 steps). Measure
 - the decoding options (attention maps, sampling, n-gram blocking and a minimum length, and beam
   search with 3 best + attention + blocking), each against plain decoding at the same beam size.
 
+- ONNX Runtime (CPU, with the [export] extra): the same model exported (`export.export_model`, in a
+  process of its own) in fp32 and with int8 decoder weights, through `Captioner.from_export`: one
+  image, batch 32, and the bare encoder graph (images -> memory: the ResNet and the transformer
+  encoder, as the export has them) at batch 1 and 32, beside today's PyTorch path in fp32 (the
+  default where the CPU has no bf16) and at `precision: auto`, all timed in turns, round after round,
+  in another process. The int8 export's peak RSS is measured in a process of its own that only
+  captions (1 image, then 32).
+
 Last line: decode: speedup_vs_reference=X overhead_vs_encoder=Y batch_efficiency=Z rss_mb=W
 attention_overhead=... sampling_overhead=... controls_overhead=... beam_options_overhead=...
+ort_speedup_vs_torch=S ort_overhead_vs_encoder=O ort_batch_efficiency=E ort_rss_mb=R ...
+(ort_speedup_vs_torch: PyTorch fp32 over ONNX Runtime int8, one image; ort_overhead_vs_encoder: ONNX
+Runtime int8 over its own bare encoder graph, one image; ort_speedup_vs_auto: the PyTorch path at
+`precision: auto` over ONNX Runtime int8.)
 
-    python benchmarks/decode.py [--repeats 3] [--device cpu|cuda]
+    python benchmarks/decode.py [--repeats 3] [--device cpu|cuda] [--no-onnx] [--exports DIR]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,36 +86,103 @@ def reference_caption(model, image: torch.Tensor, bos: int, words: int) -> list[
     return tokens[0, 1:].tolist()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
+def reference_model():
+    """The reference-size model with random weights (seeded: every process builds the same), <eos> pinned to -inf."""
     torch.manual_seed(0)
     cfg = from_dict({"model": {"pretrained": False, "max_tokens": 64}, "data": {"max_words": WORDS}}, check_paths=False)
     vocab = Vocabulary(list(SPECIALS) + [f"w{i}" for i in range(7736 - len(SPECIALS))])
     model = build_model(cfg.model, len(vocab), vocab.pad).eval()
     with torch.no_grad():
         model.head.bias[vocab.eos] = float("-inf")     # force every caption to WORDS words
+    return model, vocab, cfg
+
+
+def photos(n: int = 32) -> list[Image.Image]:
     rng = np.random.default_rng(0)
-    photos = [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(32)]
+    return [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(n)]
 
-    # the reference first, in fp32; then the Captioner casts the same model's encoder for its precision
+
+def export_both(folder: Path) -> None:
+    """--export-to: the reference model exported in fp32 and int8 into folder/fp32 and folder/int8."""
+    from captioning.export import export_model
+
+    model, vocab, cfg = reference_model()
+    folder.mkdir(parents=True, exist_ok=True)
+    for quantize in (None, "int8"):
+        if (folder / (quantize or "fp32") / "config.json").is_file():
+            continue
+        start = time.perf_counter()
+        meta = export_model(model, vocab, cfg, folder / (quantize or "fp32"), quantize, "benchmarks/decode.py")
+        print(f"export {quantize or 'fp32'}: {time.perf_counter() - start:.0f} s, check "
+              f"{json.dumps(meta['check'][quantize or 'fp32'])}", flush=True)
+
+
+# --rss-of: a process of its own that imports only what captioning from an export needs (not this script's
+# torchvision and data imports), captions 1 image, then 32, and prints its peak RSS and what it imported
+CAPTION_RSS = """
+import json, re, sys
+import numpy as np
+from PIL import Image
+from captioning import Captioner
+# VmHWM, this process's own peak: ru_maxrss would start at the parent's RSS, carried over by fork and exec
+mb = lambda: round(int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024)
+before = mb()
+captioner = Captioner.from_export(sys.argv[1])
+rng = np.random.default_rng(0)
+images = [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(32)]
+assert len(captioner.caption(images[:1])[0].caption.split()) == int(sys.argv[2])
+captioner.caption(images, batch_size=32)
+heavy = sorted(m for m in ("torchvision", "pandas", "matplotlib") if m in sys.modules)
+print(json.dumps({"rss_mb": mb(), "rss_after_imports_mb": before, "imported": heavy}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
+    parser.add_argument("--exports", type=Path, help="keep the two exports in this folder (made there when missing, "
+                                                     "reused when there)")
+    parser.add_argument("--export-to", type=Path, help=argparse.SUPPRESS)    # the child processes' jobs
+    parser.add_argument("--compare", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.export_to or args.compare:
+        return export_both(args.export_to) if args.export_to else compare_engines(args.compare, args.repeats)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    onnx = not args.no_onnx and device.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None
+    if not onnx:
+        print("ONNX Runtime rows skipped: " + ("--no-onnx" if args.no_onnx else "not on the CPU"
+              if device.type != "cpu" else "onnxruntime not installed (pip install -e '.[export]')"))
+    with tempfile.TemporaryDirectory() as tmp:
+        exports = args.exports or Path(tmp)
+        if onnx and not all((exports / name / "config.json").is_file() for name in ("fp32", "int8")):
+            # first, in a process of its own: tracing ResNet-152 would count in this one's peak RSS
+            subprocess.run([sys.executable, __file__, "--export-to", str(exports)], check=True)
+        measure(args, device, sync, exports if onnx else None)
+
+
+def measure(args, device: torch.device, sync, exports: Path | None) -> None:
+    model, vocab, cfg = reference_model()
+    photos32 = photos()
+
+    # the reference first, in fp32, and today's path in fp32; then the Captioner casts the same model's encoder
+    # for its precision
     model.to(device)
-    x1 = build_transform(cfg.data.image_size)(photos[0])[None].to(device)
+    x1 = build_transform(cfg.data.image_size)(photos32[0])[None].to(device)
     t_reference = timed(lambda: reference_caption(model, x1, vocab.bos, WORDS), max(1, args.repeats // 2), sync)
+    torch_fp32 = Captioner(model, vocab, cfg, device=device, precision="fp32")
+    t_torch_fp32 = timed(lambda: torch_fp32.caption(photos32[:1]), args.repeats, sync)
     captioner = Captioner(model, vocab, cfg, device=device, precision="auto", own_model=True)
-    assert len(captioner.caption([photos[0]])[0].caption.split()) == WORDS
+    assert len(captioner.caption(photos32[:1])[0].caption.split()) == WORDS
 
-    x32 = torch.stack([captioner.transform(p) for p in photos]).to(device)
-    t_ours = timed(lambda: captioner.caption([photos[0]]), args.repeats, sync)
+    x32 = torch.stack([captioner.transform(p) for p in photos32]).to(device)
+    t_ours = timed(lambda: captioner.caption(photos32[:1]), args.repeats, sync)
     t_encoder = timed(lambda: captioner.features(x1), args.repeats, sync)       # the Captioner's own encoder call
-    t_ours32 = timed(lambda: captioner.caption(photos, batch_size=32), args.repeats, sync)
+    t_ours32 = timed(lambda: captioner.caption(photos32, batch_size=32), args.repeats, sync)
     # the decoding options, each against plain decoding at the same beam size timed right beside them
-    one = [photos[0]]
+    one = photos32[:1]
     t_plain = timed(lambda: captioner.caption(one), args.repeats, sync)
     t_attention = timed(lambda: captioner.caption(one, attention=True), args.repeats, sync)
     t_sampling = timed(lambda: captioner.caption(one, temperature=1.0, top_k=50, top_p=0.9, seed=0), args.repeats,
@@ -124,10 +208,74 @@ def main() -> None:
     print(f"beam 3:                            {t_beam * 1e3:8.1f} ms / image")
     print(f"beam 3, 3 best + attention + no-repeat: {t_beam_all * 1e3:3.1f} ms / image")
     print(f"peak RSS: {rss_mb:.0f} MB captioning, {peak_rss_mb():.0f} MB after the bare batch-32 forward")
-    print(f"decode: speedup_vs_reference={t_reference / t_ours:.1f} overhead_vs_encoder={t_ours / t_encoder:.2f} "
-          f"batch_efficiency={t_encoder32 / t_ours32:.2f} rss_mb={rss_mb:.0f} "
-          f"attention_overhead={t_attention / t_plain:.2f} sampling_overhead={t_sampling / t_plain:.2f} "
-          f"controls_overhead={t_controls / t_plain:.2f} beam_options_overhead={t_beam_all / t_beam:.2f}")
+    print(f"PyTorch fp32 (today's path without bf16), one image: {t_torch_fp32 * 1e3:.1f} ms / image")
+    line = (f"decode: speedup_vs_reference={t_reference / t_ours:.1f} overhead_vs_encoder={t_ours / t_encoder:.2f} "
+            f"batch_efficiency={t_encoder32 / t_ours32:.2f} rss_mb={rss_mb:.0f} "
+            f"attention_overhead={t_attention / t_plain:.2f} sampling_overhead={t_sampling / t_plain:.2f} "
+            f"controls_overhead={t_controls / t_plain:.2f} beam_options_overhead={t_beam_all / t_beam:.2f}")
+    if exports is not None:
+        del captioner, torch_fp32, model           # the comparison's process needs the memory more
+        line += " " + onnx_runtime_rows(exports, args.repeats)
+    print(line)
+
+
+def compare_engines(exports: Path, repeats: int) -> None:
+    """--compare: PyTorch (fp32, and `precision: auto`) and ONNX Runtime (the fp32 and int8 exports, and the bare
+    encoder graph) timed in turns, round after round, so that a load that comes and goes weighs on each alike;
+    prints one JSON line of medians (seconds)."""
+    model, vocab, cfg = reference_model()
+    torch_fp32 = Captioner(model, vocab, cfg, device="cpu", precision="fp32")
+    model, vocab, cfg = reference_model()
+    torch_auto = Captioner(model, vocab, cfg, device="cpu", precision="auto", own_model=True)
+    ort = {name: Captioner.from_export(exports / name) for name in ("fp32", "int8")}
+    images = photos()
+    x1, x32 = ort["int8"].transform(images[0])[None], torch.stack([ort["int8"].transform(p) for p in images])
+    one = images[:1]
+    jobs = {"torch_fp32": lambda: torch_fp32.caption(one), "torch_auto": lambda: torch_auto.caption(one),
+            "ort_fp32": lambda: ort["fp32"].caption(one), "ort_int8": lambda: ort["int8"].caption(one),
+            "ort_encoder": lambda: ort["int8"].memory(images=x1),
+            "ort_int8_beam": lambda: ort["int8"].caption(one, beam_size=3),
+            "ort_int8_32": lambda: ort["int8"].caption(images, batch_size=32),
+            "ort_encoder_32": lambda: ort["int8"].memory(images=x32)}
+    assert len(ort["int8"].caption(one)[0].caption.split()) == WORDS
+    times = {name: [] for name in jobs}
+    for _ in range(repeats + 1):                                       # the first round warms up
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            times[name].append(time.perf_counter() - start)
+    print(json.dumps({"precision_auto": torch_auto.precision,
+                      **{name: statistics.median(ts[1:]) for name, ts in times.items()}}))
+
+
+def onnx_runtime_rows(exports: Path, repeats: int) -> str:
+    """The engines compared (in a process of their own), and the int8 export's peak RSS (in another); their rows,
+    printed, and their part of the last line."""
+    def child(*args) -> dict:
+        out = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True)
+        if out.returncode:
+            print(f"{args[0]} failed: {out.stderr.strip()[-2000:]}")
+            return {}
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    t = child(__file__, "--compare", exports, "--repeats", repeats)
+    rss = child("-c", CAPTION_RSS, exports / "int8", WORDS) or \
+        {"rss_mb": "n/a", "rss_after_imports_mb": "n/a", "imported": "n/a"}
+    auto = t["precision_auto"]
+    print(f"engines compared in turns, one image: PyTorch fp32 {t['torch_fp32'] * 1e3:.1f} ms, PyTorch {auto} "
+          f"{t['torch_auto'] * 1e3:.1f} ms, ONNX Runtime fp32 {t['ort_fp32'] * 1e3:.1f} ms, ONNX Runtime int8 "
+          f"{t['ort_int8'] * 1e3:.1f} ms, ONNX Runtime bare encoder graph (ResNet + transformer encoder) "
+          f"{t['ort_encoder'] * 1e3:.1f} ms; int8 beam 3 {t['ort_int8_beam'] * 1e3:.1f} ms")
+    print(f"ONNX Runtime batch 32: int8 {32 / t['ort_int8_32']:.1f} images / s, bare encoder graph "
+          f"{32 / t['ort_encoder_32']:.1f} images / s")
+    print(f"ONNX Runtime int8, a process that only captions (1 image, then 32): peak RSS {rss['rss_mb']} MB "
+          f"({rss['rss_after_imports_mb']} MB after its imports; imported {rss['imported'] or 'none'} of "
+          "torchvision, pandas, matplotlib)")
+    return (f"ort_speedup_vs_torch={t['torch_fp32'] / t['ort_int8']:.2f} "
+            f"ort_overhead_vs_encoder={t['ort_int8'] / t['ort_encoder']:.2f} "
+            f"ort_batch_efficiency={t['ort_encoder_32'] / t['ort_int8_32']:.2f} ort_rss_mb={rss['rss_mb']} "
+            f"ort_fp32_speedup_vs_torch={t['torch_fp32'] / t['ort_fp32']:.2f} "
+            f"ort_speedup_vs_torch_{auto}={t['torch_auto'] / t['ort_int8']:.2f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from captioning.cli import main
 from conftest import tiny_config
 
 
-@pytest.mark.parametrize("command", ["train", "caption", "evaluate", "shapes", "extract-features"])
+@pytest.mark.parametrize("command", ["train", "caption", "evaluate", "shapes", "extract-features", "export"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

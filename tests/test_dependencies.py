@@ -96,6 +96,14 @@ def test_the_dev_extra_has_what_make_test_runs():
     assert {"pytest", "ruff", "papermill", "ipykernel"} <= dev, dev
 
 
+def test_the_dev_extra_has_the_export_extra_so_the_export_tests_run():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    export = {canonicalize_name(Requirement(line).name): key(Requirement(line)) for line in extras["export"]}
+    dev = {canonicalize_name(Requirement(line).name): key(Requirement(line)) for line in extras["dev"]}
+    assert export.keys() == {"onnx", "onnxruntime"}, export
+    assert {name: dev.get(name) for name in export} == export, "the dev extra must repeat the export extra"
+
+
 def test_the_makefile_installs_from_pyproject_not_by_hand():
     """Each `pip install` in the Makefile names only the project's extras or requirements.txt, no packages."""
     recipes = [line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("\t")]

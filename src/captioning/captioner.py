@@ -3,6 +3,7 @@
     captioner = Captioner.from_checkpoint("runs/shapes/best.pt")
     captioner("photo.jpg")                                   # -> "a dog runs on the grass"
     captioner.caption(["a.jpg", "https://...", pil_image], beam_size=3)
+    Captioner.from_export("exports/shapes")                  # the same, on ONNX Runtime (onnx_engine.py)
 """
 from __future__ import annotations
 
@@ -13,19 +14,20 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import load_checkpoint
 from .config import Config
-from .data import build_transform
 from .decoding import DecodeOptions, Hypothesis, rules_for, search
 from .device import autocast, resolve_device, resolve_precision
 from .images import ImageLimits, ImageLoadError, describe, open_image
-from .model import CaptionModel
 from .vocab import Vocabulary
+
+if TYPE_CHECKING:      # the checkpoint's path imports these when it runs; an export's never does (torchvision)
+    from .model import CaptionModel
 
 
 @dataclass
@@ -68,9 +70,11 @@ class Captioner:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.vocab, self.cfg, self.limits = vocab, cfg, limits
+        from .data import build_transform
+
         # the preprocessing the checkpoint was trained with, rebuilt from its config
         self.transform = build_transform(cfg.data.image_size)
-        self.model = model.to(self.device)
+        self.model = self.engine = model.to(self.device)        # the engine the search code calls: the model
         self.image_dtype, self.encoder_precision = torch.float32, self.precision
         if own_model and self.precision != "fp32":
             # the ResNet is most of the work: cast its weights once (autocast would re-cast them on every
@@ -83,11 +87,22 @@ class Captioner:
     def from_checkpoint(cls, path: str | Path, device=None, precision: str | None = "auto",
                         limits: ImageLimits | None = None) -> Captioner:
         """`precision` None: the run's own train.precision."""
+        from .checkpoint import load_checkpoint
+
         model, vocab, cfg = load_checkpoint(path)
         if precision is None:   # fp16 is CUDA's: a run trained in it captions in the device's default elsewhere
             fp16_elsewhere = cfg.train.precision == "fp16" and resolve_device(device).type != "cuda"
             precision = "auto" if fp16_elsewhere else cfg.train.precision
         return cls(model.eval(), vocab, cfg, device, precision, limits, own_model=True)
+
+    @classmethod
+    def from_export(cls, folder: str | Path, limits: ImageLimits | None = None, threads: int | None = None
+                    ) -> Captioner:
+        """A Captioner over the folder `python -m captioning export` wrote, on ONNX Runtime (CPU): the same
+        options and results; `threads` None: ONNX Runtime's default, one a core."""
+        from .onnx_engine import ExportCaptioner
+
+        return ExportCaptioner(folder, limits, threads)
 
     @contextlib.contextmanager
     def _inference(self):
@@ -135,7 +150,7 @@ class Captioner:
             raise ValueError(f"max_words={opts.max_words}: this model reads at most model.max_tokens="
                              f"{self.cfg.model.max_tokens} tokens, <bos> and <eos> included: at most "
                              f"{self.cfg.model.max_tokens - 2} words")
-        return opts.check(len(self.model.transformer.decoder.layers), self.cfg.model.num_heads)
+        return opts.check(self.cfg.model.num_decoder_layers, self.cfg.model.num_heads)
 
     def generator(self, options: DecodeOptions) -> torch.Generator | None:
         """Sampling's random numbers: one generator a call, seeded with `seed` (else at random)."""
@@ -152,7 +167,7 @@ class Captioner:
         rules = rules_for(options, v.pad, v.bos, v.eos, v.index)
         generator = generator or self.generator(options)
         with self._inference():
-            return search(self.model, memory, options, rules, generator)
+            return search(self.engine, memory, options, rules, generator)
 
     def decode(self, memory: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
                length_penalty: float = 1.0, **options) -> list[str]:

@@ -5,6 +5,8 @@ examples:
   python -m captioning train --config configs/shapes.yaml         # train; --set key=value overrides the config
   python -m captioning train --config configs/shapes.yaml --resume auto   # continue the run, or start it
   python -m captioning caption --checkpoint runs/shapes/best.pt photo.jpg https://example.com/cat.png
+  python -m captioning export --checkpoint runs/shapes/best.pt --out exports/shapes --quantize int8
+  python -m captioning caption --model exports/shapes photos/        # the export, on ONNX Runtime (CPU)
   python -m captioning evaluate --checkpoint runs/shapes/best.pt --out report.json
   python -m captioning check-data --config configs/coco.yaml --out check.json     # before hours of training
   python -m captioning score --predictions preds.jsonl --references data/coco/annotations --split test
@@ -72,7 +74,13 @@ def _caption(args) -> int:
     out = ResultsFile(args.out) if args.out else None
     inputs = expand_inputs(args.inputs)
     todo = [x for x in inputs if out is None or x not in out.done]
-    captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
+    if args.model:
+        if args.device not in (None, "cpu") or args.precision != "auto":
+            raise ConfigError(f"--model {args.model} runs on the CPU in the export's own precision: drop --device "
+                              "and --precision (or caption with --checkpoint)")
+        captioner = Captioner.from_export(args.model)
+    else:
+        captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
     failed = False
     bar = tqdm(total=len(inputs), initial=len(inputs) - len(todo), desc="captioning", unit="img", file=sys.stderr,
                disable=len(inputs) < 2 * args.batch_size and not out)
@@ -138,6 +146,17 @@ def _draw_attention(result, n: int, folder: Path) -> None:
     fig.savefig(folder / f"{n:04d}_{stem}.png", dpi=100, bbox_inches="tight")
     import matplotlib.pyplot as plt
     plt.close(fig)
+
+
+def _export(args) -> int:
+    from .export import export
+
+    meta = export(args.checkpoint, args.out, args.quantize)
+    check = meta["check"][args.quantize or "fp32"]
+    print(f"exported {meta['checkpoint']} to {args.out} ({args.quantize or 'fp32'}): logits within "
+          f"{check['relative']:.2g} of the checkpoint's (tolerance {check['tolerance']}); caption with: "
+          f"python -m captioning caption --model {args.out} IMAGE ...")
+    return 0
 
 
 def _extract_features(args) -> int:
@@ -236,7 +255,10 @@ def _add_caption(sub) -> None:
     p = sub.add_parser("caption", help="caption images: files, folders, globs, http(s) URLs",
                        description="Caption images given as files, folders, globs or http(s) URLs; a bad input gets "
                                    "an error line and the others still get captions (exit 1 if any failed).")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file (a run directory means its best.pt)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="a checkpoint file (a run directory means its best.pt)")
+    model.add_argument("--model", metavar="EXPORT_DIR", help="a folder `export` wrote: caption on ONNX Runtime "
+                                                             "(CPU; needs pip install -e '.[export]')")
     p.add_argument("--beam", type=positive_int, default=1, help="beam size (1 = greedy)")
     p.add_argument("--json", action="store_true", help="one JSON object a line per input, in input order")
     p.add_argument("--out", metavar="FILE.jsonl|FILE.csv",
@@ -298,6 +320,17 @@ def _add_other(sub) -> None:
     _common(p, config=True)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images through the encoder at a time")
     p.set_defaults(func=_extract_features)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX for fast CPU captioning (caption --model)",
+                       description="Write the encoder, the decoder's start and its step as ONNX graphs, with the "
+                                   "vocabulary, preprocessing and config as JSON, into a new folder, after checking "
+                                   "that the graphs give the checkpoint's logits (else nothing is written). Needs "
+                                   "pip install -e '.[export]'.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file (a run directory means its best.pt)")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights in the decoder's matrix products (the "
+                                                        "encoder stays fp32)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("shapes", help="generate the synthetic Shapes data set (Kaggle Flickr30k layout)",
                        description="Generate the synthetic Shapes data set into a new or empty folder: "

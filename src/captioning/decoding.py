@@ -10,6 +10,11 @@ same layers are run one position at a time instead:
                                   its self-attention keys/values are appended to the cache
 
 so a step costs one position per sequence, whatever the length so far.
+
+The searches below never touch the model itself: they ask an engine (`Engine`: `init_cache`,
+`step`) for the cache and the next-word logits. `TorchEngine` is the model above; the ONNX
+Runtime engine (`onnx_engine.OrtEngine`) runs the exported graphs of the same two functions.
+Wherever a search takes `model`, either a CaptionModel or an engine may be passed.
 `greedy_reference` keeps the re-run-everything path: tests hold the two to the
 same logits and tokens, and the benchmark times one against the other.
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -90,7 +96,12 @@ def step(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor, attenti
     appends each layer's self-attention keys/values to `cache`. With an `attention`
     list, each layer's cross-attention weights (N, H, L) are appended to it.
     """
-    x = model.embed_tokens(tokens[:, None], offset=cache.length)      # (N, 1, D)
+    return decoder_step(model, model.embed_tokens(tokens[:, None], offset=cache.length), cache, attention)
+
+
+def decoder_step(model: CaptionModel, x: torch.Tensor, cache: DecoderCache, attention: list | None = None
+                 ) -> torch.Tensor:
+    """`step` after the embedding: x (N, 1, D), the embedded words -> logits (N, V). The export traces this too."""
     weights = None if attention is None else []
     for i, layer in enumerate(model.transformer.decoder.layers):
 
@@ -107,6 +118,36 @@ def step(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor, attenti
     if model.transformer.decoder.norm is not None:
         x = model.transformer.decoder.norm(x)
     return model.head(x)[:, 0]                                         # (N, V)
+
+
+# -----------------------------------------------------------------------------
+# the engine the searches call: the model above, or exported graphs of the same two functions
+
+class Engine(Protocol):
+    """What the search code needs of a model: a cache for memory's images, and one step of every row."""
+    pad_id: int
+
+    def init_cache(self, memory: torch.Tensor, group: int = 1) -> DecoderCache: ...
+
+    def step(self, cache: DecoderCache, tokens: torch.Tensor, attention: list | None = None) -> torch.Tensor: ...
+
+
+class TorchEngine:
+    """The PyTorch CaptionModel as an Engine: `init_cache` and `step` above."""
+
+    def __init__(self, model: CaptionModel):
+        self.model, self.pad_id = model, model.pad_id
+
+    def init_cache(self, memory: torch.Tensor, group: int = 1) -> DecoderCache:
+        return init_cache(self.model, memory, group)
+
+    def step(self, cache: DecoderCache, tokens: torch.Tensor, attention: list | None = None) -> torch.Tensor:
+        return step(self.model, cache, tokens, attention)
+
+
+def engine_of(model: CaptionModel | Engine) -> Engine:
+    """A CaptionModel wrapped as an Engine; an engine as it is."""
+    return TorchEngine(model) if isinstance(model, torch.nn.Module) else model
 
 
 # -----------------------------------------------------------------------------
@@ -209,11 +250,11 @@ def _length_score(total: float, length: int, length_penalty: float) -> float:
     return total / max(length, 1) ** length_penalty
 
 
-def _next_word(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor, words: list[list[int]], rules: Rules,
+def _next_word(engine: Engine, cache: DecoderCache, tokens: torch.Tensor, words: list[list[int]], rules: Rules,
                attention: AttentionSpec | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step of every row: log-probabilities (N, V) under the rules, and each row's map (N, L) if kept."""
     weights = None if attention is None else []
-    logits = step(model, cache, tokens, weights)
+    logits = engine.step(cache, tokens, weights)
     maps = None if attention is None else attention.reduce(weights)
     return rules.apply(logits.float(), words).log_softmax(-1), maps
 
@@ -222,22 +263,22 @@ def _next_word(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor, w
 # greedy and sampling
 
 @torch.no_grad()
-def sample_or_greedy(model: CaptionModel, memory: torch.Tensor, rules: Rules, max_words: int,
+def sample_or_greedy(model: CaptionModel | Engine, memory: torch.Tensor, rules: Rules, max_words: int,
                      sampling: Sampling | None = None, attention: AttentionSpec | None = None,
                      length_penalty: float = 1.0) -> list[Hypothesis]:
     """One caption per image of memory (B, L, D): the likeliest word at each step, or a sampled one.
 
     Each sequence stops at its own <eos> and leaves the batch, so the others do not carry it along.
     """
-    B = memory.size(0)
-    cache = init_cache(model, memory)
+    B, engine = memory.size(0), engine_of(model)
+    cache = engine.init_cache(memory)
     words, sums = [[] for _ in range(B)], [0.0] * B
     maps = [[] for _ in range(B)]
     alive = list(range(B))                                            # the image each row of the cache decodes
     tokens = torch.full((B,), rules.bos, dtype=torch.long, device=memory.device)
     ended = [False] * B
     for _ in range(max_words):
-        logp, step_maps = _next_word(model, cache, tokens, [words[b] for b in alive], rules, attention)
+        logp, step_maps = _next_word(engine, cache, tokens, [words[b] for b in alive], rules, attention)
         tokens = logp.argmax(-1) if sampling is None else sampling.choose(logp)     # (n,)
         picked = logp.gather(1, tokens[:, None])[:, 0].tolist()
         for j, (b, word) in enumerate(zip(alive, tokens.tolist())):
@@ -259,7 +300,7 @@ def sample_or_greedy(model: CaptionModel, memory: torch.Tensor, rules: Rules, ma
 
 
 @torch.no_grad()
-def greedy(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_words: int,
+def greedy(model: CaptionModel | Engine, memory: torch.Tensor, bos: int, eos: int, max_words: int,
            rules: Rules | None = None) -> list[list[int]]:
     """Batched greedy decoding: B lists of word ids (without <bos>/<eos>), at most `max_words` each."""
     if memory.size(0) == 0:
@@ -301,7 +342,7 @@ class _Beams:
 
 
 @torch.no_grad()
-def beam_search_hypotheses(model: CaptionModel, memory: torch.Tensor, rules: Rules, max_words: int,
+def beam_search_hypotheses(model: CaptionModel | Engine, memory: torch.Tensor, rules: Rules, max_words: int,
                            beam_size: int = 3, length_penalty: float = 1.0, n_best: int = 1,
                            attention: AttentionSpec | None = None) -> list[list[Hypothesis]]:
     """Batched beam search: B images x K beams flattened into one batch of B*K sequences.
@@ -320,8 +361,8 @@ def beam_search_hypotheses(model: CaptionModel, memory: torch.Tensor, rules: Rul
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"need 1 <= n_best <= beam_size, got n_best={n_best}, beam_size={beam_size}")
-    B, K, device = memory.size(0), beam_size, memory.device
-    cache = init_cache(model, memory, group=K)
+    B, K, device, engine = memory.size(0), beam_size, memory.device, engine_of(model)
+    cache = engine.init_cache(memory, group=K)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     sums = torch.full((B, K), float("-inf"), device=device)
     sums[:, 0] = 0.0           # every beam starts as <bos>; -inf on all but the first expands just one of them
@@ -330,7 +371,7 @@ def beam_search_hypotheses(model: CaptionModel, memory: torch.Tensor, rules: Rul
     tokens = torch.full((B * K,), rules.bos, dtype=torch.long, device=device)
     score = functools.partial(_length_score, length_penalty=length_penalty)
     for t in range(max_words):
-        logp, maps = _next_word(model, cache, tokens, [w for ws in beams.words for w in ws], rules, attention)
+        logp, maps = _next_word(engine, cache, tokens, [w for ws in beams.words for w in ws], rules, attention)
         V = logp.size(-1)
         candidates = (beams.sums[:, :, None] + logp.view(-1, K, V)).view(-1, K * V)      # (n, K*V)
         # a beam has one <eos>, so 2K candidates hold K that go on
@@ -402,8 +443,9 @@ def _fill_in(beams: _Beams, finished: list[list[Hypothesis]], n_best: int, score
 
 
 @torch.no_grad()
-def beam_search(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_words: int, beam_size: int = 3,
-                length_penalty: float = 1.0, n_best: int = 1) -> list[list[tuple[list[int], float]]]:
+def beam_search(model: CaptionModel | Engine, memory: torch.Tensor, bos: int, eos: int, max_words: int,
+                beam_size: int = 3, length_penalty: float = 1.0, n_best: int = 1
+                ) -> list[list[tuple[list[int], float]]]:
     """Per image its n_best (ids without <bos>/<eos>, score), best first (see beam_search_hypotheses)."""
     if memory.size(0) == 0:
         return []
@@ -464,7 +506,7 @@ def rules_for(options: DecodeOptions, pad: int, bos: int, eos: int, word_ids: di
 
 
 @torch.no_grad()
-def search(model: CaptionModel, memory: torch.Tensor, options: DecodeOptions, rules: Rules,
+def search(model: CaptionModel | Engine, memory: torch.Tensor, options: DecodeOptions, rules: Rules,
            generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
     """Per image of memory (B, L, D) its `num_captions` hypotheses, best first: sampled, by beam search, or greedy."""
     if memory.size(0) == 0:

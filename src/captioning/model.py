@@ -23,10 +23,8 @@ from urllib.parse import urlsplit
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .config import EnvironmentProblem, ModelConfig
 
@@ -69,6 +67,8 @@ class Encoder(nn.Module):
         activations are gone. The fold is computed in fp32 whatever this module's dtype, and the copy
         gets that dtype back. This module is left as it is, its state_dict keys included.
         """
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+
         if self.trainable:
             raise ValueError("only a frozen encoder can be folded: a trained one's BatchNorm statistics change")
         dtype = next(self.parameters()).dtype
@@ -96,6 +96,8 @@ class WeightsUnavailableError(EnvironmentProblem):
 
 def _resnet(backbone: str, pretrained: bool) -> nn.Module:
     """torchvision's ResNet, with its ImageNet weights when `pretrained` (downloaded once into torch's cache)."""
+    import torchvision  # here, not at the top: captioning from an ONNX export never loads it
+
     if not pretrained:
         return torchvision.models.get_model(backbone, weights=None)
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
@@ -213,7 +215,9 @@ def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch
     attn = layer.multihead_attn
     N, T, D = x.shape
     M, H, L = k.shape[:3]
-    q = split_heads(F.linear(x, *in_proj(attn, slice(0, D))).view(M, N // M * T, D), H)   # (M, H, G*T, hd)
+    # slices bounded by embed_dim, not by x's shape: a constant where the ONNX export traces it, so the weights
+    # stay initializers (folded once, quantizable) rather than sliced at every step
+    q = split_heads(F.linear(x, *in_proj(attn, slice(0, attn.embed_dim))).view(M, N // M * T, D), H)   # (M, H, G*T, hd)
     if weights is None:
         y = attention(attn, q, k, v)                                    # (M, H, G*T, hd)
     else:
@@ -225,7 +229,7 @@ def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch
 
 def cross_keys_values(layer: nn.TransformerDecoderLayer, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's cross-attention keys and values of memory (B, L, D) -> two (B, H, L, hd)."""
-    attn, D = layer.multihead_attn, memory.size(-1)
+    attn, D = layer.multihead_attn, layer.multihead_attn.embed_dim     # a constant when traced (cross_attention)
     if attn.in_proj_weight is None:
         raise NotImplementedError("the decoder reads packed q/k/v weights (kdim == vdim == d_model)")
     kv = F.linear(memory, *in_proj(attn, slice(D, 3 * D)))              # (B, L, 2D)

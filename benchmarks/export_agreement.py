@@ -1,0 +1,80 @@
+"""Do the ONNX exports keep the checkpoint's captions? Greedy captions of a Shapes split, side by side in one run.
+
+The checkpoint is exported twice (fp32, and int8 decoder weights) into a temporary folder; the
+split's images are captioned greedily by the checkpoint (fp32, and at `precision: auto`) and by
+each export through the same `Captioner.caption`. Measured: the share of images whose caption
+equals the fp32 checkpoint's, and the Shapes accuracy of each (the caption names every object with
+the right colour and shape, and nothing else).
+
+Last line: export_agreement: fp32_same=X int8_same=Y accuracy_checkpoint=A accuracy_fp32=B accuracy_int8=C ...
+
+    python benchmarks/export_agreement.py --checkpoint runs/shapes/best.pt --data data/shapes [--split test]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from captioning import Captioner
+from captioning.export import export
+from captioning.shapes import accuracy, load_ground_truth
+
+
+def caption_all(captioner: Captioner, paths: list[Path]) -> tuple[dict[str, str], float]:
+    """name -> greedy caption, and the seconds it took."""
+    start = time.perf_counter()
+    results = captioner.caption(paths, batch_size=32)
+    bad = [r.error for r in results if not r.ok]
+    if bad:
+        raise RuntimeError(f"{len(bad)} images failed, e.g. {bad[0]}")
+    return {p.name: r.caption for p, r in zip(paths, results)}, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="runs/shapes/best.pt")
+    parser.add_argument("--data", default="data/shapes", help="the Shapes data set the checkpoint was trained on")
+    parser.add_argument("--splits", help="the run's splits.json (default: beside the checkpoint)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    args = parser.parse_args()
+    checkpoint = Path(args.checkpoint)
+    names = json.loads(Path(args.splits or checkpoint.parent / "splits.json").read_text())[args.split]
+    paths = [Path(args.data) / "flickr30k_images" / n for n in names]
+    truth = load_ground_truth(args.data)
+
+    captions, seconds = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for quantize in (None, "int8"):
+            start = time.perf_counter()
+            meta = export(checkpoint, Path(tmp) / (quantize or "fp32"), quantize)
+            print(f"export {quantize or 'fp32'}: {time.perf_counter() - start:.1f} s, check "
+                  f"{json.dumps(meta['check'][quantize or 'fp32'])}")
+        captioners = {"checkpoint_fp32": Captioner.from_checkpoint(checkpoint, precision="fp32"),
+                      "checkpoint_auto": Captioner.from_checkpoint(checkpoint, precision="auto"),
+                      "onnx_fp32": Captioner.from_export(Path(tmp) / "fp32"),
+                      "onnx_int8": Captioner.from_export(Path(tmp) / "int8")}
+        for name, captioner in captioners.items():
+            captions[name], seconds[name] = caption_all(captioner, paths)
+    auto = captioners["checkpoint_auto"].precision
+    reference = captions["checkpoint_fp32"]
+    same = {name: sum(c[n] == reference[n] for n in reference) / len(reference) for name, c in captions.items()}
+    acc = {name: accuracy(c, truth) for name, c in captions.items()}
+    print(f"{len(paths)} {args.split} images of {args.data}; checkpoint {checkpoint} (auto = {auto})")
+    for name in captions:
+        print(f"{name:16s} same as checkpoint fp32: {same[name]:7.2%}  accuracy {acc[name]:.4f}  "
+              f"{seconds[name]:6.1f} s")
+    for name in ("onnx_fp32", "onnx_int8"):
+        for n in reference:
+            if captions[name][n] != reference[n]:
+                print(f"  {name} {n}: {reference[n]!r} -> {captions[name][n]!r}")
+    print(f"export_agreement: fp32_same={same['onnx_fp32']:.4f} int8_same={same['onnx_int8']:.4f} "
+          f"accuracy_checkpoint={acc['checkpoint_fp32']:.4f} accuracy_fp32={acc['onnx_fp32']:.4f} "
+          f"accuracy_int8={acc['onnx_int8']:.4f} checkpoint_{auto}_same={same['checkpoint_auto']:.4f} "
+          f"accuracy_checkpoint_{auto}={acc['checkpoint_auto']:.4f} images={len(paths)}")
+
+
+if __name__ == "__main__":
+    main()

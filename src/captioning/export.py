@@ -1,0 +1,261 @@
+"""Export a checkpoint for ONNX Runtime: three graphs and three JSON files in one folder, checked before it is kept.
+
+    encoder.onnx     images (B, 3, S, S), preprocessed -> memory (B, L, D)          CaptionModel.encode
+                     (its weights in encoder.onnx.data)
+    start.onnx       memory (M, L, D) -> cross_k_i, cross_v_i (M, H, L, hd)         decoding.init_cache
+    step.onnx        tokens (N,), position (), self_k_i, self_v_i (N, H, T, hd),     decoding.step
+                     cross_k_i, cross_v_i (M, H, L, hd), N = M * group
+                     -> logits (N, V), next_self_k_i, next_self_v_i (N, H, T+1, hd),
+                        attention (layers, N, H, L): each layer's cross-attention weights
+    vocab.json       the vocabulary, a list of tokens
+    preprocess.json  the square bilinear resize and normalisation of data.build_transform
+    config.json      format version, the checkpoint's resolved config, the quantization, the check's figures
+
+for each decoder layer i. The graphs are traced from the very functions the PyTorch path runs
+(`CaptionModel.encode`, `model.cross_keys_values`, `decoding.decoder_step`), so the search code in
+decoding.py drives either engine. `quantize="int8"` stores the weights of start.onnx's and
+step.onnx's matrix products as int8 (onnxruntime's dynamic quantization), but for the output layer;
+the encoder stays fp32 (docs/design.md says why).
+
+Everything is written into a hidden folder beside `out`, checked (the exported graphs must give the
+PyTorch model's logits within a stated tolerance) and only then renamed to `out`: a failed or
+interrupted export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import checkpoint_path, load_checkpoint
+from .config import ConfigError, EnvironmentProblem, to_dict
+from .data import IMAGENET_MEAN, IMAGENET_STD
+from .decoding import DecoderCache, decoder_step, init_cache, step
+from .model import CaptionModel, cross_keys_values
+from .onnx_engine import EXPORT_FORMAT, OrtEngine, load_session, require_onnx
+
+log = logging.getLogger(__name__)
+OPSET = 17
+# the check: the largest |logit difference| over a few images and words, relative to the largest |logit|
+TOLERANCE = {None: 1e-3, "int8": 0.1}
+
+
+class ExportCheckError(EnvironmentProblem):
+    """The exported graphs do not give the checkpoint's logits (an exporter or runtime version that does not fit):
+    nothing was written."""
+
+
+class _Start(nn.Module):
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, memory: torch.Tensor):
+        kv = [cross_keys_values(layer, memory) for layer in self.model.transformer.decoder.layers]
+        return tuple(k for k, _ in kv) + tuple(v for _, v in kv)
+
+
+class _Step(nn.Module):
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.model, self.layers = model, len(model.transformer.decoder.layers)
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, *past: torch.Tensor):
+        n = self.layers
+        cache = DecoderCache(list(past[:n]), list(past[n:2 * n]), list(past[2 * n:3 * n]), list(past[3 * n:]))
+        # model.embed_tokens at a position given as a tensor (a Python int would be traced as a constant)
+        x = self.model.embed(tokens[:, None]) * math.sqrt(self.model.cfg.d_model) \
+            + self.model.positions.pe.index_select(0, position.reshape(1))                   # (N, 1, D)
+        weights = []
+        logits = decoder_step(self.model, x, cache, weights)
+        return (logits, *cache.self_k, *cache.self_v, torch.stack(weights))
+
+
+def cache_names(layers: int, prefix: str = "") -> list[str]:
+    return [f"{prefix}{kind}_{i}" for kind in ("self_k", "self_v") for i in range(layers)]
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
+    """torch.onnx.export's TorchScript exporter (the dynamo one needs onnxscript); nn.TransformerEncoder's fused
+    fast path, which has no ONNX form, off while tracing."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    module.eval()           # a new wrapper is in training mode, and the exporter puts it (and the model) back so
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@torch.no_grad()
+def export_graphs(model: CaptionModel, image_size: int, folder: Path) -> None:
+    """encoder.onnx, start.onnx and step.onnx of `model` (fp32, eval mode) into `folder`."""
+    n, cfg = len(model.transformer.decoder.layers), model.cfg
+    images = torch.randn(2, 3, image_size, image_size)
+    _export(_Encode(model), (images,),
+            folder / "encoder.onnx", ["images"], ["memory"], {"images": {0: "B"}, "memory": {0: "B"}})
+    _weights_beside(folder / "encoder.onnx")
+    memory = model.encode(images)
+    kv_names = [f"cross_{kind}_{i}" for kind in ("k", "v") for i in range(n)]
+    _export(_Start(model), (memory,), folder / "start.onnx", ["memory"], kv_names,
+            {"memory": {0: "M"}, **{name: {0: "M"} for name in kv_names}})
+    cache = init_cache(model, memory, group=2)
+    step(model, cache, torch.tensor([1, 2, 3, 4]))                 # one word in the cache: T = 1 when traced
+    past = (*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v)
+    inputs = ["tokens", "position", *cache_names(n), *kv_names]
+    outputs = ["logits", *cache_names(n, "next_"), "attention"]
+    axes = {"tokens": {0: "N"}, "logits": {0: "N"}, "attention": {1: "N"},
+            **{name: {0: "N", 2: "T"} for name in cache_names(n)},
+            **{name: {0: "N", 2: "T+1"} for name in cache_names(n, "next_")},
+            **{name: {0: "M"} for name in kv_names}}
+    _export(_Step(model), (torch.tensor([5, 6, 7, 8]), torch.tensor(1), *past), folder / "step.onnx", inputs,
+            outputs, axes)
+    log.info("exported d_model %d, %d decoder layers, %d words", cfg.d_model, n, model.head.out_features)
+
+
+def _weights_beside(path: Path) -> None:
+    """The graph's weights moved into path.data: ONNX Runtime maps them from there instead of holding the whole
+    file in memory while it loads (a smaller peak RSS for ResNet-152's 240 MB)."""
+    import onnx
+
+    onnx.save_model(onnx.load(path), path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+class _Encode(nn.Module):
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(images)
+
+
+def quantize_int8(folder: Path) -> None:
+    """start.onnx and step.onnx with int8 weights in their matrix products (activations quantized on the fly).
+
+    Per output channel; the output layer (d_model x words) stays fp32: it picks the word itself, and with it
+    quantized the Shapes captions moved most (docs/design.md).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)          # its advice to pre-process, logged on the root logger, is for static mode
+    try:
+        for name in ("start.onnx", "step.onnx"):
+            fp32 = folder / f"{name}.fp32"
+            (folder / name).rename(fp32)
+            head = [n.name for n in onnx.load(fp32).graph.node
+                    if n.op_type in ("MatMul", "Gemm") and n.name.split("/")[-2:-1] == ["head"]]
+            if name == "step.onnx" and len(head) != 1:
+                raise ExportCheckError(f"{name}: expected one node of the output layer, found {head}")
+            quantize_dynamic(fp32, folder / name, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=head,
+                             extra_options={"MatMulConstBOnly": True})   # weights only: never q @ k^T or w @ v
+            fp32.unlink()
+    finally:
+        root.setLevel(level)
+
+
+@torch.no_grad()
+def check_export(model: CaptionModel, folder: Path, image_size: int, quantize: str | None = None,
+                 words: int = 6, group: int = 2) -> dict:
+    """The largest logit difference between the exported graphs and `model` on two random images, `group` rows an
+    image, over `words` random words, relative to the largest |logit|; ExportCheckError above TOLERANCE."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, image_size, image_size, generator=generator)
+    engine = OrtEngine(load_session(folder / "start.onnx"), load_session(folder / "step.onnx"), model.pad_id)
+    memory = model.encode(images)
+    onnx_memory = torch.from_numpy(load_session(folder / "encoder.onnx").run(None, {"images": images.numpy()})[0])
+    caches = init_cache(model, memory, group), engine.init_cache(onnx_memory, group)
+    tokens = torch.randint(4, model.head.out_features, (words, 2 * group), generator=generator)
+    worst, scale, worst_attention = 0.0, 0.0, 0.0
+    for t in range(words):
+        maps = [], []
+        ours = step(model, caches[0], tokens[t], maps[0])
+        theirs = engine.step(caches[1], tokens[t], maps[1])
+        # a logit pinned to -inf (a word ruled out by its bias) is the same -inf in both
+        worst = max(worst, (ours - theirs).masked_fill(ours == theirs, 0).abs().max().item())
+        scale = max(scale, ours[ours.isfinite()].abs().max().item())
+        worst_attention = max(worst_attention, (torch.stack(maps[0]) - torch.stack(maps[1])).abs().max().item())
+    relative = worst / max(scale, 1e-6)
+    report = {"max_abs_logit_diff": worst, "max_abs_logit": scale, "relative": relative,
+              "max_abs_attention_diff": worst_attention, "tolerance": TOLERANCE[quantize], "words": words,
+              "images": 2, "group": group}
+    if not relative <= TOLERANCE[quantize]:
+        raise ExportCheckError(f"the exported graphs' logits differ from the checkpoint's by up to {worst:.4g} "
+                               f"({relative:.3g} of the largest |logit| {scale:.4g}; tolerance "
+                               f"{TOLERANCE[quantize]}): nothing was written")
+    return report
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def export(checkpoint: str | Path, out: str | Path, quantize: str | None = None) -> dict:
+    """Export `checkpoint` into the new folder `out` (see the module's docstring); returns config.json's dict."""
+    require_onnx("export", "onnx", "onnxruntime")
+    if quantize not in TOLERANCE:
+        raise ValueError(f"--quantize {quantize}: expected int8 (or nothing, for fp32)")
+    out = _new_folder(out)
+    path = checkpoint_path(checkpoint)
+    model, vocab, cfg = load_checkpoint(path)
+    model.float().eval()
+    return export_model(model, vocab, cfg, out, quantize, path)
+
+
+def _new_folder(out: str | Path) -> Path:
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} already exists: name a new folder (or remove this one)")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def export_model(model: CaptionModel, vocab, cfg, out: str | Path, quantize: str | None, source: str | Path) -> dict:
+    """`export` of a model in memory (fp32, eval mode) into the new folder `out`; `source`: where it came from."""
+    out = _new_folder(out)
+    folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        export_graphs(model, cfg.data.image_size, folder)
+        check = {"fp32": check_export(model, folder, cfg.data.image_size)}
+        if quantize:
+            quantize_int8(folder)
+            check[quantize] = check_export(model, folder, cfg.data.image_size, quantize)
+        meta = _metadata(cfg, vocab.to_list(), source, quantize, check)
+        for name, obj in (("vocab.json", vocab.to_list()), ("preprocess.json", meta.pop("preprocess")),
+                          ("config.json", meta)):
+            _write_json(folder / name, obj)
+        if out.exists():
+            out.rmdir()                        # empty (checked above): rename needs it gone
+        os.rename(folder, out)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return meta
+
+
+def _metadata(cfg, tokens: list[str], checkpoint: Path, quantize: str | None, check: dict) -> dict:
+    if len(tokens) != len(set(tokens)):
+        raise ConfigError(f"{checkpoint}: its vocabulary repeats a token")
+    return {"format_version": EXPORT_FORMAT, "config": to_dict(cfg), "checkpoint": str(checkpoint),
+            "quantize": quantize, "opset": OPSET, "torch": torch.__version__, "check": check,
+            "preprocess": {"image_size": cfg.data.image_size, "resize": "bilinear, square (no crop)",
+                           "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}

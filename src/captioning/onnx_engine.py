@@ -1,0 +1,167 @@
+"""Captioning from an export (see export.py) on ONNX Runtime: the same Captioner, another engine behind it.
+
+    captioner = Captioner.from_export("exports/shapes")      # the folder `python -m captioning export` wrote
+    captioner.caption(["photo.jpg"], beam_size=3)
+
+`OrtEngine` is a `decoding.Engine`: its `init_cache` runs start.onnx, its `step` runs step.onnx, and
+the cache is decoding's own `DecoderCache` (of tensors sharing the arrays ONNX Runtime returns), so
+greedy, beam and sampling search, n-best and attention maps are decoding.py's code whichever engine
+runs. `ExportCaptioner` is the Captioner with the encoder graph in place of the PyTorch model and
+the preprocessing done with PIL and numpy: this path imports neither torchvision nor pandas nor
+matplotlib.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .captioner import Captioner
+from .config import EnvironmentProblem, from_dict
+from .decoding import DecoderCache
+from .images import ImageLimits
+from .vocab import Vocabulary
+
+EXPORT_FORMAT = 1
+FILES = ("encoder.onnx", "encoder.onnx.data", "start.onnx", "step.onnx", "vocab.json", "preprocess.json", "config.json")
+
+
+class MissingExtra(EnvironmentProblem):
+    """An optional dependency is not installed; the message says what to install."""
+
+
+class ExportError(ValueError):
+    """A folder that is not a complete export (or not one this version reads)."""
+
+
+def require_onnx(what: str, *modules: str) -> None:
+    """MissingExtra naming what to install when a module of `modules` (default onnxruntime) is missing."""
+    missing = [m for m in modules or ("onnxruntime",) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(f"{what} needs {' and '.join(missing)}, which is not installed: "
+                           f"pip install -e '.[export]' (or pip install {' '.join(missing)})")
+
+
+def load_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session of one graph, all graph optimisations on; `threads` None: one a core."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # three sessions take turns on the same cores: threads that spin after a run starve the next session's
+    # (one image took twice as long with spinning on, docs/benchmarks.md); no arena, and initializers outside
+    # it, for a smaller peak RSS
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    options.enable_cpu_mem_arena = False
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy())
+
+
+class OrtEngine:
+    """start.onnx and step.onnx as a decoding.Engine (CPU tensors in, CPU tensors out)."""
+
+    def __init__(self, start, step, pad_id: int):
+        self.start, self.step_session, self.pad_id = start, step, pad_id
+        self.layers = sum(1 for i in start.get_outputs() if i.name.startswith("cross_k_"))
+
+    def init_cache(self, memory: torch.Tensor, group: int = 1) -> DecoderCache:
+        """An empty cache for memory.size(0) * group sequences, `group` per image of memory (M, L, D)."""
+        kv = [torch.from_numpy(a) for a in self.start.run(None, {"memory": _array(memory.float())})]
+        M, H, _, hd = kv[0].shape
+        empty = torch.zeros(M * group, H, 0, hd)
+        n = self.layers
+        return DecoderCache([empty] * n, [empty] * n, kv[:n], kv[n:])
+
+    def step(self, cache: DecoderCache, tokens: torch.Tensor, attention: list | None = None) -> torch.Tensor:
+        """decoding.step on step.onnx: tokens (N,) at position cache.length -> logits (N, V); the cache grows."""
+        n = self.layers
+        feeds = {"tokens": _array(tokens.long()), "position": np.array(cache.length, dtype=np.int64)}
+        for name, ts in (("self_k", cache.self_k), ("self_v", cache.self_v), ("cross_k", cache.cross_k),
+                         ("cross_v", cache.cross_v)):
+            feeds.update({f"{name}_{i}": _array(t) for i, t in enumerate(ts)})
+        out = [torch.from_numpy(a) for a in self.step_session.run(None, feeds)]
+        cache.self_k[:], cache.self_v[:] = out[1:1 + n], out[1 + n:1 + 2 * n]
+        if attention is not None:
+            attention.extend(out[-1].unbind(0))                     # per layer (N, H, L)
+        return out[0]                                               # (N, V)
+
+
+def _read_json(folder: Path, name: str):
+    try:
+        return json.loads((folder / name).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{folder / name}: not readable JSON ({e}); export the checkpoint again") from None
+
+
+def read_export(folder: str | Path) -> dict:
+    """The export's JSON files, checked: {"config": Config, "vocab": Vocabulary, "preprocess", "quantize", ...}."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model {folder}: not a folder; make one with "
+                                "python -m captioning export --checkpoint CKPT --out DIR")
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        raise ExportError(f"{folder}: not a complete export, missing {', '.join(missing)}; make one with "
+                          "python -m captioning export --checkpoint CKPT --out DIR")
+    meta = _read_json(folder, "config.json")
+    if not isinstance(meta, dict) or meta.get("format_version") != EXPORT_FORMAT:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ExportError(f"{folder / 'config.json'}: export format {version!r}, this version reads "
+                          f"{EXPORT_FORMAT}; export the checkpoint again")
+    tokens, pre = _read_json(folder, "vocab.json"), _read_json(folder, "preprocess.json")
+    if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+        raise ExportError(f"{folder / 'vocab.json'}: expected a list of tokens")
+    if not (isinstance(pre, dict) and {"image_size", "mean", "std"} <= pre.keys()):
+        raise ExportError(f"{folder / 'preprocess.json'}: expected image_size, mean and std")
+    cfg = from_dict(meta["config"], check_paths=False, source=str(folder / "config.json"))
+    return {**meta, "config": cfg, "vocab": Vocabulary.from_list(tokens), "preprocess": pre, "folder": folder}
+
+
+def preprocess(image: Image.Image, image_size: int, mean, std) -> torch.Tensor:
+    """data.build_transform with PIL and numpy: square bilinear resize, [0, 1], normalise -> (3, S, S)."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    x = np.asarray(image.resize((image_size, image_size), Image.BILINEAR), dtype=np.float32) / np.float32(255)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+class ExportCaptioner(Captioner):
+    """The Captioner over an export: the encoder graph makes memory, OrtEngine decodes (CPU, fp32 or int8)."""
+
+    def __init__(self, folder: str | Path, limits: ImageLimits | None = None, threads: int | None = None):
+        require_onnx("captioning from an export")
+        export = read_export(folder)
+        folder = export["folder"]
+        self.device, self.limits = torch.device("cpu"), limits
+        self.vocab, self.cfg, self.export = export["vocab"], export["config"], export
+        self.precision = export.get("quantize") or "fp32"       # the decoder's; the encoder graph is fp32
+        pre = export["preprocess"]
+        self.transform = functools.partial(preprocess, image_size=pre["image_size"], mean=pre["mean"],
+                                           std=pre["std"])
+        self.encoder = load_session(folder / "encoder.onnx", threads)
+        self.engine = OrtEngine(load_session(folder / "start.onnx", threads), load_session(folder / "step.onnx",
+                                                                                          threads), self.vocab.pad)
+
+    def _inference(self):
+        return torch.no_grad()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("an export maps images to memory in one graph: its grid features are not "
+                                  "exposed; use Captioner.from_checkpoint for features")
+
+    def memory(self, *, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Preprocessed images (B, 3, H, W) -> memory (B, L, d_model), fp32, by the encoder graph."""
+        if features is not None or images is None:
+            raise ValueError("an export's memory() takes images= only (cached features need the checkpoint)")
+        return torch.from_numpy(self.encoder.run(None, {"images": _array(images.float())})[0])

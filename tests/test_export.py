@@ -1,0 +1,137 @@
+"""ONNX export: the exported graphs caption as the checkpoint does, through the same Captioner and search code.
+
+Needs onnx and onnxruntime (`pip install -e '.[export]'`, which the dev extra includes); without them these
+tests are skipped, except the one that checks the CLI says what to install.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from captioning import Captioner
+from captioning.cli import main
+
+needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or
+                               importlib.util.find_spec("onnx") is None,
+                               reason="onnx/onnxruntime not installed: pip install -e '.[export]'")
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_run, tmp_path_factory):
+    """The tiny trained run exported twice: fp32 and int8."""
+    from captioning.export import export
+    root = tmp_path_factory.mktemp("exports")
+    for quantize in (None, "int8"):
+        export(tiny_run / "best.pt", root / (quantize or "fp32"), quantize)
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(shapes_dir):
+    return sorted((shapes_dir / "flickr30k_images").iterdir())[:16]
+
+
+@needs_ort
+def test_the_fp32_export_gives_the_checkpoints_captions(tiny_run, exports, images):
+    ours = Captioner.from_checkpoint(tiny_run / "best.pt", precision="fp32")
+    onnx = Captioner.from_export(exports / "fp32")
+    for options in ({}, {"beam_size": 3, "num_captions": 2}, {"temperature": 1.0, "top_k": 5, "seed": 3}):
+        a, b = ours.caption(images, **options), onnx.caption(images, **options)
+        assert [r.caption for r in a] == [r.caption for r in b], options
+        assert [[c["caption"] for c in r.captions] for r in a] == [[c["caption"] for c in r.captions] for r in b]
+        np.testing.assert_allclose([c["logprob"] for r in a for c in r.captions],
+                                   [c["logprob"] for r in b for c in r.captions], atol=1e-3)
+
+
+@needs_ort
+def test_the_export_gives_attention_maps_of_the_same_shape_and_values(tiny_run, exports, images):
+    a = Captioner.from_checkpoint(tiny_run / "best.pt", precision="fp32").caption(images[:3], attention=True)
+    b = Captioner.from_export(exports / "fp32").caption(images[:3], attention=True, batch_size=2)
+    for x, y in zip(a, b):
+        assert x.words == y.words and x.attention.shape == y.attention.shape
+        np.testing.assert_allclose(x.attention, y.attention, atol=1e-5)
+
+
+@needs_ort
+def test_the_int8_export_quantizes_the_decoder_only_and_keeps_most_captions(tiny_run, exports, images):
+    import onnx
+    ops = {name: {n.op_type for n in onnx.load(exports / "int8" / name).graph.node}
+           for name in ("encoder.onnx", "start.onnx", "step.onnx")}
+    assert "MatMulInteger" in ops["step.onnx"] and "MatMulInteger" in ops["start.onnx"]
+    assert not ops["encoder.onnx"] & {"MatMulInteger", "ConvInteger", "QLinearConv"}
+    meta = json.loads((exports / "int8" / "config.json").read_text())
+    assert meta["quantize"] == "int8" and meta["check"]["int8"]["relative"] <= meta["check"]["int8"]["tolerance"]
+    ours = Captioner.from_checkpoint(tiny_run / "best.pt", precision="fp32").caption(images)
+    int8 = Captioner.from_export(exports / "int8").caption(images)
+    assert sum(a.caption == b.caption for a, b in zip(ours, int8)) >= 0.75 * len(images)
+
+
+@needs_ort
+def test_the_preprocessing_without_torchvision_is_build_transforms(exports, images):
+    from PIL import Image
+
+    from captioning.data import build_transform
+    onnx = Captioner.from_export(exports / "fp32")
+    for image in (Image.open(images[0]).convert("RGB"), Image.new("RGB", (500, 375), (200, 30, 90))):
+        torch.testing.assert_close(onnx.transform(image), build_transform(onnx.cfg.data.image_size)(image))
+
+
+@needs_ort
+def test_a_failed_check_leaves_nothing_behind(tiny_run, tmp_path, monkeypatch):
+    from captioning import export as export_module
+    monkeypatch.setitem(export_module.TOLERANCE, None, -1.0)
+    with pytest.raises(export_module.ExportCheckError, match="nothing was written"):
+        export_module.export(tiny_run / "best.pt", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_ort
+def test_export_refuses_a_folder_with_files_in_it(tiny_run, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+@needs_ort
+def test_an_incomplete_export_is_named(exports, tmp_path, capsys):
+    import shutil
+    shutil.copytree(exports / "fp32", tmp_path / "broken")
+    (tmp_path / "broken" / "step.onnx").unlink()
+    assert main(["caption", "--model", str(tmp_path / "broken"), "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert "step.onnx" in err and "export --checkpoint" in err
+
+
+@needs_ort
+def test_cli_export_then_caption_with_model(tiny_run, images, tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(tmp_path / "e")]) == 0
+    assert "caption --model" in capsys.readouterr().out
+    inputs = [str(p) for p in images[:4]]
+    assert main(["caption", "--model", str(tmp_path / "e"), "--json", *inputs]) == 0
+    onnx = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["caption", "--checkpoint", str(tiny_run / "best.pt"), "--precision", "fp32", "--json", *inputs]) == 0
+    assert onnx == [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+@needs_ort
+def test_captioning_from_an_export_imports_neither_torchvision_nor_pandas_nor_matplotlib(exports, images):
+    code = ("import sys; from captioning import Captioner; "
+            f"print(Captioner.from_export({str(exports / 'int8')!r})({str(images[0])!r}) != ''); "
+            "print(sorted(m for m in ('torchvision', 'pandas', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["True", "[]"], out
+
+
+def test_export_without_onnx_says_what_to_install(tiny_run, tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("onnx") else
+                        real(name, *a))
+    assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install -e '.[export]'" in err[0], err
+    assert not (tmp_path / "e").exists()
