@@ -349,10 +349,18 @@ def plot_study(runs: list[Run], path: str | Path) -> Path:
         if histories[0][0].get("reward") in (None, ""):       # an SCST run's train loss is no cross-entropy
             ax.plot(*_mean_curve(histories, "train_loss"), color=color, lw=1.2, ls="--", alpha=0.8,
                     label=f"{label} train")
+    _label(ax, "cross-entropy")
+    return _save(fig, path)
+
+
+def _label(ax, ylabel: str) -> None:
     ax.set_xlabel("epoch")
-    ax.set_ylabel("cross-entropy")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -374,11 +382,5 @@ def plot_rewards(runs: list[Run], path: str | Path) -> Path:
                 ax.plot([int(x["epoch"]) for x in h], [float(x[key]) for x in h], color=f"C{i}", lw=0.8, alpha=0.35)
             ax.plot(*_mean_curve(histories, key), color=f"C{i}", lw=2.2, marker="o", ms=3.5,
                     label=f"{variant} (mean of {len(histories)})")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+        _label(ax, label)
+    return _save(fig, path)
