@@ -512,9 +512,9 @@ def _epoch(run: Run, progress: bool) -> str:
             save_atomic(model_checkpoint(run.model, cfg, run.vocab, epoch=epoch, val_loss=val_loss, val_cider=cider,
                                          paths_given=run.paths_given), run.run_dir / "best.pt")
     run.save_last()
+    reward = f"reward {state.history[-1]['reward']:.3f}  " if sums[2] else ""
     return (f"epoch {epoch}: train {train_stats['loss']:.4f}  val {val_loss:.4f}  "
-            f"{'' if cider is None else f'CIDEr {cider:.3f}  '}"
-            f"{'' if not sums[2] else f'reward {sums[0] / sums[2]:.3f}  '}lr {lr:.2e}  "
+            f"{'' if cider is None else f'CIDEr {cider:.3f}  '}{reward}lr {lr:.2e}  "
             f"{state.history[-1]['seconds']:.0f}s{'  *best' if improved else ''}")
 
 
