@@ -19,6 +19,18 @@ def tiny_config(data_dir, run_dir, *overrides):
     return from_dict(raw, list(overrides))
 
 
+def crash_after_first_mid_epoch_save(monkeypatch) -> None:
+    """Make training raise KeyboardInterrupt right after it writes its first mid-epoch last.pt."""
+    import captioning.train as train
+    real_save = train.save_atomic
+
+    def save_then_crash(obj, path):
+        real_save(obj, path)
+        if obj.get("batch"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_atomic", save_then_crash)
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     return build_shapes(tmp_path_factory.mktemp("shapes"), 48, seed=0, progress=False)

@@ -10,7 +10,7 @@ from captioning.checkpoint import read_checkpoint
 from captioning.config import ConfigError
 from captioning.train import NonFiniteLossError, fit
 from captioning.vocab import Vocabulary
-from conftest import tiny_config
+from conftest import crash_after_first_mid_epoch_save, tiny_config
 
 SCST = ("train.objective=scst", "train.monitor=cider", "scst.samples=3", "scst.max_words=8", "train.lr=1e-4",
         "train.scheduler=constant")
@@ -40,19 +40,11 @@ def test_scst_starts_from_the_checkpoint_with_its_vocabulary_and_splits(shapes_d
 
 
 def test_scst_mid_epoch_resume_is_bit_exact(shapes_dir, tiny_run, tmp_path, monkeypatch):
-    """Sampling draws from the RNGs that last.pt keeps: a run stopped after a mid-epoch save goes on
-    exactly as the unbroken one."""
-    import captioning.train as train
-
+    """Samples come from a generator seeded by the step (dropout from the RNGs last.pt keeps): a run stopped
+    after a mid-epoch save goes on exactly as the unbroken one."""
     settings = ("train.epochs=2", "train.batch_size=4", "train.save_every=3")
     fit(scst_config(shapes_dir, tmp_path / "full", tiny_run, *settings), progress=False)
-    real_save = train.save_atomic
-
-    def crash_after_first_mid_epoch_save(obj, path):
-        real_save(obj, path)
-        if obj.get("batch"):
-            raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_atomic", crash_after_first_mid_epoch_save)
+    crash_after_first_mid_epoch_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         fit(scst_config(shapes_dir, tmp_path / "broken", tiny_run, *settings), progress=False)
     monkeypatch.undo()

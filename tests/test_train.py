@@ -9,7 +9,7 @@ import torch
 from captioning import load_checkpoint
 from captioning.checkpoint import read_checkpoint
 from captioning.train import NonFiniteLossError, fit
-from conftest import tiny_config
+from conftest import crash_after_first_mid_epoch_save, tiny_config
 
 
 def test_run_directory_holds_everything(shapes_dir, tmp_path):
@@ -179,18 +179,10 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_exact(shapes_dir, tmp_pa
 
 def test_mid_epoch_checkpoint_resumes_with_the_next_batch(shapes_dir, tmp_path, monkeypatch):
     """A run stopped right after a mid-epoch save goes on exactly as the unbroken run did."""
-    import captioning.train as train
-
     settings = ("train.epochs=2", "train.batch_size=4", "train.save_every=3")
     fit(tiny_config(shapes_dir, tmp_path / "full", *settings), progress=False)
 
-    real_save = train.save_atomic
-
-    def crash_after_first_mid_epoch_save(obj, path):
-        real_save(obj, path)
-        if obj.get("batch"):
-            raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_atomic", crash_after_first_mid_epoch_save)
+    crash_after_first_mid_epoch_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_config(shapes_dir, tmp_path / "broken", *settings), progress=False)
     monkeypatch.undo()
