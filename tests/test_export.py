@@ -59,15 +59,50 @@ def test_the_export_gives_attention_maps_of_the_same_shape_and_values(tiny_run, 
 @needs_ort
 def test_the_int8_export_quantizes_the_decoder_only_and_keeps_most_captions(tiny_run, exports, images):
     import onnx
-    ops = {name: {n.op_type for n in onnx.load(exports / "int8" / name).graph.node}
-           for name in ("encoder.onnx", "start.onnx", "step.onnx")}
-    assert "MatMulInteger" in ops["step.onnx"] and "MatMulInteger" in ops["start.onnx"]
-    assert not ops["encoder.onnx"] & {"MatMulInteger", "ConvInteger", "QLinearConv"}
+
+    def weight_products(path) -> tuple[int, int]:
+        """(fp32 MatMuls whose weight is an initializer, 8-bit MatMulNBits) of a graph."""
+        graph = onnx.load(path).graph
+        weights = {t.name for t in graph.initializer}
+        return (sum(n.op_type == "MatMul" and n.input[1] in weights for n in graph.node),
+                sum(n.op_type == "MatMulNBits" and n.attribute[[a.name for a in n.attribute].index("bits")].i == 8
+                    for n in graph.node))
+
+    for name in ("start.onnx", "step.onnx"):           # every product with a weight, the output layer's too
+        fp32, _ = weight_products(exports / "fp32" / name)
+        assert fp32 > 0 and weight_products(exports / "int8" / name) == (0, fp32)
+    ops = {n.op_type for n in onnx.load(exports / "int8" / "encoder.onnx").graph.node}
+    assert not ops & {"MatMulNBits", "MatMulInteger", "ConvInteger", "QLinearConv"}
+    shortlist = [{"TopK", "ScatterElements"} <= {n.op_type for n in onnx.load(exports / kind / "step.onnx").graph.node}
+                 for kind in ("fp32", "int8")]
+    assert shortlist == [False, True]                  # the int8 step rescores its best words with fp32 weights
     meta = json.loads((exports / "int8" / "config.json").read_text())
     assert meta["quantize"] == "int8" and meta["check"]["int8"]["relative"] <= meta["check"]["int8"]["tolerance"]
     ours = Captioner.from_checkpoint(tiny_run / "best.pt", precision="fp32").caption(images)
     int8 = Captioner.from_export(exports / "int8").caption(images)
     assert sum(a.caption == b.caption for a, b in zip(ours, int8)) >= 0.75 * len(images)
+
+
+def test_a_shortlisted_step_rescores_its_best_words_with_the_exact_weights(tiny_run):
+    """_Step's shortlist: whatever the (quantized) output layer gives, its k best words get the fp32 logits."""
+    from captioning.checkpoint import load_checkpoint
+    from captioning.decoding import init_cache
+    from captioning.export import _Step
+
+    model, _, cfg = load_checkpoint(tiny_run / "best.pt")
+    model, size, exact = model.float().eval(), cfg.data.image_size, _Step(model)
+    weight, bias = model.head.weight.detach().clone(), model.head.bias.detach().clone()
+    noise = 0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = init_cache(model, model.encode(torch.randn(2, 3, size, size)))
+        args = (torch.tensor([1, 5]), torch.tensor(0), *cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v)
+        want = exact(*args)[0]
+        model.head.forward = lambda h: torch.nn.functional.linear(h, weight + noise, bias)   # "int8", head.weight exact
+        rough, rescored = _Step(model)(*args)[0], _Step(model, shortlist=3)(*args)[0]
+    top = rough.topk(3, dim=-1).indices
+    torch.testing.assert_close(rescored.gather(1, top), want.gather(1, top))
+    rest = torch.ones_like(rough, dtype=torch.bool).scatter(1, top, False)
+    assert torch.equal(rescored[rest], rough[rest]) and not torch.allclose(rough.gather(1, top), want.gather(1, top))
 
 
 @needs_ort

@@ -102,6 +102,12 @@ def step(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor, attenti
 def decoder_step(model: CaptionModel, x: torch.Tensor, cache: DecoderCache, attention: list | None = None
                  ) -> torch.Tensor:
     """`step` after the embedding: x (N, 1, D), the embedded words -> logits (N, V). The export traces this too."""
+    return model.head(decoder_hidden(model, x, cache, attention))[:, 0]            # (N, V)
+
+
+def decoder_hidden(model: CaptionModel, x: torch.Tensor, cache: DecoderCache, attention: list | None = None
+                   ) -> torch.Tensor:
+    """`decoder_step` without the output layer: x (N, 1, D) -> the decoder's last hidden state (N, 1, D)."""
     weights = None if attention is None else []
     for i, layer in enumerate(model.transformer.decoder.layers):
 
@@ -117,7 +123,7 @@ def decoder_step(model: CaptionModel, x: torch.Tensor, cache: DecoderCache, atte
         attention.extend(w[:, :, 0] for w in weights)                  # per layer (N, H, L)
     if model.transformer.decoder.norm is not None:
         x = model.transformer.decoder.norm(x)
-    return model.head(x)[:, 0]                                         # (N, V)
+    return x
 
 
 # -----------------------------------------------------------------------------

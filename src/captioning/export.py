@@ -12,10 +12,11 @@
     config.json      format version, the checkpoint's resolved config, the quantization, the check's figures
 
 for each decoder layer i. The graphs are traced from the very functions the PyTorch path runs
-(`CaptionModel.encode`, `model.cross_keys_values`, `decoding.decoder_step`), so the search code in
+(`CaptionModel.encode`, `model.cross_keys_values`, `decoding.decoder_hidden`), so the search code in
 decoding.py drives either engine. `quantize="int8"` stores the weights of start.onnx's and
-step.onnx's matrix products as int8 (onnxruntime's dynamic quantization), but for the output layer;
-the encoder stays fp32 (docs/design.md says why).
+step.onnx's matrix products, the output layer's included, as 8-bit blocks (onnxruntime's
+MatMulNBits), and step.onnx rescores the 16 best words of each step with the output layer's fp32
+weights; the encoder stays fp32 (docs/design.md says why).
 
 Everything is written into a hidden folder beside `out`, checked (the exported graphs must give the
 PyTorch model's logits within a stated tolerance) and only then renamed to `out`: a failed or
@@ -38,7 +39,7 @@ from torch import nn
 from .checkpoint import checkpoint_path, load_checkpoint
 from .config import ConfigError, EnvironmentProblem, to_dict
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from .decoding import DecoderCache, decoder_step, init_cache, step
+from .decoding import DecoderCache, decoder_hidden, init_cache, step
 from .model import CaptionModel, cross_keys_values
 from .onnx_engine import EXPORT_FORMAT, OrtEngine, load_session, require_onnx
 
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 OPSET = 17
 # the check: the largest |logit difference| over a few images and words, relative to the largest |logit|
 TOLERANCE = {None: 1e-3, "int8": 0.1}
+INT8_BLOCK = 128   # int8: input rows per weight scale (docs/design.md: 32 and 64 were slower and kept no more captions)
+SHORTLIST = 16     # int8: the output layer's best words per step, rescored with its fp32 weights
 
 
 class ExportCheckError(EnvironmentProblem):
@@ -64,9 +67,13 @@ class _Start(nn.Module):
 
 
 class _Step(nn.Module):
-    def __init__(self, model: CaptionModel):
+    """decoding.step as a graph. With a `shortlist` k, the output layer's k best words of each row are rescored
+    with its fp32 weights (a Gather of k rows, which the quantizer leaves alone): the int8 product then only
+    shortlists, and the word greedy search picks, and its log-probability, come from fp32 weights."""
+
+    def __init__(self, model: CaptionModel, shortlist: int = 0):
         super().__init__()
-        self.model, self.layers = model, len(model.transformer.decoder.layers)
+        self.model, self.layers, self.shortlist = model, len(model.transformer.decoder.layers), shortlist
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, *past: torch.Tensor):
         n = self.layers
@@ -75,7 +82,12 @@ class _Step(nn.Module):
         x = self.model.embed(tokens[:, None]) * math.sqrt(self.model.cfg.d_model) \
             + self.model.positions.pe.index_select(0, position.reshape(1))                   # (N, 1, D)
         weights = []
-        logits = decoder_step(self.model, x, cache, weights)
+        hidden = decoder_hidden(self.model, x, cache, weights)                               # (N, 1, D)
+        head = self.model.head
+        logits = head(hidden)[:, 0]                                                          # (N, V)
+        if self.shortlist:
+            top = logits.topk(min(self.shortlist, head.out_features), dim=-1).indices            # (N, k)
+            logits = logits.scatter(1, top, (head.weight[top] @ hidden.transpose(1, 2))[..., 0] + head.bias[top])
         return (logits, *cache.self_k, *cache.self_v, torch.stack(weights))
 
 
@@ -99,8 +111,8 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 
 @torch.no_grad()
-def export_graphs(model: CaptionModel, image_size: int, folder: Path) -> None:
-    """encoder.onnx, start.onnx and step.onnx of `model` (fp32, eval mode) into `folder`."""
+def export_graphs(model: CaptionModel, image_size: int, folder: Path, shortlist: int = 0) -> None:
+    """encoder.onnx, start.onnx and step.onnx of `model` (fp32, eval mode) into `folder`; `shortlist`: _Step's."""
     n, cfg = len(model.transformer.decoder.layers), model.cfg
     images = torch.randn(2, 3, image_size, image_size)
     _export(_Encode(model), (images,),
@@ -119,8 +131,8 @@ def export_graphs(model: CaptionModel, image_size: int, folder: Path) -> None:
             **{name: {0: "N", 2: "T"} for name in cache_names(n)},
             **{name: {0: "N", 2: "T+1"} for name in cache_names(n, "next_")},
             **{name: {0: "M"} for name in kv_names}}
-    _export(_Step(model), (torch.tensor([5, 6, 7, 8]), torch.tensor(1), *past), folder / "step.onnx", inputs,
-            outputs, axes)
+    _export(_Step(model, shortlist), (torch.tensor([5, 6, 7, 8]), torch.tensor(1), *past), folder / "step.onnx",
+            inputs, outputs, axes)
     log.info("exported d_model %d, %d decoder layers, %d words", cfg.d_model, n, model.head.out_features)
 
 
@@ -142,29 +154,29 @@ class _Encode(nn.Module):
         return self.model.encode(images)
 
 
-def quantize_int8(folder: Path) -> None:
-    """start.onnx and step.onnx with int8 weights in their matrix products (activations quantized on the fly).
+def quantize_int8(folder: Path, block: int = INT8_BLOCK) -> None:
+    """start.onnx and step.onnx with 8-bit weights in their matrix products, the output layer's too.
 
-    Per output channel; the output layer (d_model x words) stays fp32: it picks the word itself, and with it
-    quantized the Shapes captions moved most (docs/design.md).
+    ONNX Runtime's MatMulNBits: symmetric, a scale per `block` input rows of each output column, and
+    int8 compute (accuracy level 4: activations quantized per block on the fly). Only products with a
+    constant weight (never q @ k^T or w @ v); the word embedding (a Gather) stays fp32. docs/design.md
+    compares it with the per-channel dynamic quantization (DynamicQuantizeMatMul) it replaced.
     """
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)          # its advice to pre-process, logged on the root logger, is for static mode
+    root.setLevel(logging.ERROR)                                 # the quantizer logs each node it packs
     try:
         for name in ("start.onnx", "step.onnx"):
-            fp32 = folder / f"{name}.fp32"
-            (folder / name).rename(fp32)
-            head = [n.name for n in onnx.load(fp32).graph.node
-                    if n.op_type in ("MatMul", "Gemm") and n.name.split("/")[-2:-1] == ["head"]]
-            if name == "step.onnx" and len(head) != 1:
-                raise ExportCheckError(f"{name}: expected one node of the output layer, found {head}")
-            quantize_dynamic(fp32, folder / name, weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=head,
-                             extra_options={"MatMulConstBOnly": True})   # weights only: never q @ k^T or w @ v
-            fp32.unlink()
+            config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=8,
+                                                  op_types_to_quantize=("MatMul",))
+            quantizer = MatMulNBitsQuantizer(onnx.load(folder / name), bits=8, block_size=block, is_symmetric=True,
+                                             accuracy_level=4, algo_config=config)
+            quantizer.process()
+            if not any(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node):
+                raise ExportCheckError(f"{name}: the quantizer left no matrix product in 8 bits")
+            quantizer.model.save_model_to_file(str(folder / name), use_external_data_format=False)
     finally:
         root.setLevel(level)
 
@@ -210,9 +222,9 @@ def _write_json(path: Path, obj) -> None:
 
 def export(checkpoint: str | Path, out: str | Path, quantize: str | None = None) -> dict:
     """Export `checkpoint` into the new folder `out` (see the module's docstring); returns config.json's dict."""
-    require_onnx("export", "onnx", "onnxruntime")
     if quantize not in TOLERANCE:
         raise ValueError(f"--quantize {quantize}: expected int8 (or nothing, for fp32)")
+    require_onnx("export", "onnx", "onnxruntime", *(["onnx_ir"] if quantize else []))
     out = _new_folder(out)
     path = checkpoint_path(checkpoint)
     model, vocab, cfg = load_checkpoint(path)
@@ -234,7 +246,7 @@ def export_model(model: CaptionModel, vocab, cfg, out: str | Path, quantize: str
     out = _new_folder(out)
     folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        export_graphs(model, cfg.data.image_size, folder)
+        export_graphs(model, cfg.data.image_size, folder, SHORTLIST if quantize else 0)
         check = {"fp32": check_export(model, folder, cfg.data.image_size)}
         if quantize:
             quantize_int8(folder)
@@ -257,5 +269,7 @@ def _metadata(cfg, tokens: list[str], checkpoint: Path, quantize: str | None, ch
         raise ConfigError(f"{checkpoint}: its vocabulary repeats a token")
     return {"format_version": EXPORT_FORMAT, "config": to_dict(cfg), "checkpoint": str(checkpoint),
             "quantize": quantize, "opset": OPSET, "torch": torch.__version__, "check": check,
+            "int8": {"weights": "MatMulNBits, 8 bits, symmetric", "block": INT8_BLOCK, "shortlist": SHORTLIST}
+            if quantize else None,
             "preprocess": {"image_size": cfg.data.image_size, "resize": "bilinear, square (no crop)",
                            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
