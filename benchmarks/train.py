@@ -11,10 +11,17 @@ random words each). Measured:
   for all of its captions, with about as many caption rows per step (6 images = 30 rows).
 
 With --repeats N both run N times, alternated, and the figures are medians (this machine's timings
-move by about 10% from run to run). Last line:
-train: speedup_vs_reference=X reference_s=... ours_s=... cache_s=... epoch_s=...
+move by about 10% from run to run). The cache says which engine ran the ResNet (`engine="auto"`,
+as training builds it).
 
-    python benchmarks/train.py [--images 32] [--repeats 1] [--device cpu|cuda]
+Then, on a CPU with the [export] extra, the extraction engines side by side on --extract-images
+generated images (0: skipped), at each precision of --extract-precisions (default: auto's, and fp32,
+the precision of CPUs without bf16 units): PyTorch alone, ONNX Runtime alone, and "auto", which times
+both on its first batch and keeps the faster. Last line:
+train: speedup_vs_reference=X reference_s=... ours_s=... cache_s=... epoch_s=... cache_engine=E
+       [extract_<precision>_engine=E extract_<precision>_auto_vs_torch=R ...]
+
+    python benchmarks/train.py [--images 32] [--repeats 1] [--device cpu|cuda] [--extract-images 256]
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from captioning.config import from_dict
 from captioning.data import Batch, CaptionDataset, Corpus, build_loader, collate
 from captioning.device import resolve_precision
 from captioning.env import collect_env
-from captioning.features import FeatureDataset, extract_features
+from captioning.features import PROBE_MIN_IMAGES, FeatureDataset, extract_features
 from captioning.model import build_model
 from captioning.train import TrainState, build_scheduler, caption_loss, train_one_epoch
 from captioning.vocab import SPECIALS, Vocabulary
@@ -89,6 +96,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=IMAGES)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternated; medians reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--extract-images", type=int, default=PROBE_MIN_IMAGES,
+                        help="images for the extraction engines' comparison (CPU, [export] extra; 0: skip)")
+    parser.add_argument("--extract-precisions", default="auto,fp32", help="comma-separated, for that comparison")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -127,7 +137,7 @@ def main() -> None:
             sync()
             return time.perf_counter() - start
 
-        def time_ours(root: Path) -> tuple[float, float]:
+        def time_ours(root: Path) -> tuple[float, float, dict]:
             model, optimizer = fresh()
             start = time.perf_counter()
             cache = extract_features(cfg, names, corpus.images_dir, root, encoder=model.encoder,
@@ -141,15 +151,17 @@ def main() -> None:
             train_one_epoch(model, loader, optimizer, scheduler, scaler, TrainState(), precision=precision,
                             device=device, progress=False)
             sync()
-            return time.perf_counter() - start, t_cache
+            return time.perf_counter() - start, t_cache, cache.meta["engine"]
 
         runs = []   # alternate the two, so that a slow spell of the machine falls on both
         for r in range(args.repeats):
-            reference, (ours, cache) = time_reference(), time_ours(tmp / f"features{r}")   # a new cache each time
+            reference, (ours, cache, engine) = time_reference(), time_ours(tmp / f"features{r}")   # a new cache each
             runs.append((reference, ours, cache, ours - cache))
             print(f"run {r + 1}/{args.repeats}: reference {reference:.1f} s, ours {ours:.1f} s "
                   f"(cache {cache:.1f} s, epoch {ours - cache:.1f} s)", flush=True)
         t_reference, t_ours, t_cache, t_epoch = (statistics.median(column) for column in zip(*runs))
+        extraction = compare_extraction(args, tmp, vocab_words, rng, fresh, device) \
+            if device.type == "cpu" and args.extract_images else []
 
     n, rows = args.images, args.images * CAPTIONS
     print("env:", json.dumps(collect_env(device, precision)))
@@ -157,9 +169,45 @@ def main() -> None:
           f"{n} images x {CAPTIONS} captions")
     print(f"reference (ResNet per caption row, fp32): {t_reference:8.1f} s   {n / t_reference:6.2f} images/s")
     print(f"ours (cache + epoch on features):         {t_ours:8.1f} s   {n / t_ours:6.2f} images/s")
-    print(f"  of which the feature cache:             {t_cache:8.1f} s; the epoch itself {t_epoch:.1f} s")
+    print(f"  of which the feature cache:             {t_cache:8.1f} s; the epoch itself {t_epoch:.1f} s, "
+          f"the cache extracted by {engine['engine']} ({engine.get('why', 'timed')})")
+    for line in extraction:
+        print(line["text"])
     print(f"train: speedup_vs_reference={t_reference / t_ours:.1f} reference_s={t_reference:.1f} ours_s={t_ours:.1f} "
-          f"cache_s={t_cache:.1f} epoch_s={t_epoch:.1f} rows={rows} precision={precision}")
+          f"cache_s={t_cache:.1f} epoch_s={t_epoch:.1f} rows={rows} precision={precision} "
+          f"cache_engine={engine['engine']}" + "".join(" " + line["keys"] for line in extraction))
+
+
+def compare_extraction(args, tmp: Path, vocab_words: list[str], rng, fresh, device) -> list[dict]:
+    """The extraction engines on --extract-images images, at each precision: PyTorch, ONNX Runtime, and auto."""
+    import importlib.util
+    if any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime")):
+        return [{"text": "extraction engines: skipped, onnxruntime not installed (pip install -e '.[export]')",
+                 "keys": ""}]
+    (tmp / "extract").mkdir()
+    corpus = make_data(tmp / "extract", args.extract_images, vocab_words, rng)
+    cfg = from_dict({"data": {"format": "csv", "images": str(tmp / "extract")}, "model": {"pretrained": False},
+                     "train": {"num_workers": 0}}, check_paths=False)
+    names, encoder = sorted(corpus.captions), fresh()[0].encoder
+    lines = []
+    for precision in args.extract_precisions.split(","):
+        resolved, seconds = resolve_precision(precision, device), {}
+        for engine in ("torch", "onnxruntime", "auto"):
+            start = time.perf_counter()
+            cache = extract_features(cfg, names, corpus.images_dir, tmp / f"extract-{precision}-{engine}",
+                                     encoder=encoder, batch_size=32, device=device, precision=resolved,
+                                     progress=False, engine=engine)
+            seconds[engine], choice = time.perf_counter() - start, cache.meta["engine"]
+        n, probe = len(names), choice.get("probe", {})
+        lines.append({"text": f"extraction, {n} images, PyTorch at {resolved}: PyTorch {n / seconds['torch']:.2f} "
+                              f"img/s, ONNX Runtime fp32 {n / seconds['onnxruntime']:.2f} img/s (export included), "
+                              f"auto {n / seconds['auto']:.2f} img/s, which chose {choice['engine']} (its probe: "
+                              f"{json.dumps(probe)})",
+                      "keys": f"extract_{resolved}_engine={choice['engine']} "
+                              f"extract_{resolved}_auto_vs_torch={seconds['torch'] / seconds['auto']:.2f} "
+                              f"extract_{resolved}_ort_vs_torch={seconds['torch'] / seconds['onnxruntime']:.2f}"})
+        print(lines[-1]["text"], flush=True)
+    return lines
 
 
 if __name__ == "__main__":

@@ -105,10 +105,12 @@ def test_extract_features_caches_every_image_once(shapes_dir, tmp_path, capsys):
     cfg = tiny_config(shapes_dir, tmp_path / "run", "model.train_backbone=false",
                       f"data.features_dir={tmp_path / 'features'}")
     save_config(cfg, tmp_path / "cfg.yaml")
-    assert main(["extract-features", "--config", str(tmp_path / "cfg.yaml"), "--batch-size", "16"]) == 0
+    assert main(["extract-features", "--config", str(tmp_path / "cfg.yaml"), "--batch-size", "16",
+                 "--engine", "torch"]) == 0
     (folder,) = (tmp_path / "features").iterdir()
     cache = FeatureCache.open(folder)
-    assert cache.complete and len(cache) == 48 and str(folder) in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert cache.complete and len(cache) == 48 and str(folder) in out and "(extracted by torch, " in out
     assert main(["extract-features", "--config", str(tmp_path / "cfg.yaml")]) == 0   # reused, not redone
     assert len(list((tmp_path / "features").iterdir())) == 1
 

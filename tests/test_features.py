@@ -200,3 +200,48 @@ def test_a_feature_batch_collates_like_an_image_batch(shapes_dir, tmp_path):
     assert batch.names == reference.names == names[10:14]
     with pytest.raises(KeyError, match="not in the feature cache"):
         FeatureDataset(cache, caption_dataset(cfg, corpus, names[25:35])[0])
+
+
+needs_ort = pytest.mark.skipif(any(__import__("importlib").util.find_spec(m) is None for m in ("onnx", "onnxruntime")),
+                               reason="onnx/onnxruntime not installed: pip install -e '.[export]'")
+
+
+@needs_ort
+def test_onnx_runtime_extracts_the_features_pytorch_does(shapes_dir, tmp_path):
+    cfg, corpus, names = setup(shapes_dir, tmp_path)
+    names = names[:24]
+    ort = extract_features(cfg, names, corpus.images_dir, tmp_path / "ort", batch_size=16, engine="onnxruntime",
+                           **FP32)
+    ours = extract_features(cfg, names, corpus.images_dir, tmp_path / "torch", batch_size=16, engine="torch", **FP32)
+    assert ort.meta["engine"] == {"engine": "onnxruntime", "precision": "fp32"}
+    assert ours.meta["engine"]["engine"] == "torch" and ort.key == ours.key
+    np.testing.assert_allclose(np.asarray(ort.data, np.float32), np.asarray(ours.data, np.float32), rtol=2e-3,
+                               atol=2e-3 * float(np.abs(ours.data).max()))
+
+
+@needs_ort
+def test_auto_times_both_engines_on_the_first_batch_and_keeps_the_faster(shapes_dir, tmp_path, monkeypatch, caplog):
+    from captioning import features
+    cfg, corpus, names = setup(shapes_dir, tmp_path)
+    names = names[:40]
+    few = extract_features(cfg, names, corpus.images_dir, tmp_path / "few", batch_size=16, **FP32)
+    assert few.meta["engine"]["engine"] == "torch" and "fewer than the 256" in few.meta["engine"]["why"]
+    monkeypatch.setattr(features, "PROBE_MIN_IMAGES", 40)
+    with caplog.at_level("INFO", logger="captioning.features"):
+        auto = extract_features(cfg, names, corpus.images_dir, tmp_path / "auto", batch_size=16, **FP32)
+    choice = auto.meta["engine"]
+    probe = choice["probe"]
+    faster = "onnxruntime" if probe["onnxruntime_img_s"] > probe["torch_img_s"] else "torch"
+    assert choice["engine"] == faster and probe["images"] == 16 and probe["relative_difference"] < 1e-3
+    assert f"{faster} extracts" in caplog.text
+    np.testing.assert_allclose(np.asarray(auto.data, np.float32), np.asarray(few.data, np.float32), rtol=2e-3,
+                               atol=2e-3 * float(np.abs(few.data).max()))
+
+
+def test_engine_onnxruntime_says_why_it_cannot_run(shapes_dir, tmp_path):
+    cfg, corpus, names = setup(shapes_dir, tmp_path)
+    with pytest.raises(ValueError, match="engine='tensorrt': expected one of auto, torch, onnxruntime"):
+        extract_features(cfg, names, corpus.images_dir, tmp_path / "f", engine="tensorrt", **FP32)
+    with pytest.raises(ValueError, match="only the ResNet Encoder is exported, not a Counting"):
+        extract_features(cfg, names, corpus.images_dir, tmp_path / "f", encoder=Counting(build_encoder(cfg)),
+                         engine="onnxruntime", **FP32)

@@ -95,7 +95,7 @@ def cache_names(layers: int, prefix: str = "") -> list[str]:
     return [f"{prefix}{kind}_{i}" for kind in ("self_k", "self_v") for i in range(layers)]
 
 
-def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
+def to_onnx(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
     """torch.onnx.export's TorchScript exporter (the dynamo one needs onnxscript); nn.TransformerEncoder's fused
     fast path, which has no ONNX form, off while tracing."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -115,12 +115,12 @@ def export_graphs(model: CaptionModel, image_size: int, folder: Path, shortlist:
     """encoder.onnx, start.onnx and step.onnx of `model` (fp32, eval mode) into `folder`; `shortlist`: _Step's."""
     n, cfg = len(model.transformer.decoder.layers), model.cfg
     images = torch.randn(2, 3, image_size, image_size)
-    _export(_Encode(model), (images,),
+    to_onnx(_Encode(model), (images,),
             folder / "encoder.onnx", ["images"], ["memory"], {"images": {0: "B"}, "memory": {0: "B"}})
-    _weights_beside(folder / "encoder.onnx")
+    weights_beside(folder / "encoder.onnx")
     memory = model.encode(images)
     kv_names = [f"cross_{kind}_{i}" for kind in ("k", "v") for i in range(n)]
-    _export(_Start(model), (memory,), folder / "start.onnx", ["memory"], kv_names,
+    to_onnx(_Start(model), (memory,), folder / "start.onnx", ["memory"], kv_names,
             {"memory": {0: "M"}, **{name: {0: "M"} for name in kv_names}})
     cache = init_cache(model, memory, group=2)
     step(model, cache, torch.tensor([1, 2, 3, 4]))                 # one word in the cache: T = 1 when traced
@@ -131,12 +131,12 @@ def export_graphs(model: CaptionModel, image_size: int, folder: Path, shortlist:
             **{name: {0: "N", 2: "T"} for name in cache_names(n)},
             **{name: {0: "N", 2: "T+1"} for name in cache_names(n, "next_")},
             **{name: {0: "M"} for name in kv_names}}
-    _export(_Step(model, shortlist), (torch.tensor([5, 6, 7, 8]), torch.tensor(1), *past), folder / "step.onnx",
+    to_onnx(_Step(model, shortlist), (torch.tensor([5, 6, 7, 8]), torch.tensor(1), *past), folder / "step.onnx",
             inputs, outputs, axes)
     log.info("exported d_model %d, %d decoder layers, %d words", cfg.d_model, n, model.head.out_features)
 
 
-def _weights_beside(path: Path) -> None:
+def weights_beside(path: Path) -> None:
     """The graph's weights moved into path.data: ONNX Runtime maps them from there instead of holding the whole
     file in memory while it loads (a smaller peak RSS for ResNet-152's 240 MB)."""
     import onnx

@@ -20,8 +20,12 @@ change means a new folder, never a stale one.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import logging
 import os
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +42,12 @@ from .device import autocast, resolve_device, resolve_precision
 from .images import open_image
 from .model import Encoder
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1           # part of the key: a new layout never reads an old cache
 FEATURES_FILE, META_FILE, PROGRESS_FILE = "features.f16", "meta.json", "progress.json"
+ENGINES = ("auto", "torch", "onnxruntime")
+PROBE_MIN_IMAGES = 256       # engine "auto" times both engines only for this many images or more (the probe: ~10 s)
+PROBE_TOLERANCE = 0.05       # the engines' features may differ by this much of the largest (bf16 against fp32)
 
 
 # ---------------------------------------------------------------- the key
@@ -204,7 +212,7 @@ def _partial_cache(folder: Path, key: str, names: list[str]) -> FeatureCache | N
 
 def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root: str | Path,
                      encoder: nn.Module | None = None, batch_size: int = 64, device=None,
-                     precision: str = "auto", progress: bool = True) -> FeatureCache:
+                     precision: str = "auto", progress: bool = True, engine: str = "auto") -> FeatureCache:
     """Grid features of `names` (files in `images_dir`) cached under `root`/<key>; returns the complete cache.
 
     A complete cache returns at once without running the encoder; a partial one
@@ -212,7 +220,13 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
     `build_encoder(cfg)`; one given must have the weights cfg describes, is not changed,
     and `device` defaults to where it lives. The loader has a generator of its own: a
     run draws the same numbers from the global RNG, cache built or not.
+
+    `engine` (see _Extractor): "auto" runs the ResNet on the faster of PyTorch and ONNX Runtime,
+    timed on the first batch, on a CPU with the [export] extra and at least PROBE_MIN_IMAGES to go;
+    "torch" or "onnxruntime" names one. meta.json's "engine" says which ran, and why.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
     if cfg.model.train_backbone:
         raise ValueError("config key 'model.train_backbone': features can only be cached for a frozen encoder")
     names = list(names)
@@ -226,11 +240,7 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
     if cache is not None and cache.complete and encoder is None:
         return cache
     built = encoder is None
-    if built:
-        device = resolve_device(cfg.train.device if device is None else str(device))
-        encoder = build_encoder(cfg).to(device)
-    else:
-        device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    encoder, device = _encoder_on_device(cfg, encoder, device)
     fingerprint = encoder_fingerprint(encoder)
     if cache is not None and cache.meta["encoder_sha256"] != fingerprint:
         raise ValueError(f"{folder}: cached with other encoder weights than these: with model.pretrained=false, "
@@ -238,30 +248,35 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
                          "or delete the folder")
     if cache is not None and cache.complete:
         return cache
-    precision = resolve_precision(precision, device)
-    net, image_dtype, autocast_precision = _extraction_net(encoder, device, precision)
+    done = cache.done if cache is not None else 0
+    extractor = _Extractor(encoder, device, resolve_precision(precision, device), engine, len(names) - done,
+                           cfg.data.image_size)
     if built:
-        del encoder                    # the folded copy is all that runs
+        del encoder                    # the folded copies are all that run
     writer = _CacheWriter(folder, names, cache, meta=lambda shape: _meta(key, names, shape, parts, fingerprint,
-                                                                         precision, device))
-    loader = DataLoader(_Images(images_dir, names[writer.done:], cfg.data.image_size), batch_size,
+                                                                         extractor.choice, device))
+    loader = DataLoader(_Images(images_dir, names[done:], cfg.data.image_size), batch_size,
                         num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator())
-    bar = tqdm(total=len(names), initial=writer.done, desc="features", unit="img", disable=not progress)
-    was_training = net.training
-    net.eval()
+    bar = tqdm(total=len(names), initial=done, desc="features", unit="img", disable=not progress)
     try:
         for images in loader:
-            with torch.no_grad(), autocast(autocast_precision, device):
-                # channels_last, as the Captioner feeds it: oneDNN's convolutions run faster on it, fp32 too
-                x = images.to(device, image_dtype, non_blocking=True, memory_format=torch.channels_last)
-                writer.append(net(x).float().cpu().numpy())                    # (B, L, C)
+            writer.append(extractor(images))                                    # (B, L, C)
             bar.update(len(images))
     finally:
         bar.close()
         writer.close()
-        net.train(was_training)
+        extractor.close()
     return FeatureCache.open(folder)
+
+
+def _encoder_on_device(cfg: Config, encoder: nn.Module | None, device) -> tuple[nn.Module, torch.device]:
+    """The encoder given and `device` (default: where it lives), or build_encoder(cfg) on `device` (default
+    train.device)."""
+    if encoder is None:
+        device = resolve_device(cfg.train.device if device is None else str(device))
+        return build_encoder(cfg).to(device), device
+    return encoder, torch.device(device) if device is not None else next(encoder.parameters()).device
 
 
 def _extraction_net(encoder: nn.Module, device: torch.device, precision: str) -> tuple[nn.Module, torch.dtype, str]:
@@ -276,6 +291,106 @@ def _extraction_net(encoder: nn.Module, device: torch.device, precision: str) ->
     net = encoder.folded()
     image_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return net.to(device, image_dtype, memory_format=torch.channels_last), image_dtype, "fp32"
+
+
+class _Extractor:
+    """Images (B, 3, S, S) -> features (B, L, C), fp32 numpy, on the engine `choice` names.
+
+    "torch": the folded encoder at `precision` (_extraction_net). "onnxruntime": the folded encoder
+    exported to ONNX in fp32 and run by ONNX Runtime (CPU only). "auto": ONNX Runtime is a candidate
+    on a CPU with the [export] extra and at least PROBE_MIN_IMAGES images to extract; then both run
+    the first batch, each after a warm-up, and the faster extracts the rest (a measurement, not a
+    guess: which wins depends on the CPU's bf16 units and on the precision).
+    """
+
+    def __init__(self, encoder: nn.Module, device: torch.device, precision: str, engine: str, images: int,
+                 image_size: int):
+        self.device, self.ort, self.pending = device, None, False
+        self.net, self.image_dtype, self.autocast = _extraction_net(encoder, device, precision)
+        self.was_training = self.net.training            # a module that is not an Encoder runs as it is: put back
+        self.net.eval()
+        self.choice = {"engine": "torch", "precision": precision}
+        why_not = _why_not_onnxruntime(encoder, device, images if engine == "auto" else None)
+        if engine == "onnxruntime" and why_not:
+            raise ValueError(f"engine onnxruntime: {why_not}")
+        if engine == "auto" and why_not:
+            self.choice["why"] = f"ONNX Runtime not timed: {why_not}"
+        elif engine != "torch":
+            self.ort = _OrtEncoder(encoder, image_size)
+            self.choice = {"engine": "onnxruntime", "precision": "fp32"}
+            self.pending = engine == "auto"
+
+    def close(self) -> None:
+        self.net.train(self.was_training)
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        if self.pending:
+            return self._probe(images)
+        return self.ort(images) if self.choice["engine"] == "onnxruntime" else self._torch(images)
+
+    @torch.no_grad()
+    def _torch(self, images: torch.Tensor) -> np.ndarray:
+        with autocast(self.autocast, self.device):
+            # channels_last, as the Captioner feeds it: oneDNN's convolutions run faster on it, fp32 too
+            x = images.to(self.device, self.image_dtype, non_blocking=True, memory_format=torch.channels_last)
+            return self.net(x).float().cpu().numpy()
+
+    def _probe(self, images: torch.Tensor) -> np.ndarray:
+        """Both engines on this batch; the faster one's features are kept, and it extracts from here on."""
+        self.pending, out, seconds = False, {}, {}
+        for name, run in (("torch", self._torch), ("onnxruntime", self.ort)):
+            run(images[:2])                                      # warm-up: one-time set-up out of the timing
+            start = time.perf_counter()
+            out[name] = run(images)
+            seconds[name] = time.perf_counter() - start
+        difference = float(np.abs(out["onnxruntime"] - out["torch"]).max() / max(np.abs(out["torch"]).max(), 1e-12))
+        faster = min(seconds, key=seconds.get) if difference <= PROBE_TOLERANCE else "torch"
+        rates = {f"{name}_img_s": round(len(images) / s, 2) for name, s in seconds.items()}
+        self.choice = {"engine": faster, "precision": "fp32" if faster == "onnxruntime" else self.choice["precision"],
+                       "probe": {"images": len(images), "torch_precision": self.choice["precision"], **rates,
+                                 "relative_difference": round(difference, 6)}}
+        log.info("features: PyTorch (%s) %.2f img/s, ONNX Runtime (fp32) %.2f img/s on %d images, features "
+                 "within %.2g: %s extracts", self.choice["probe"]["torch_precision"], rates["torch_img_s"],
+                 rates["onnxruntime_img_s"], len(images), difference, faster)
+        if difference > PROBE_TOLERANCE:
+            log.warning("features: ONNX Runtime's differ from PyTorch's by %.3g of the largest (tolerance %g): "
+                        "PyTorch extracts", difference, PROBE_TOLERANCE)
+        if faster == "torch":
+            self.ort = None
+        return out[faster]
+
+
+def _why_not_onnxruntime(encoder: nn.Module, device: torch.device, images: int | None) -> str | None:
+    """Why ONNX Runtime cannot (or, with `images` to go, need not) extract; None when it is a candidate."""
+    if device.type != "cpu":
+        return f"ONNX Runtime extracts on the CPU only, the device is {device}"
+    if not isinstance(encoder, Encoder):
+        return f"only the ResNet Encoder is exported, not a {type(encoder).__name__}"
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install -e '.[export]')"
+    if images is not None and images < PROBE_MIN_IMAGES:
+        return f"{images} images to extract, fewer than the {PROBE_MIN_IMAGES} that pay for the probe"
+    return None
+
+
+class _OrtEncoder:
+    """The folded encoder in fp32, exported to ONNX in a temporary folder and run by ONNX Runtime."""
+
+    def __init__(self, encoder: Encoder, image_size: int):
+        from .export import to_onnx, weights_beside
+        from .onnx_engine import load_session
+
+        net = encoder.folded().float().cpu()
+        with tempfile.TemporaryDirectory(prefix="encoder-onnx-") as tmp:
+            path = Path(tmp) / "encoder.onnx"
+            to_onnx(net, (torch.randn(2, 3, image_size, image_size),), path, ["images"], ["features"],
+                    {"images": {0: "B"}, "features": {0: "B"}})
+            weights_beside(path)
+            self.session = load_session(path)        # its weights are copied in: the folder can go
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        return self.session.run(None, {"images": np.ascontiguousarray(images.float().numpy())})[0]
 
 
 class _CacheWriter:
@@ -309,12 +424,12 @@ class _CacheWriter:
         self.data = None
 
 
-def _meta(key: str, names: list[str], shape: tuple, parts: dict, fingerprint: str, precision: str,
+def _meta(key: str, names: list[str], shape: tuple, parts: dict, fingerprint: str, choice: dict,
           device: torch.device) -> dict:
     return {"key": key, "shape": list(shape), "dtype": "float16", "file": FEATURES_FILE,
             "key_parts": parts, "encoder_sha256": fingerprint,
             # not in the key, so that a cache made in bf16 on a GPU also serves an fp32 run on the CPU
-            "precision": precision, "device": str(device),
+            "precision": choice["precision"], "engine": choice, "device": str(device),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "names": names}
 
 
