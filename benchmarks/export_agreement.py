@@ -9,6 +9,7 @@ the right colour and shape, and nothing else).
 Last line: export_agreement: fp32_same=X int8_same=Y accuracy_checkpoint=A accuracy_fp32=B accuracy_int8=C ...
 
     python benchmarks/export_agreement.py --checkpoint runs/shapes/best.pt --data data/shapes [--split test]
+        [--int8-block 128] [--shortlist 16]      (another int8 recipe than export.py's, to compare)
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from captioning import Captioner
+from captioning import export as export_module
 from captioning.export import export
 from captioning.shapes import accuracy, load_ground_truth
 
@@ -39,7 +41,12 @@ def main() -> None:
     parser.add_argument("--data", default="data/shapes", help="the Shapes data set the checkpoint was trained on")
     parser.add_argument("--splits", help="the run's splits.json (default: beside the checkpoint)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--int8-block", type=int, default=export_module.INT8_BLOCK,
+                        help="another int8 recipe: input rows per weight scale")
+    parser.add_argument("--shortlist", type=int, default=export_module.SHORTLIST,
+                        help="another int8 recipe: words rescored in fp32 per step (0: none)")
     args = parser.parse_args()
+    export_module.INT8_BLOCK, export_module.SHORTLIST = args.int8_block, args.shortlist
     checkpoint = Path(args.checkpoint)
     names = json.loads(Path(args.splits or checkpoint.parent / "splits.json").read_text())[args.split]
     paths = [Path(args.data) / "flickr30k_images" / n for n in names]
@@ -73,7 +80,8 @@ def main() -> None:
     print(f"export_agreement: fp32_same={same['onnx_fp32']:.4f} int8_same={same['onnx_int8']:.4f} "
           f"accuracy_checkpoint={acc['checkpoint_fp32']:.4f} accuracy_fp32={acc['onnx_fp32']:.4f} "
           f"accuracy_int8={acc['onnx_int8']:.4f} checkpoint_{auto}_same={same['checkpoint_auto']:.4f} "
-          f"accuracy_checkpoint_{auto}={acc['checkpoint_auto']:.4f} images={len(paths)}")
+          f"accuracy_checkpoint_{auto}={acc['checkpoint_auto']:.4f} images={len(paths)} "
+          f"int8_block={args.int8_block} shortlist={args.shortlist}")
 
 
 if __name__ == "__main__":

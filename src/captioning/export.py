@@ -154,10 +154,10 @@ class _Encode(nn.Module):
         return self.model.encode(images)
 
 
-def quantize_int8(folder: Path, block: int = INT8_BLOCK) -> None:
+def quantize_int8(folder: Path) -> None:
     """start.onnx and step.onnx with 8-bit weights in their matrix products, the output layer's too.
 
-    ONNX Runtime's MatMulNBits: symmetric, a scale per `block` input rows of each output column, and
+    ONNX Runtime's MatMulNBits: symmetric, a scale per INT8_BLOCK input rows of each output column, and
     int8 compute (accuracy level 4: activations quantized per block on the fly). Only products with a
     constant weight (never q @ k^T or w @ v); the word embedding (a Gather) stays fp32. docs/design.md
     compares it with the per-channel dynamic quantization (DynamicQuantizeMatMul) it replaced.
@@ -167,6 +167,7 @@ def quantize_int8(folder: Path, block: int = INT8_BLOCK) -> None:
 
     root, level = logging.getLogger(), logging.getLogger().level
     root.setLevel(logging.ERROR)                                 # the quantizer logs each node it packs
+    block = INT8_BLOCK                      # read when called: benchmarks/export_agreement.py compares others
     try:
         for name in ("start.onnx", "step.onnx"):
             config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=8,

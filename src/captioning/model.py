@@ -148,14 +148,35 @@ def causal_mask(size: int, device=None) -> torch.Tensor:
     return torch.triu(torch.ones(size, size, dtype=torch.bool, device=device), diagonal=1)
 
 
+class _OnnxReshape(torch.autograd.Function):
+    """`reshape` inside an ONNX export: one Reshape node with a constant shape (0 keeps that size)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return x.reshape([x.size(i) if s == 0 else s for i, s in enumerate(shape)])
+
+    @staticmethod
+    def symbolic(g, x, shape):
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
+
+
+def reshape(x: torch.Tensor, *shape: int) -> torch.Tensor:
+    """x.reshape(shape), where a 0 keeps x's size at that position (ONNX Reshape's rule).
+
+    The ONNX export traces every size read off a tensor (x.shape) into a chain of shape nodes that
+    runs at every decoding step; this one exports as a single Reshape with a constant shape.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return _OnnxReshape.apply(x, shape)
+    return x.reshape([x.size(i) if s == 0 else s for i, s in enumerate(shape)])
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    N, T, D = x.shape
-    return x.view(N, T, num_heads, D // num_heads).transpose(1, 2)    # (N, H, T, hd)
+    return reshape(x, 0, 0, num_heads, -1).transpose(1, 2)            # (N, T, D) -> (N, H, T, hd)
 
 
 def merge_heads(y: torch.Tensor) -> torch.Tensor:
-    N, H, T, hd = y.shape
-    return y.transpose(1, 2).reshape(N, T, H * hd)                    # (N, T, D)
+    return reshape(y.transpose(1, 2), 0, 0, -1)                       # (N, H, T, hd) -> (N, T, D)
 
 
 def in_proj(attn: nn.MultiheadAttention, part: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,7 +188,8 @@ def in_proj(attn: nn.MultiheadAttention, part: slice) -> tuple[torch.Tensor, tor
 def attention(attn: nn.MultiheadAttention, q, k, v, allowed: torch.Tensor | None = None) -> torch.Tensor:
     # (.., Tq, hd) x (.., Tk, hd) -> (.., Tq, hd), with the attention dropout of `attn` while training;
     # allowed (.., Tq, Tk) bool: True where a query may see a key (None: everywhere)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=attn.dropout if attn.training else 0.0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=attn.dropout if attn.training else 0.0,
+                                          scale=1.0 / math.sqrt(attn.head_dim))     # its default, as a constant
 
 
 def feed_forward(layer: nn.TransformerDecoderLayer, x: torch.Tensor) -> torch.Tensor:
@@ -213,18 +235,18 @@ def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch
     of by the fused kernel, which does not return them; no attention dropout).
     """
     attn = layer.multihead_attn
-    N, T, D = x.shape
-    M, H, L = k.shape[:3]
     # slices bounded by embed_dim, not by x's shape: a constant where the ONNX export traces it, so the weights
     # stay initializers (folded once, quantizable) rather than sliced at every step
-    q = split_heads(F.linear(x, *in_proj(attn, slice(0, attn.embed_dim))).view(M, N // M * T, D), H)   # (M, H, G*T, hd)
+    q = F.linear(x, *in_proj(attn, slice(0, attn.embed_dim)))                          # (N, T, D)
+    q = split_heads(q.reshape(k.shape[:1] + (-1, attn.embed_dim)), attn.num_heads)     # (M, H, G*T, hd)
     if weights is None:
         y = attention(attn, q, k, v)                                    # (M, H, G*T, hd)
     else:
-        w = torch.softmax((q @ k.transpose(-1, -2)).float() * q.size(-1) ** -0.5, dim=-1)   # (M, H, G*T, L)
-        weights.append(w.view(M, H, N // M, T, L).transpose(1, 2).reshape(N, H, T, L))
-        y = w.to(v.dtype) @ v
-    return layer.dropout2(attn.out_proj(merge_heads(y).view(N, T, D)))
+        w = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.head_dim ** -0.5, dim=-1)   # (M, H, G*T, L)
+        w = w.transpose(1, 2)                                                                 # (M, G*T, H, L)
+        weights.append(w.reshape(x.shape[:2] + w.shape[2:]).transpose(1, 2))                # (N, H, T, L)
+        y = w.transpose(1, 2).to(v.dtype) @ v
+    return layer.dropout2(attn.out_proj(merge_heads(y).reshape(x.shape)))                  # (N, T, D)
 
 
 def cross_keys_values(layer: nn.TransformerDecoderLayer, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
