@@ -117,26 +117,6 @@ def export_both(folder: Path) -> None:
               f"{json.dumps(meta['check'][quantize or 'fp32'])}", flush=True)
 
 
-# --rss-of: a process of its own that imports only what captioning from an export needs (not this script's
-# torchvision and data imports), captions 1 image, then 32, and prints its peak RSS and what it imported
-CAPTION_RSS = """
-import json, re, sys
-import numpy as np
-from PIL import Image
-from captioning import Captioner
-# VmHWM, this process's own peak: ru_maxrss would start at the parent's RSS, carried over by fork and exec
-mb = lambda: round(int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024)
-before = mb()
-captioner = Captioner.from_export(sys.argv[1])
-rng = np.random.default_rng(0)
-images = [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(32)]
-assert len(captioner.caption(images[:1])[0].caption.split()) == int(sys.argv[2])
-captioner.caption(images, batch_size=32)
-heavy = sorted(m for m in ("torchvision", "pandas", "matplotlib") if m in sys.modules)
-print(json.dumps({"rss_mb": mb(), "rss_after_imports_mb": before, "imported": heavy}))
-"""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -259,7 +239,7 @@ def onnx_runtime_rows(exports: Path, repeats: int) -> str:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     t = child(__file__, "--compare", exports, "--repeats", repeats)
-    rss = child("-c", CAPTION_RSS, exports / "int8", WORDS) or \
+    rss = child(Path(__file__).with_name("caption_rss.py"), exports / "int8", WORDS) or \
         {"rss_mb": "n/a", "rss_after_imports_mb": "n/a", "imported": "n/a"}
     auto = t["precision_auto"]
     print(f"engines compared in turns, one image: PyTorch fp32 {t['torch_fp32'] * 1e3:.1f} ms, PyTorch {auto} "

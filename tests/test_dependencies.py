@@ -100,7 +100,7 @@ def test_the_dev_extra_has_the_export_extra_so_the_export_tests_run():
     extras = PYPROJECT["project"]["optional-dependencies"]
     export = {canonicalize_name(Requirement(line).name): key(Requirement(line)) for line in extras["export"]}
     dev = {canonicalize_name(Requirement(line).name): key(Requirement(line)) for line in extras["dev"]}
-    assert export.keys() == {"onnx", "onnxruntime"}, export
+    assert export.keys() == {"onnx", "onnxruntime", "onnx-ir"}, export
     assert {name: dev.get(name) for name in export} == export, "the dev extra must repeat the export extra"
 
 
