@@ -170,3 +170,14 @@ def test_export_without_onnx_says_what_to_install(tiny_run, tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install -e '.[export]'" in err[0], err
     assert not (tmp_path / "e").exists()
+
+
+@needs_ort
+def test_an_int8_export_on_too_old_an_onnxruntime_says_what_to_upgrade(exports, monkeypatch):
+    import onnxruntime
+
+    from captioning.onnx_engine import ExportError
+    monkeypatch.setattr(onnxruntime, "__version__", "1.21.1")
+    with pytest.raises(ExportError, match=r"need onnxruntime 1.22 or newer .* this is 1.21.1: pip install -U"):
+        Captioner.from_export(exports / "int8")
+    assert Captioner.from_export(exports / "fp32").precision == "fp32"        # fp32 graphs run on older ones

@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -219,23 +220,78 @@ def test_onnx_runtime_extracts_the_features_pytorch_does(shapes_dir, tmp_path):
                                atol=2e-3 * float(np.abs(ours.data).max()))
 
 
+def slowed(monkeypatch, engine: str, seconds: float = 0.05) -> list:
+    """Make one engine of features._Extractor `seconds` slower an image; returns the batch sizes each call got."""
+    from captioning import features
+    calls = []
+    if engine == "torch":
+        original = features._Extractor._torch
+
+        def run(self, images):
+            calls.append(len(images))
+            time.sleep(seconds * len(images))
+            return original(self, images)
+        monkeypatch.setattr(features._Extractor, "_torch", run)
+    else:
+        original = features._OrtEncoder.__call__
+
+        def run(self, images):
+            calls.append(len(images))
+            time.sleep(seconds * len(images))
+            return original(self, images)
+        monkeypatch.setattr(features._OrtEncoder, "__call__", run)
+    return calls
+
+
 @needs_ort
-def test_auto_times_both_engines_on_the_first_batch_and_keeps_the_faster(shapes_dir, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("slow", ["torch", "onnxruntime"])
+def test_auto_times_both_engines_on_the_first_batch_and_keeps_the_faster(shapes_dir, tmp_path, monkeypatch, caplog,
+                                                                        slow):
     from captioning import features
     cfg, corpus, names = setup(shapes_dir, tmp_path)
     names = names[:40]
     few = extract_features(cfg, names, corpus.images_dir, tmp_path / "few", batch_size=16, **FP32)
     assert few.meta["engine"]["engine"] == "torch" and "fewer than the 512" in few.meta["engine"]["why"]
     monkeypatch.setattr(features, "PROBE_MIN_IMAGES", 40)
+    calls = slowed(monkeypatch, slow)
     with caplog.at_level("INFO", logger="captioning.features"):
         auto = extract_features(cfg, names, corpus.images_dir, tmp_path / "auto", batch_size=16, **FP32)
+    faster = {"torch": "onnxruntime", "onnxruntime": "torch"}[slow]
     choice = auto.meta["engine"]
-    probe = choice["probe"]
-    faster = "onnxruntime" if probe["onnxruntime_img_s"] > probe["torch_img_s"] else "torch"
-    assert choice["engine"] == faster and probe["images"] == 16 and probe["torch_precision"] == "fp32"
+    assert choice["engine"] == faster and choice["precision"] == "fp32"
+    assert choice["probe"]["images"] == 16 and choice["probe"]["torch_precision"] == "fp32"
     assert f"{faster} extracts" in caplog.text
+    # the slow one: (ONNX Runtime: the export's check,) a warm-up on 2 images, its two quarters of 16, no more
+    assert calls == ([2, 4, 4] if slow == "torch" else [2, 2, 4, 4])
     np.testing.assert_allclose(np.asarray(auto.data, np.float32), np.asarray(few.data, np.float32), rtol=2e-3,
                                atol=2e-3 * float(np.abs(few.data).max()))
+
+
+@needs_ort
+def test_a_first_batch_too_small_to_time_and_a_resumed_cache_keep_one_engine(shapes_dir, tmp_path, monkeypatch):
+    from captioning import features
+    cfg, corpus, names = setup(shapes_dir, tmp_path)
+    names = names[:20]
+    monkeypatch.setattr(features, "PROBE_MIN_IMAGES", 1)
+    small = extract_features(cfg, names, corpus.images_dir, tmp_path / "small", batch_size=4, **FP32)
+    assert small.meta["engine"]["engine"] == "torch" and "too small to time" in small.meta["engine"]["why"]
+
+    # a cache begun by ONNX Runtime and killed goes on in ONNX Runtime under auto, without timing again
+    run, images_seen = features._OrtEncoder.__call__, []
+
+    def killed_after_16(self, images):
+        images_seen.append(len(images))
+        if sum(images_seen) > 2 + 16:                   # the export's check, then two batches of 8
+            raise KeyboardInterrupt
+        return run(self, images)
+    monkeypatch.setattr(features._OrtEncoder, "__call__", killed_after_16)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(cfg, names, corpus.images_dir, tmp_path / "resumed", batch_size=8, engine="onnxruntime",
+                         **FP32)
+    monkeypatch.setattr(features._OrtEncoder, "__call__", run)
+    calls = slowed(monkeypatch, "onnxruntime", 0.0)
+    resumed = extract_features(cfg, names, corpus.images_dir, tmp_path / "resumed", batch_size=8, **FP32)
+    assert resumed.complete and calls == [2, 4]           # the export's check and the last 4 images: no probe
 
 
 @needs_ort
@@ -247,8 +303,8 @@ def test_a_wrong_export_is_refused_and_auto_goes_on_in_pytorch(shapes_dir, tmp_p
     real_load = __import__("captioning.onnx_engine", fromlist=["load_session"]).load_session
 
     class Off:                                   # an exporter or runtime that gets the numbers wrong
-        def __init__(self, path):
-            self.session = real_load(path)
+        def __init__(self, path, threads=None):
+            self.session = real_load(path, threads)
 
         def run(self, outputs, feeds):
             return [2 * a for a in self.session.run(outputs, feeds)]
@@ -260,6 +316,15 @@ def test_a_wrong_export_is_refused_and_auto_goes_on_in_pytorch(shapes_dir, tmp_p
         auto = extract_features(cfg, names, corpus.images_dir, tmp_path / "auto", **FP32)
     assert auto.meta["engine"]["engine"] == "torch" and "exported to ONNX" in auto.meta["engine"]["why"]
     assert "PyTorch extracts" in caplog.text
+
+    class InvalidGraph(Exception):                  # what onnxruntime raises is not always a RuntimeError
+        pass
+
+    def fails(path, threads=None):
+        raise InvalidGraph("[ONNXRuntimeError] : 10 : INVALID_GRAPH")
+    monkeypatch.setattr("captioning.onnx_engine.load_session", fails)
+    auto = extract_features(cfg, names, corpus.images_dir, tmp_path / "auto2", **FP32)
+    assert auto.meta["engine"]["engine"] == "torch" and "INVALID_GRAPH" in auto.meta["engine"]["why"]
 
 
 def test_engine_onnxruntime_says_why_it_cannot_run(shapes_dir, tmp_path):

@@ -69,7 +69,8 @@ class _Start(nn.Module):
 class _Step(nn.Module):
     """decoding.step as a graph. With a `shortlist` k, the output layer's k best words of each row are rescored
     with its fp32 weights (a Gather of k rows, which the quantizer leaves alone): the int8 product then only
-    shortlists, and the word greedy search picks, and its log-probability, come from fp32 weights."""
+    shortlists, and the logits of the words a search picks from come from fp32 weights (the softmax's
+    normaliser still sums the int8 logits of the others). The graph holds the output layer twice."""
 
     def __init__(self, model: CaptionModel, shortlist: int = 0):
         super().__init__()
@@ -162,6 +163,7 @@ def quantize_int8(folder: Path) -> None:
     constant weight (never q @ k^T or w @ v); the word embedding (a Gather) stays fp32. docs/design.md
     compares it with the per-channel dynamic quantization (DynamicQuantizeMatMul) it replaced.
     """
+    require_onnx("export --quantize int8", "onnx", "onnxruntime", "onnx_ir")
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 

@@ -251,8 +251,8 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
     if cache is not None and cache.complete:
         return cache
     done = cache.done if cache is not None else 0
-    extractor = _Extractor(encoder, device, resolve_precision(precision, device), engine, len(names) - done,
-                           cfg.data.image_size)
+    extractor = _Extractor(encoder, device, resolve_precision(precision, device), _resumed(engine, cache, device),
+                           len(names) - done, cfg.data.image_size, folder.parent)
     if built:
         del encoder                    # the folded copies are all that run
     writer = _CacheWriter(folder, names, cache, meta=lambda shape: _meta(key, names, shape, parts, fingerprint,
@@ -270,6 +270,16 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
         writer.close()
         extractor.close()
     return FeatureCache.open(folder)
+
+
+def _resumed(engine: str, cache: FeatureCache | None, device: torch.device) -> str:
+    """auto, going on with a partial cache: the engine that began it (meta.json's), so that one cache is one
+    engine's where it can be (ONNX Runtime's needs the CPU and the extra; else PyTorch goes on)."""
+    began = cache.meta.get("engine", {}).get("engine") if cache is not None and engine == "auto" else None
+    if began == "onnxruntime" and (device.type != "cpu" or
+                                   any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime"))):
+        return "torch"
+    return began if began in ("torch", "onnxruntime") else engine
 
 
 def _encoder_on_device(cfg: Config, encoder: nn.Module | None, device) -> tuple[nn.Module, torch.device]:
@@ -301,16 +311,13 @@ class _Extractor:
     "torch": the folded encoder at `precision` (_extraction_net). "onnxruntime": the folded encoder
     exported to ONNX in fp32 and run by ONNX Runtime (CPU only). "auto": ONNX Runtime is a candidate
     on a CPU with the [export] extra and at least PROBE_MIN_IMAGES images to extract; then the first
-    batch is split between the two, each timed after a warm-up, and the faster extracts the rest (a
+    batch is split between the two and timed (_probe), and the faster extracts the rest (a
     measurement, not a guess: which wins depends on the CPU's bf16 units and on the precision).
     """
 
     def __init__(self, encoder: nn.Module, device: torch.device, precision: str, engine: str, images: int,
-                 image_size: int):
+                 image_size: int, scratch: Path):
         self.device, self.precision, self.ort, self.pending = device, precision, None, False
-        self.net, self.image_dtype, self.autocast = _extraction_net(encoder, device, precision)
-        self.was_training = self.net.training            # a module that is not an Encoder runs as it is: put back
-        self.net.eval()
         self.choice = {"engine": "torch", "precision": precision}
         why_not = _why_not_onnxruntime(encoder, device, images if engine == "auto" else None)
         if engine == "onnxruntime" and why_not:
@@ -319,17 +326,24 @@ class _Extractor:
             self.choice["why"] = f"ONNX Runtime not timed: {why_not}"
         elif engine != "torch":
             try:
-                self.ort = _OrtEncoder(encoder, image_size)
-            except RuntimeError as e:                      # a wrong export: auto goes on in PyTorch
+                self.ort = _OrtEncoder(encoder, image_size, scratch)
+                self.choice, self.pending = {"engine": "onnxruntime", "precision": "fp32"}, engine == "auto"
+            except Exception as e:              # a wrong export or a runtime that fails: auto goes on in PyTorch
                 if engine == "onnxruntime":
                     raise
-                log.warning("features: %s; PyTorch extracts", e)
-                self.choice["why"] = str(e)
-                return
-            self.choice, self.pending = {"engine": "onnxruntime", "precision": "fp32"}, engine == "auto"
+                log.warning("features: ONNX Runtime failed (%s); PyTorch extracts", e)
+                self.choice["why"] = f"ONNX Runtime failed: {e}"
+        # the PyTorch net, unless ONNX Runtime alone extracts; a module that is not an Encoder runs as it is, and
+        # close() puts its training flag back
+        self.net = None
+        if self.ort is None or self.pending:
+            self.net, self.image_dtype, self.autocast = _extraction_net(encoder, device, precision)
+            self.was_training = self.net.training
+            self.net.eval()
 
     def close(self) -> None:
-        self.net.train(self.was_training)
+        if self.net is not None:
+            self.net.train(self.was_training)
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         if self.pending:
@@ -344,22 +358,34 @@ class _Extractor:
             return self.net(x).float().cpu().numpy()
 
     def _probe(self, images: torch.Tensor) -> np.ndarray:
-        """PyTorch on the first half of this batch, ONNX Runtime on the second, each after a warm-up on 2 images
-        (one-time set-up out of the timing); the faster per image extracts from here on."""
-        half, self.pending, out, rates = max(len(images) // 2, 1), False, [], {}
-        for name, run, part in (("torch", self._torch, images[:half]), ("onnxruntime", self.ort, images[half:])):
-            if len(part):
-                run(part[:2])
-                start = time.perf_counter()
-                out.append(run(part))
-                rates[f"{name}_img_s"] = round(len(part) / (time.perf_counter() - start), 2)
-        faster = "onnxruntime" if rates.get("onnxruntime_img_s", 0) > rates["torch_img_s"] else "torch"
+        """The batch in quarters, PyTorch, ONNX Runtime, ONNX Runtime, PyTorch (a load that rises or falls weighs
+        on both alike), after a warm-up of each on 2 images; the faster per image extracts from here on. A batch
+        of fewer than 8 images is too small to time: PyTorch extracts."""
+        self.pending = False
+        if len(images) < 8:
+            self.choice = {"engine": "torch", "precision": self.precision,
+                           "why": f"a first batch of {len(images)} images is too small to time the engines"}
+            self.ort = None
+            return self._torch(images)
+        engines, out = {"torch": self._torch, "onnxruntime": self.ort}, []
+        seconds, counts = dict.fromkeys(engines, 0.0), dict.fromkeys(engines, 0)
+        for run in engines.values():
+            run(images[:2])
+        for name, part in zip(("torch", "onnxruntime", "onnxruntime", "torch"), images.tensor_split(4)):
+            start = time.perf_counter()
+            out.append(engines[name](part))
+            seconds[name] += time.perf_counter() - start
+            counts[name] += len(part)
+        rates = {f"{name}_img_s": round(counts[name] / seconds[name], 2) for name in engines}
+        faster = max(engines, key=lambda name: rates[f"{name}_img_s"])
         self.choice = {"engine": faster, "precision": "fp32" if faster == "onnxruntime" else self.precision,
                        "probe": {"images": len(images), "torch_precision": self.precision, **rates}}
-        log.info("features: PyTorch (%s) %.2f img/s, ONNX Runtime (fp32) %s img/s on the first batch: %s extracts",
-                 self.precision, rates["torch_img_s"], rates.get("onnxruntime_img_s", "n/a"), faster)
+        log.info("features: PyTorch (%s) %.2f img/s, ONNX Runtime (fp32) %.2f img/s on the first batch: %s "
+                 "extracts", self.precision, rates["torch_img_s"], rates["onnxruntime_img_s"], faster)
         if faster == "torch":
             self.ort = None
+        else:
+            self.net = None                   # a folded copy (ONNX Runtime extracts only an Encoder): not needed
         return np.concatenate(out)
 
 
@@ -378,19 +404,21 @@ def _why_not_onnxruntime(encoder: nn.Module, device: torch.device, images: int |
 
 
 class _OrtEncoder:
-    """The folded encoder in fp32, exported to ONNX in a temporary folder and run by ONNX Runtime; the export
-    must give PyTorch's fp32 features of two random images within EXPORT_TOLERANCE of the largest."""
+    """The folded encoder in fp32, exported to ONNX in a temporary folder under `scratch` and run by ONNX Runtime
+    on as many threads as PyTorch; the export must give PyTorch's fp32 features of two random images within
+    EXPORT_TOLERANCE of the largest."""
 
-    def __init__(self, encoder: Encoder, image_size: int):
+    def __init__(self, encoder: Encoder, image_size: int, scratch: Path):
         from .export import to_onnx
         from .onnx_engine import load_session
 
         net = encoder.folded().float().cpu()
         x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-        with tempfile.TemporaryDirectory(prefix="encoder-onnx-") as tmp:
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".encoder-onnx-", dir=scratch) as tmp:
             path = Path(tmp) / "encoder.onnx"
             to_onnx(net, (x,), path, ["images"], ["features"], {"images": {0: "B"}, "features": {0: "B"}})
-            self.session = load_session(path)        # its weights are read in: the folder can go
+            self.session = load_session(path, torch.get_num_threads())   # its weights are read in: the folder can go
         with torch.no_grad():
             want = net(x).numpy()
         difference = float(np.abs(self(x) - want).max() / max(np.abs(want).max(), 1e-12))

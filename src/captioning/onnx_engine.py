@@ -128,6 +128,16 @@ def read_export(folder: str | Path) -> dict:
     return {**meta, "config": cfg, "vocab": Vocabulary.from_list(tokens), "preprocess": pre, "folder": folder}
 
 
+def _check_runtime(export: dict) -> None:
+    """An int8 export's graphs run MatMulNBits with 8 bits, which ONNX Runtime has on x86 from 1.22."""
+    import onnxruntime
+
+    version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
+    if export.get("int8") and version < (1, 22):
+        raise ExportError(f"{export['folder']}: its int8 graphs need onnxruntime 1.22 or newer (8-bit MatMulNBits), "
+                          f"this is {onnxruntime.__version__}: pip install -U onnxruntime")
+
+
 def preprocess(image: Image.Image, image_size: int, mean, std) -> torch.Tensor:
     """data.build_transform with PIL and numpy: square bilinear resize, [0, 1], normalise -> (3, S, S)."""
     image = image if image.mode == "RGB" else image.convert("RGB")
@@ -143,6 +153,7 @@ class ExportCaptioner(Captioner):
         require_onnx("captioning from an export")
         export = read_export(folder)
         folder = export["folder"]
+        _check_runtime(export)
         self.device, self.limits = torch.device("cpu"), limits
         self.vocab, self.cfg, self.export = export["vocab"], export["config"], export
         self.precision = export.get("quantize") or "fp32"       # the decoder's; the encoder graph is fp32
