@@ -223,23 +223,14 @@ def test_onnx_runtime_extracts_the_features_pytorch_does(shapes_dir, tmp_path):
 def slowed(monkeypatch, engine: str, seconds: float = 0.05) -> list:
     """Make one engine of features._Extractor `seconds` slower an image; returns the batch sizes each call got."""
     from captioning import features
-    calls = []
-    if engine == "torch":
-        original = features._Extractor._torch
+    owner, name = (features._Extractor, "_torch") if engine == "torch" else (features._OrtEncoder, "__call__")
+    original, calls = getattr(owner, name), []
 
-        def run(self, images):
-            calls.append(len(images))
-            time.sleep(seconds * len(images))
-            return original(self, images)
-        monkeypatch.setattr(features._Extractor, "_torch", run)
-    else:
-        original = features._OrtEncoder.__call__
-
-        def run(self, images):
-            calls.append(len(images))
-            time.sleep(seconds * len(images))
-            return original(self, images)
-        monkeypatch.setattr(features._OrtEncoder, "__call__", run)
+    def run(self, images):
+        calls.append(len(images))
+        time.sleep(seconds * len(images))
+        return original(self, images)
+    monkeypatch.setattr(owner, name, run)
     return calls
 
 

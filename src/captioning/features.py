@@ -276,8 +276,7 @@ def _resumed(engine: str, cache: FeatureCache | None, device: torch.device) -> s
     """auto, going on with a partial cache: the engine that began it (meta.json's), so that one cache is one
     engine's where it can be (ONNX Runtime's needs the CPU and the extra; else PyTorch goes on)."""
     began = cache.meta.get("engine", {}).get("engine") if cache is not None and engine == "auto" else None
-    if began == "onnxruntime" and (device.type != "cpu" or
-                                   any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime"))):
+    if began == "onnxruntime" and (device.type != "cpu" or _missing_onnx()):
         return "torch"
     return began if began in ("torch", "onnxruntime") else engine
 
@@ -389,13 +388,18 @@ class _Extractor:
         return np.concatenate(out)
 
 
+def _missing_onnx() -> list[str]:
+    """Which of onnx and onnxruntime (the [export] extra ONNX Runtime extraction needs) are not installed."""
+    return [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+
+
 def _why_not_onnxruntime(encoder: nn.Module, device: torch.device, images: int | None) -> str | None:
     """Why ONNX Runtime cannot (or, with `images` to go, need not) extract; None when it is a candidate."""
     if device.type != "cpu":
         return f"ONNX Runtime extracts on the CPU only, the device is {device}"
     if not isinstance(encoder, Encoder):
         return f"only the ResNet Encoder is exported, not a {type(encoder).__name__}"
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    missing = _missing_onnx()
     if missing:
         return f"{' and '.join(missing)} not installed (pip install -e '.[export]')"
     if images is not None and images < PROBE_MIN_IMAGES:
