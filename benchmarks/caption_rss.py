@@ -1,9 +1,9 @@
 """Peak RSS of a process that only captions from an export: 1 image, then 32 (benchmarks/decode.py runs it).
 
-It imports only what captioning from an export needs (not decode.py's torchvision and data imports),
-so it also runs in an environment without torchvision, e.g. one with the CPU build of torch. Prints
-one JSON line: its peak RSS (VmHWM, MB), its RSS after the imports, and which of torchvision,
-pandas and matplotlib got imported.
+It imports only what captioning from an export needs: not torch (the search runs on numpy arrays),
+nor decode.py's torchvision and data imports, so it runs in any environment with the package and
+onnxruntime. Prints one JSON line: its peak RSS (VmHWM, MB), its RSS after the imports, and which of
+torch, torchvision, pandas and matplotlib got imported (none, unless something regressed).
 
     python benchmarks/caption_rss.py EXPORT_DIR [WORDS]     (WORDS: the caption length to check, if forced)
 """
@@ -31,7 +31,7 @@ def main() -> None:
     if len(sys.argv) > 2:
         assert len(first.split()) == int(sys.argv[2]), first
     captioner.caption(images, batch_size=32)
-    heavy = sorted(m for m in ("torchvision", "pandas", "matplotlib") if m in sys.modules)
+    heavy = sorted(m for m in ("torch", "torchvision", "pandas", "matplotlib") if m in sys.modules)
     print(json.dumps({"rss_mb": peak_mb(), "rss_after_imports_mb": before, "imported": heavy}))
 
 

@@ -21,7 +21,7 @@ pinned to -inf, so the real `Captioner.caption` path runs all 20 steps). Measure
   encoder, as the export has them) at batch 1 and 32, beside today's PyTorch path in fp32 (the
   default where the CPU has no bf16) and at `precision: auto`, all timed in turns, round after round,
   in another process. The int8 export's peak RSS is measured in a process of its own that only
-  captions (1 image, then 32).
+  captions (1 image, then 32; caption_rss.py), which imports no torch.
 
 Last line: decode: speedup_vs_reference=X overhead_vs_encoder=Y batch_efficiency=Z rss_mb=W
 attention_overhead=... sampling_overhead=... controls_overhead=... beam_options_overhead=...
@@ -209,7 +209,7 @@ def compare_engines(exports: Path, repeats: int) -> None:
     torch_auto = Captioner(model, vocab, cfg, device="cpu", precision="auto", own_model=True)
     ort = {name: Captioner.from_export(exports / name) for name in ("fp32", "int8")}
     images = photos()
-    x1, x32 = ort["int8"].transform(images[0])[None], torch.stack([ort["int8"].transform(p) for p in images])
+    x1, x32 = ort["int8"].transform(images[0])[None], np.stack([ort["int8"].transform(p) for p in images])
     one = images[:1]
     jobs = {"torch_fp32": lambda: torch_fp32.caption(one), "torch_auto": lambda: torch_auto.caption(one),
             "ort_fp32": lambda: ort["fp32"].caption(one), "ort_int8": lambda: ort["int8"].caption(one),
@@ -250,7 +250,7 @@ def onnx_runtime_rows(exports: Path, repeats: int) -> str:
           f"{32 / t['ort_encoder_32']:.1f} images / s")
     print(f"ONNX Runtime int8, a process that only captions (1 image, then 32): peak RSS {rss['rss_mb']} MB "
           f"({rss['rss_after_imports_mb']} MB after its imports; imported {rss['imported'] or 'none'} of "
-          "torchvision, pandas, matplotlib)")
+          "torch, torchvision, pandas, matplotlib)")
     return (f"ort_speedup_vs_torch={t['torch_fp32'] / t['ort_int8']:.2f} "
             f"ort_overhead_vs_encoder={t['ort_int8'] / t['ort_encoder']:.2f} "
             f"ort_batch_efficiency={t['ort_encoder_32'] / t['ort_int8_32']:.2f} ort_rss_mb={rss['rss_mb']} "

@@ -10,12 +10,11 @@ from captioning.decoding import (
     Rules,
     beam_search_hypotheses,
     greedy,
-    init_cache,
     rules_for,
     sample_or_greedy,
     search,
-    step,
 )
+from captioning.torch_engine import init_cache, step
 from test_decoding import BOS, EOS, PAD, POST_NORM, V, make_memory, make_model
 
 WORDS = {f"w{i}": i for i in range(8, V)} | {"a": 5, "the": 6, "of": 7}     # ids 5..7 read as function words

@@ -86,8 +86,8 @@ def test_the_int8_export_quantizes_the_decoder_only_and_keeps_most_captions(tiny
 def test_a_shortlisted_step_rescores_its_best_words_with_the_exact_weights(tiny_run):
     """_Step's shortlist: whatever the (quantized) output layer gives, its k best words get the fp32 logits."""
     from captioning.checkpoint import load_checkpoint
-    from captioning.decoding import init_cache
     from captioning.export import _Step
+    from captioning.torch_engine import init_cache
 
     model, _, cfg = load_checkpoint(tiny_run / "best.pt")
     model, size, exact = model.float().eval(), cfg.data.image_size, _Step(model)
@@ -112,7 +112,8 @@ def test_the_preprocessing_without_torchvision_is_build_transforms(exports, imag
     from captioning.data import build_transform
     onnx = Captioner.from_export(exports / "fp32")
     for image in (Image.open(images[0]).convert("RGB"), Image.new("RGB", (500, 375), (200, 30, 90))):
-        torch.testing.assert_close(onnx.transform(image), build_transform(onnx.cfg.data.image_size)(image))
+        ours = torch.from_numpy(onnx.transform(image))
+        torch.testing.assert_close(ours, build_transform(onnx.cfg.data.image_size)(image))
 
 
 @needs_ort
@@ -154,12 +155,16 @@ def test_cli_export_then_caption_with_model(tiny_run, images, tmp_path, capsys):
 
 
 @needs_ort
-def test_captioning_from_an_export_imports_neither_torchvision_nor_pandas_nor_matplotlib(exports, images):
+def test_captioning_from_an_export_imports_neither_torch_nor_torchvision_nor_pandas_nor_matplotlib(exports, images):
     code = ("import sys; from captioning import Captioner; "
-            f"print(Captioner.from_export({str(exports / 'int8')!r})({str(images[0])!r}) != ''); "
-            "print(sorted(m for m in ('torchvision', 'pandas', 'matplotlib') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split("\n")[:2] == ["True", "[]"], out
+            f"c = Captioner.from_export({str(exports / 'int8')!r}); print(c({str(images[0])!r}) != ''); "
+            f"c.caption([{str(images[1])!r}], beam_size=2, attention=True); "
+            f"c.caption([{str(images[1])!r}], temperature=1.0, top_p=0.9, seed=0); "
+            "from captioning.cli import main; "
+            f"assert main(['caption', '--model', {str(exports / 'int8')!r}, {str(images[2])!r}]) == 0; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'pandas', 'matplotlib') if m in sys.modules))")
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert lines[0] == "True" and len(lines[1].split("\t")) == 2 and lines[2] == "[]", lines   # the CLI's caption
 
 
 def test_export_without_onnx_says_what_to_install(tiny_run, tmp_path, monkeypatch, capsys):

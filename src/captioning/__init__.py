@@ -2,14 +2,25 @@
 
 Data flows one way: reader -> vocabulary -> dataset -> model -> loss -> checkpoint;
 checkpoint -> Captioner -> images -> encoder -> decoding -> text.
+
+`import captioning` does not import torch: the names that need it (CaptionModel, build_model,
+load_checkpoint) import it on first use, so captioning from an export runs without it.
 """
 from .captioner import Captioner, CaptionResult
-from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, load_config
 from .images import ImageLimits, ImageLoadError, open_image
-from .model import CaptionModel, build_model
 from .vocab import Vocabulary
+
+_WITH_TORCH = {"CaptionModel": "model", "build_model": "model", "load_checkpoint": "checkpoint"}
 
 __all__ = ["CaptionModel", "CaptionResult", "Captioner", "Config", "ConfigError", "ImageLimits", "ImageLoadError",
            "Vocabulary", "build_model", "load_checkpoint", "load_config", "open_image"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _WITH_TORCH:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_WITH_TORCH[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,9 @@
     captioner("photo.jpg")                                   # -> "a dog runs on the grass"
     captioner.caption(["a.jpg", "https://...", pil_image], beam_size=3)
     Captioner.from_export("exports/shapes")                  # the same, on ONNX Runtime (onnx_engine.py)
+
+Importing this module does not import torch: a Captioner over a checkpoint imports it when it is made,
+one over an export never does (design.md: about 500 MB of a process's RSS).
 """
 from __future__ import annotations
 
@@ -17,16 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .config import Config
 from .decoding import DecodeOptions, Hypothesis, rules_for, search
-from .device import autocast, resolve_device, resolve_precision
 from .images import ImageLimits, ImageLoadError, describe, open_image
 from .vocab import Vocabulary
 
-if TYPE_CHECKING:      # the checkpoint's path imports these when it runs; an export's never does (torchvision)
+if TYPE_CHECKING:      # the checkpoint's path imports these when it runs; an export's never does
+    import torch
+
     from .model import CaptionModel
 
 
@@ -67,11 +70,14 @@ class Captioner:
 
     def __init__(self, model: CaptionModel, vocab: Vocabulary, cfg: Config, device=None, precision: str = "auto",
                  limits: ImageLimits | None = None, own_model: bool = False):
+        import torch
+
+        from .data import build_transform
+        from .device import resolve_device, resolve_precision
+
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.vocab, self.cfg, self.limits = vocab, cfg, limits
-        from .data import build_transform
-
         # the preprocessing the checkpoint was trained with, rebuilt from its config
         self.transform = build_transform(cfg.data.image_size)
         self.model = self.engine = model.to(self.device)        # the engine the search code calls: the model
@@ -91,6 +97,8 @@ class Captioner:
 
         model, vocab, cfg = load_checkpoint(path)
         if precision is None:   # fp16 is CUDA's: a run trained in it captions in the device's default elsewhere
+            from .device import resolve_device
+
             fp16_elsewhere = cfg.train.precision == "fp16" and resolve_device(device).type != "cuda"
             precision = "auto" if fp16_elsewhere else cfg.train.precision
         return cls(model.eval(), vocab, cfg, device, precision, limits, own_model=True)
@@ -107,6 +115,8 @@ class Captioner:
     @contextlib.contextmanager
     def _inference(self):
         """Eval mode and no gradients for the duration; the model's training flag is put back afterwards."""
+        import torch
+
         was_training = self.model.training
         self.model.eval()
         try:
@@ -117,6 +127,10 @@ class Captioner:
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (B, 3, H, W) -> grid features (B, L, C), in the encoder's precision."""
+        import torch
+
+        from .device import autocast
+
         with self._inference(), autocast(self.encoder_precision, self.device):
             return self.model.encoder(x.to(self.device, self.image_dtype, memory_format=torch.channels_last))
 
@@ -124,6 +138,8 @@ class Captioner:
         """Preprocessed images (B, 3, H, W) or cached grid features (B, L, C) -> memory (B, L, d_model), fp32."""
         if (images is None) == (features is None):
             raise ValueError("memory() takes images= or features=, exactly one of them")
+        import torch
+
         if features is None:
             features = self.features(images)
         with self._inference():
@@ -135,6 +151,8 @@ class Captioner:
         The ResNet sees `chunk` images at a time: its activations are most of the peak memory (at
         224 px, 32 images at once is about 0.5 GB more than 8), for the same images per second.
         """
+        import torch
+
         parts = []
         for start in range(0, len(images), chunk):
             x = torch.stack([self.transform(im) for im in images[start:start + chunk]])
@@ -152,16 +170,13 @@ class Captioner:
                              f"{self.cfg.model.max_tokens - 2} words")
         return opts.check(self.cfg.model.num_decoder_layers, self.cfg.model.num_heads)
 
-    def generator(self, options: DecodeOptions) -> torch.Generator | None:
-        """Sampling's random numbers: one generator a call, seeded with `seed` (else at random)."""
-        if not options.sampling:
-            return None
-        generator = torch.Generator(self.device)
-        generator.manual_seed(options.seed) if options.seed is not None else generator.seed()
-        return generator
+    def generator(self, options: DecodeOptions) -> np.random.Generator | None:
+        """Sampling's random numbers: one numpy generator a call, seeded with `seed` (else at random). Its
+        uniforms pick the words (decoding.inverse_cdf), so a seed draws the same on either engine and device."""
+        return np.random.default_rng(options.seed) if options.sampling else None
 
     def search(self, memory: torch.Tensor, options: DecodeOptions,
-               generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+               generator: np.random.Generator | None = None) -> list[list[Hypothesis]]:
         """Memory (B, L, d_model) -> per image its hypotheses, best first."""
         v = self.vocab
         rules = rules_for(options, v.pad, v.bos, v.eos, v.index)
@@ -209,7 +224,7 @@ class Captioner:
                 if images:
                     memory = self.encode(list(images.values()))
                     for k, hyps in zip(images, self.search(memory, opts, generator)):
-                        self._fill(results[k], hyps, opts, memory.size(1))
+                        self._fill(results[k], hyps, opts, memory.shape[1])
                         if opts.attention:
                             results[k].image = images[k].resize((self.cfg.data.image_size,) * 2, Image.BILINEAR)
                 yield from results
@@ -240,7 +255,8 @@ class Captioner:
             h, w = (side, side) if side * side == cells else (1, cells)     # the grid, as CaptionModel.memory has it
             tokens = self.vocab.to_list()
             result.words = [tokens[i] for i in best.ids] + (["<eos>"] if len(best.maps) > len(best.ids) else [])
-            result.attention = best.maps.cpu().numpy().reshape(len(best.maps), h, w)
+            maps = best.maps if isinstance(best.maps, np.ndarray) else best.maps.cpu().numpy()
+            result.attention = maps.reshape(len(maps), h, w)
 
     def __call__(self, x, beam_size: int = 1) -> str:
         """The caption of one input; raises ImageLoadError when it cannot be read."""

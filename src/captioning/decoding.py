@@ -1,22 +1,19 @@
-"""Turning transformer memory into word ids: greedy and beam search over a key/value cache.
+"""The search: transformer memory -> word ids, greedy, by beam search or sampled, through an Engine.
 
-Training runs the decoder layers over whole captions (`CaptionModel.decode`).
-Decoding one word at a time that way re-runs every earlier word, and
-re-projects the image memory into keys and values, at every step. Here the
-same layers are run one position at a time instead:
+The searches never touch a model: they ask an engine (`Engine`) for two things,
 
-    init_cache(model, memory)     cross-attention keys/values from memory, once per image
-    step(model, cache, tokens)    one new word per sequence -> next-word logits (N, V);
-                                  its self-attention keys/values are appended to the cache
+    engine.init_cache(memory, group)   each image's cross-attention keys/values, once per image
+    engine.step(cache, tokens)         one new word per sequence -> next-word logits (N, V);
+                                       its self-attention keys/values are appended to the cache
 
-so a step costs one position per sequence, whatever the length so far.
-
-The searches below never touch the model itself: they ask an engine (`Engine`: `init_cache`,
-`step`) for the cache and the next-word logits. `TorchEngine` is the model above; the ONNX
-Runtime engine (`onnx_engine.OrtEngine`) runs the exported graphs of the same two functions.
+so a step costs one position per sequence, whatever the length so far. `torch_engine.TorchEngine` is
+the PyTorch model; `onnx_engine.OrtEngine` runs the exported graphs of the same two functions.
 Wherever a search takes `model`, either a CaptionModel or an engine may be passed.
-`greedy_reference` keeps the re-run-everything path: tests hold the two to the
-same logits and tokens, and the benchmark times one against the other.
+
+This module does not import torch. The search works on the arrays its engine returns, torch tensors
+(on any device) or numpy arrays, through the few operations of `ArrayOps`: `torch_engine.TorchOps`,
+or `NumpyOps` here. So a process that captions from an export never loads PyTorch (about 500 MB of
+its RSS, docs/design.md), and the search is still written once.
 
 Both searches never emit <pad> or <bos>: neither is ever a word, and the
 training path masks <pad> keys where the cache does not.
@@ -25,135 +22,186 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
+import numpy as np
 
-from .model import CaptionModel, cross_attention, cross_keys_values, decoder_layer, self_attention
+if TYPE_CHECKING:
+    import torch
+
+    from .model import CaptionModel
+
+    Array = torch.Tensor | np.ndarray
 
 # -----------------------------------------------------------------------------
-# the cached decoder: the weights of nn.TransformerDecoder, one position at a time
+# the cache and the engine the searches call
 
 @dataclass
 class DecoderCache:
-    """Keys and values of every decoder layer for N sequences decoded side by side.
+    """Keys and values of every decoder layer for N sequences decoded side by side (tensors or arrays).
 
     The N rows are grouped `group` at a time per image (beam search: the K
     beams of one image), and rows of one group share their image's
     cross-attention keys/values rather than holding G copies of them.
     """
-    self_k: list[torch.Tensor]    # per layer (N, H, T, hd): one entry per word fed so far
-    self_v: list[torch.Tensor]
-    cross_k: list[torch.Tensor]   # per layer (M, H, L, hd): from memory, computed once; N = M * group
-    cross_v: list[torch.Tensor]
+    self_k: list[Array]    # per layer (N, H, T, hd): one entry per word fed so far
+    self_v: list[Array]
+    cross_k: list[Array]   # per layer (M, H, L, hd): from memory, computed once; N = M * group
+    cross_v: list[Array]
 
     @property
     def length(self) -> int:
         """Words fed so far, which is also the position of the next one."""
-        return self.self_k[0].size(2)
+        return self.self_k[0].shape[2]
 
     @property
     def group(self) -> int:
-        return self.self_k[0].size(0) // self.cross_k[0].size(0)
+        return self.self_k[0].shape[0] // self.cross_k[0].shape[0]
 
-    def select(self, rows: torch.Tensor, images: torch.Tensor | None = None) -> DecoderCache:
+    def select(self, rows: Array, images: Array | None = None) -> DecoderCache:
         """Keep sequences `rows` (N',) and images `images` (M',), in that order.
 
         Reordering beams within their images leaves the images as they are
         (images=None); dropping finished sequences or images passes both.
         """
-        def pick(ts: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
-            return [t.index_select(0, index) for t in ts]
+        def pick(ts: list[Array], index: Array) -> list[Array]:
+            return [t[index] for t in ts]
 
         cross_k, cross_v = (self.cross_k, self.cross_v) if images is None else \
             (pick(self.cross_k, images), pick(self.cross_v, images))
         cache = DecoderCache(pick(self.self_k, rows), pick(self.self_v, rows), cross_k, cross_v)
-        assert cache.self_k[0].size(0) % cache.cross_k[0].size(0) == 0, "rows must be whole groups per image"
+        assert cache.self_k[0].shape[0] % cache.cross_k[0].shape[0] == 0, "rows must be whole groups per image"
         return cache
 
 
-@torch.no_grad()
-def init_cache(model: CaptionModel, memory: torch.Tensor, group: int = 1) -> DecoderCache:
-    """An empty cache for memory.size(0) * group sequences, `group` per image of memory (B, L, D)."""
-    M = memory.size(0)
-    self_k, self_v, cross_k, cross_v = [], [], [], []
-    for layer in model.transformer.decoder.layers:
-        k, v = cross_keys_values(layer, memory)                            # (M, H, L, hd)
-        cross_k.append(k)
-        cross_v.append(v)
-        # empty, in the dtype the projections give (bf16 under autocast) so appending never upcasts
-        empty = k.new_empty(M * group, k.size(1), 0, k.size(-1))
-        self_k.append(empty)
-        self_v.append(empty)
-    return DecoderCache(self_k, self_v, cross_k, cross_v)
-
-
-@torch.no_grad()
-def step(model: CaptionModel, cache: DecoderCache, tokens: torch.Tensor, attention: list | None = None) -> torch.Tensor:
-    """Feed one word per sequence, tokens (N,), at position cache.length -> next-word logits (N, V).
-
-    Mirrors nn.TransformerDecoderLayer.forward (both norm_first settings) and
-    appends each layer's self-attention keys/values to `cache`. With an `attention`
-    list, each layer's cross-attention weights (N, H, L) are appended to it.
-    """
-    return decoder_step(model, model.embed_tokens(tokens[:, None], offset=cache.length), cache, attention)
-
-
-def decoder_step(model: CaptionModel, x: torch.Tensor, cache: DecoderCache, attention: list | None = None
-                 ) -> torch.Tensor:
-    """`step` after the embedding: x (N, 1, D), the embedded words -> logits (N, V). The export traces this too."""
-    return model.head(decoder_hidden(model, x, cache, attention))[:, 0]            # (N, V)
-
-
-def decoder_hidden(model: CaptionModel, x: torch.Tensor, cache: DecoderCache, attention: list | None = None
-                   ) -> torch.Tensor:
-    """`decoder_step` without the output layer: x (N, 1, D) -> the decoder's last hidden state (N, 1, D)."""
-    weights = None if attention is None else []
-    for i, layer in enumerate(model.transformer.decoder.layers):
-
-        def cached_self_attention(y: torch.Tensor, layer=layer, i=i) -> torch.Tensor:
-            # the one new query may see every cached key, itself included: no mask needed
-            out, cache.self_k[i], cache.self_v[i] = self_attention(layer, y, past=(cache.self_k[i], cache.self_v[i]))
-            return out                                                 # cache: (N, H, t+1, hd)
-
-        x = decoder_layer(layer, x, cached_self_attention,
-                          lambda y, layer=layer, i=i: cross_attention(layer, y, cache.cross_k[i], cache.cross_v[i],
-                                                                      weights))
-    if attention is not None:
-        attention.extend(w[:, :, 0] for w in weights)                  # per layer (N, H, L)
-    if model.transformer.decoder.norm is not None:
-        x = model.transformer.decoder.norm(x)
-    return x
-
-
-# -----------------------------------------------------------------------------
-# the engine the searches call: the model above, or exported graphs of the same two functions
-
+@runtime_checkable
 class Engine(Protocol):
     """What the search code needs of a model: a cache for memory's images, and one step of every row."""
     pad_id: int
 
-    def init_cache(self, memory: torch.Tensor, group: int = 1) -> DecoderCache: ...
+    def init_cache(self, memory: Array, group: int = 1) -> DecoderCache: ...
 
-    def step(self, cache: DecoderCache, tokens: torch.Tensor, attention: list | None = None) -> torch.Tensor: ...
-
-
-class TorchEngine:
-    """The PyTorch CaptionModel as an Engine: `init_cache` and `step` above."""
-
-    def __init__(self, model: CaptionModel):
-        self.model, self.pad_id = model, model.pad_id
-
-    def init_cache(self, memory: torch.Tensor, group: int = 1) -> DecoderCache:
-        return init_cache(self.model, memory, group)
-
-    def step(self, cache: DecoderCache, tokens: torch.Tensor, attention: list | None = None) -> torch.Tensor:
-        return step(self.model, cache, tokens, attention)
+    def step(self, cache: DecoderCache, tokens: Array, attention: list | None = None) -> Array: ...
 
 
 def engine_of(model: CaptionModel | Engine) -> Engine:
-    """A CaptionModel wrapped as an Engine; an engine as it is."""
-    return TorchEngine(model) if isinstance(model, torch.nn.Module) else model
+    """A CaptionModel wrapped as an Engine (torch_engine.TorchEngine); an engine as it is."""
+    if isinstance(model, Engine):
+        return model
+    from .torch_engine import TorchEngine
+
+    return TorchEngine(model)
+
+
+def __getattr__(name: str):
+    """The PyTorch engine's functions, which lived here before the search stopped importing torch."""
+    if name in ("init_cache", "step", "decoder_step", "decoder_hidden", "greedy_reference", "TorchEngine"):
+        from . import torch_engine
+
+        return getattr(torch_engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -----------------------------------------------------------------------------
+# the array operations the search needs, on numpy arrays (torch_engine.TorchOps: on tensors)
+
+class ArrayOps(Protocol):
+    """What the search does to its engine's arrays beyond what tensors and numpy arrays share (indexing,
+    arithmetic, argmax, cumsum, tolist, ...). dtype: "int64", "float32" or "float64"; along the last axis."""
+
+    def asarray(self, values, dtype: str) -> Array: ...
+
+    def cast(self, x: Array, dtype: str) -> Array: ...          # always a new array: the search writes into it
+
+    def log_softmax(self, x: Array) -> Array: ...
+
+    def softmax(self, x: Array) -> Array: ...
+
+    def topk(self, x: Array, k: int) -> tuple[Array, Array]: ...          # values and indices, largest first
+
+    def sort_descending(self, x: Array) -> tuple[Array, Array]: ...
+
+    def scatter(self, x: Array, index: Array, values: Array) -> Array: ...  # a copy of x, values put at index
+
+    def where(self, mask: Array, value: float, x: Array) -> Array: ...     # value where mask, else x
+
+    def stack(self, xs: list[Array]) -> Array: ...
+
+    def repeat_rows(self, x: Array, n: int) -> Array: ...                  # each row n times, in place
+
+    def multinomial(self, probs: Array, generator) -> Array: ...          # one word per row, drawn ~ probs
+
+
+class NumpyOps:
+    """ArrayOps on numpy arrays: the ONNX Runtime engine's."""
+
+    @staticmethod
+    def asarray(values, dtype: str) -> np.ndarray:
+        return np.asarray(values, dtype=dtype)
+
+    @staticmethod
+    def cast(x: np.ndarray, dtype: str) -> np.ndarray:
+        return x.astype(dtype)
+
+    @staticmethod
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        shifted = x - x.max(-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+    @staticmethod
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    @staticmethod
+    def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        index = np.argpartition(-x, k - 1, axis=-1)[..., :k]
+        index = np.take_along_axis(index, np.argsort(-np.take_along_axis(x, index, -1), -1, kind="stable"), -1)
+        return np.take_along_axis(x, index, -1), index
+
+    @staticmethod
+    def sort_descending(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = np.argsort(-x, -1, kind="stable")
+        return np.take_along_axis(x, index, -1), index
+
+    @staticmethod
+    def scatter(x: np.ndarray, index: np.ndarray, values: np.ndarray) -> np.ndarray:
+        out = x.copy()
+        np.put_along_axis(out, index, values, -1)
+        return out
+
+    @staticmethod
+    def where(mask: np.ndarray, value: float, x: np.ndarray) -> np.ndarray:
+        return np.where(mask, np.asarray(value, dtype=x.dtype), x)
+
+    @staticmethod
+    def stack(xs: list[np.ndarray]) -> np.ndarray:
+        return np.stack(xs)
+
+    @staticmethod
+    def repeat_rows(x: np.ndarray, n: int) -> np.ndarray:
+        return np.repeat(x, n, axis=0)
+
+    def multinomial(self, probs: np.ndarray, generator: np.random.Generator | None) -> np.ndarray:
+        return inverse_cdf(self, probs, generator if generator is not None else np.random.default_rng())
+
+
+def array_ops(x: Array) -> ArrayOps:
+    """The ArrayOps of x's kind: NumpyOps for a numpy array, TorchOps on x's device for a tensor."""
+    if isinstance(x, np.ndarray):
+        return NumpyOps()
+    from .torch_engine import TorchOps  # x is a tensor, so torch is imported already
+
+    return TorchOps(x.device)
+
+
+def inverse_cdf(ops: ArrayOps, probs: Array, generator: np.random.Generator) -> Array:
+    """One word per row of probs (N, V), drawn by inverse transform with the uniforms of a numpy `generator`:
+    the same draw on either engine (and on any device: N numbers go to it). In float64, so u * total < total
+    and a word of probability 0 is never drawn."""
+    cumulative = ops.cast(probs, "float64").cumsum(-1)
+    u = ops.asarray(generator.random(len(probs)), "float64") * cumulative[:, -1]
+    return (cumulative <= u[:, None]).sum(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -177,19 +225,18 @@ class Rules:
     no_repeat_ngram_size: int = 0
     banned_endings: frozenset[int] = frozenset()
 
-    def apply(self, logits: torch.Tensor, words: list[list[int]]) -> torch.Tensor:
-        """logits (N, V) of the next word after each row's `words` -> the same with banned words at -inf."""
-        logits = logits.index_fill(-1, torch.tensor([self.pad, self.bos], device=logits.device), float("-inf"))
+    def apply(self, logits: Array, words: list[list[int]]) -> Array:
+        """logits (N, V) of the next word after each row's `words` -> a float32 copy, banned words at -inf."""
+        logits = array_ops(logits).cast(logits, "float32")
+        logits[:, [self.pad, self.bos]] = float("-inf")
         rows, banned = [], []
         for i, ws in enumerate(words):
             ban = self._banned(ws)
             rows += [i] * len(ban)
             banned += ban
         if rows:
-            logits = logits.index_put((torch.tensor(rows, device=logits.device),
-                                       torch.tensor(banned, device=logits.device)),
-                                      torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype))
-            stuck = torch.isinf(logits).all(-1)                        # everything banned (a tiny vocabulary)
+            logits[rows, banned] = float("-inf")
+            stuck = (logits == float("-inf")).all(-1)                  # everything banned (a tiny vocabulary)
             if stuck.any():
                 logits[stuck, self.eos] = 0.0
         return logits
@@ -208,24 +255,26 @@ class Rules:
 @dataclass
 class Sampling:
     """Choosing the next word by sampling: softmax(logits / temperature) over the top_k words (0: all)
-    and the smallest set of them whose probability reaches top_p, drawn with `generator`."""
+    and the smallest set of them whose probability reaches top_p, drawn with `generator`: a numpy
+    Generator (Captioner's: the same draws on either engine), a torch.Generator (SCST's, on the
+    model's device), or None (torch's global generator for tensors, a fresh numpy one for arrays)."""
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    generator: torch.Generator | None = None
+    generator: Any = None
 
-    def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float() / self.temperature                       # (N, V)
+    def choose(self, logits: Array) -> Array:
+        ops = array_ops(logits)
+        logits = ops.cast(logits, "float32") / self.temperature           # (N, V)
         if self.top_k:
-            kth = logits.topk(min(self.top_k, logits.size(-1)), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            kth = ops.topk(logits, min(self.top_k, logits.shape[-1]))[0][:, -1:]
+            logits = ops.where(logits < kth, float("-inf"), logits)
         if self.top_p < 1.0:
-            ordered, order = logits.sort(dim=-1, descending=True)
-            before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)   # probability of the words ranked above
-            logits = logits.scatter(-1, order, ordered.masked_fill(before >= self.top_p, float("-inf")))
-        probs = logits.softmax(-1)
-        return torch.multinomial(probs.cpu() if self.generator is not None and self.generator.device.type == "cpu"
-                                 else probs, 1, generator=self.generator).squeeze(1).to(logits.device)
+            ordered, order = ops.sort_descending(logits)
+            probs = ops.softmax(ordered)
+            before = probs.cumsum(-1) - probs                          # probability of the words ranked above
+            logits = ops.scatter(logits, order, ops.where(before >= self.top_p, float("-inf"), ordered))
+        return ops.multinomial(ops.softmax(logits), self.generator)
 
 
 @dataclass
@@ -234,11 +283,12 @@ class AttentionSpec:
     layer: int | None = None
     head: int | None = None
 
-    def reduce(self, weights: list[torch.Tensor]) -> torch.Tensor:
+    def reduce(self, weights: list[Array]) -> Array:
         """Per layer (N, H, L) -> (N, L), a map that sums to 1 over the grid."""
-        w = torch.stack(weights) if self.layer is None else weights[self.layer][None]   # (layers, N, H, L)
+        ops = array_ops(weights[0])
+        w = ops.stack(weights) if self.layer is None else weights[self.layer][None]   # (layers, N, H, L)
         w = w.mean(2) if self.head is None else w[:, :, self.head]
-        return w.float().mean(0)
+        return ops.cast(w, "float32").mean(0)
 
 
 @dataclass
@@ -248,7 +298,7 @@ class Hypothesis:
     ids: list[int]
     logprob: float
     score: float
-    maps: torch.Tensor | None = None        # (words + 1, L) when it ended, (words, L) when cut at max_words
+    maps: Array | None = None               # (words + 1, L) when it ended, (words, L) when cut at max_words
     ended: bool = True                      # it chose <eos> (else max_words cut it)
 
 
@@ -256,37 +306,36 @@ def _length_score(total: float, length: int, length_penalty: float) -> float:
     return total / max(length, 1) ** length_penalty
 
 
-def _next_word(engine: Engine, cache: DecoderCache, tokens: torch.Tensor, words: list[list[int]], rules: Rules,
-               attention: AttentionSpec | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _next_word(engine: Engine, ops: ArrayOps, cache: DecoderCache, tokens: Array, words: list[list[int]],
+               rules: Rules, attention: AttentionSpec | None) -> tuple[Array, Array | None]:
     """One step of every row: log-probabilities (N, V) under the rules, and each row's map (N, L) if kept."""
     weights = None if attention is None else []
     logits = engine.step(cache, tokens, weights)
     maps = None if attention is None else attention.reduce(weights)
-    return rules.apply(logits.float(), words).log_softmax(-1), maps
+    return ops.log_softmax(rules.apply(logits, words)), maps
 
 
 # -----------------------------------------------------------------------------
 # greedy and sampling
 
-@torch.no_grad()
-def sample_or_greedy(model: CaptionModel | Engine, memory: torch.Tensor, rules: Rules, max_words: int,
+def sample_or_greedy(model: CaptionModel | Engine, memory: Array, rules: Rules, max_words: int,
                      sampling: Sampling | None = None, attention: AttentionSpec | None = None,
                      length_penalty: float = 1.0) -> list[Hypothesis]:
     """One caption per image of memory (B, L, D): the likeliest word at each step, or a sampled one.
 
     Each sequence stops at its own <eos> and leaves the batch, so the others do not carry it along.
     """
-    B, engine = memory.size(0), engine_of(model)
+    B, engine, ops = len(memory), engine_of(model), array_ops(memory)
     cache = engine.init_cache(memory)
     words, sums = [[] for _ in range(B)], [0.0] * B
     maps = [[] for _ in range(B)]
     alive = list(range(B))                                            # the image each row of the cache decodes
-    tokens = torch.full((B,), rules.bos, dtype=torch.long, device=memory.device)
+    tokens = ops.asarray([rules.bos] * B, "int64")
     ended = [False] * B
     for _ in range(max_words):
-        logp, step_maps = _next_word(engine, cache, tokens, [words[b] for b in alive], rules, attention)
+        logp, step_maps = _next_word(engine, ops, cache, tokens, [words[b] for b in alive], rules, attention)
         tokens = logp.argmax(-1) if sampling is None else sampling.choose(logp)     # (n,)
-        picked = logp.gather(1, tokens[:, None])[:, 0].tolist()
+        picked = logp[ops.asarray(range(len(tokens)), "int64"), tokens].tolist()
         for j, (b, word) in enumerate(zip(alive, tokens.tolist())):
             sums[b] += picked[j]
             if step_maps is not None:
@@ -299,40 +348,19 @@ def sample_or_greedy(model: CaptionModel | Engine, memory: torch.Tensor, rules: 
         if not keep:
             break
         if len(keep) < len(alive):
-            index = torch.tensor(keep, device=memory.device)
+            index = ops.asarray(keep, "int64")
             cache, tokens, alive = cache.select(index, index), tokens[index], [alive[j] for j in keep]
     return [Hypothesis(words[b], sums[b], _length_score(sums[b], len(words[b]) + ended[b], length_penalty),
-                       torch.stack(maps[b]) if maps[b] else None, ended[b]) for b in range(B)]
+                       ops.stack(maps[b]) if maps[b] else None, ended[b]) for b in range(B)]
 
 
-@torch.no_grad()
-def greedy(model: CaptionModel | Engine, memory: torch.Tensor, bos: int, eos: int, max_words: int,
+def greedy(model: CaptionModel | Engine, memory: Array, bos: int, eos: int, max_words: int,
            rules: Rules | None = None) -> list[list[int]]:
     """Batched greedy decoding: B lists of word ids (without <bos>/<eos>), at most `max_words` each."""
-    if memory.size(0) == 0:
+    if len(memory) == 0:
         return []
     rules = rules or Rules(model.pad_id, bos, eos)
     return [h.ids for h in sample_or_greedy(model, memory, rules, max_words)]
-
-
-@torch.no_grad()
-def greedy_reference(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_words: int) -> list[list[int]]:
-    """`greedy` the slow way: the training path (`model.decode`) over the whole prefix at every step."""
-    B = memory.size(0)
-    rules = Rules(model.pad_id, bos, eos)
-    tokens = torch.full((B, 1), bos, dtype=torch.long, device=memory.device)
-    done = torch.zeros(B, dtype=torch.bool, device=memory.device)
-    for _ in range(max_words):
-        logits = rules.apply(model.decode(memory, tokens)[:, -1], [[]] * B)   # (B, V)
-        nxt = logits.argmax(-1).masked_fill(done, eos)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        done |= nxt == eos
-        if done.all():
-            break
-    out = []
-    for row in tokens[:, 1:].tolist():
-        out.append(row[:row.index(eos)] if eos in row else row)
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -343,12 +371,11 @@ class _Beams:
     """The live beams of the images still searching: K per image, row j*K+k of the cache."""
     images: list[int]                      # which image each searching group is
     words: list[list[list[int]]]           # [group][beam] -> word ids so far
-    maps: list[list[list[torch.Tensor]]]   # [group][beam] -> a map per word so far (empty without attention)
-    sums: torch.Tensor                     # (groups, K) summed log-probabilities
+    maps: list[list[list[Array]]]          # [group][beam] -> a map per word so far (empty without attention)
+    sums: Array                            # (groups, K) summed log-probabilities
 
 
-@torch.no_grad()
-def beam_search_hypotheses(model: CaptionModel | Engine, memory: torch.Tensor, rules: Rules, max_words: int,
+def beam_search_hypotheses(model: CaptionModel | Engine, memory: Array, rules: Rules, max_words: int,
                            beam_size: int = 3, length_penalty: float = 1.0, n_best: int = 1,
                            attention: AttentionSpec | None = None) -> list[list[Hypothesis]]:
     """Batched beam search: B images x K beams flattened into one batch of B*K sequences.
@@ -367,39 +394,39 @@ def beam_search_hypotheses(model: CaptionModel | Engine, memory: torch.Tensor, r
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"need 1 <= n_best <= beam_size, got n_best={n_best}, beam_size={beam_size}")
-    B, K, device, engine = memory.size(0), beam_size, memory.device, engine_of(model)
+    B, K, engine, ops = len(memory), beam_size, engine_of(model), array_ops(memory)
     cache = engine.init_cache(memory, group=K)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    sums = torch.full((B, K), float("-inf"), device=device)
+    sums = ops.asarray([[float("-inf")] * K] * B, "float32")
     sums[:, 0] = 0.0           # every beam starts as <bos>; -inf on all but the first expands just one of them
     beams = _Beams(list(range(B)), [[[] for _ in range(K)] for _ in range(B)],
                    [[[] for _ in range(K)] for _ in range(B)], sums)
-    tokens = torch.full((B * K,), rules.bos, dtype=torch.long, device=device)
+    tokens = ops.asarray([rules.bos] * (B * K), "int64")
     score = functools.partial(_length_score, length_penalty=length_penalty)
     for t in range(max_words):
-        logp, maps = _next_word(engine, cache, tokens, [w for ws in beams.words for w in ws], rules, attention)
-        V = logp.size(-1)
-        candidates = (beams.sums[:, :, None] + logp.view(-1, K, V)).view(-1, K * V)      # (n, K*V)
+        logp, maps = _next_word(engine, ops, cache, tokens, [w for ws in beams.words for w in ws], rules, attention)
+        V = logp.shape[-1]
+        candidates = (beams.sums[:, :, None] + logp.reshape(-1, K, V)).reshape(-1, K * V)  # (n, K*V)
         # a beam has one <eos>, so 2K candidates hold K that go on
-        top_sums, top_idx = candidates.topk(min(2 * K, K * V), dim=1)                     # (n, 2K)
+        top_sums, top_idx = ops.topk(candidates, min(2 * K, K * V))                      # (n, 2K)
         chosen, still = [], []                  # (row, word, sum, words, maps) of the next beams; groups going on
         for j, (cand_sums, cand_idx) in enumerate(zip(top_sums.tolist(), top_idx.tolist())):
             b = beams.images[j]
-            going = _expand_image(j, cand_sums, cand_idx, beams, maps, finished[b], K, V, rules.eos, score)
+            going = _expand_image(j, cand_sums, cand_idx, beams, maps, finished[b], K, V, rules.eos, score, ops)
             if _image_done(going, finished[b], K, score(going[0][2], t + 1) if going else float("-inf")):
                 continue
             still.append(j)
             chosen += going + [going[0][:2] + (float("-inf"), [], [])] * (K - len(going))   # dead fillers
         if not still:
             break
-        cache, tokens, beams = _advance(cache, beams, chosen, still, K, device)
+        cache, tokens, beams = _advance(cache, beams, chosen, still, K, ops)
     else:
-        _fill_in(beams, finished, n_best, score)
+        _fill_in(beams, finished, n_best, score, ops)
     return [sorted(hyps, key=lambda h: -h.score)[:n_best] for hyps in finished]
 
 
-def _expand_image(j: int, cand_sums: list[float], cand_idx: list[int], beams: _Beams, maps: torch.Tensor | None,
-                  finished: list[Hypothesis], K: int, V: int, eos: int, score) -> list[tuple]:
+def _expand_image(j: int, cand_sums: list[float], cand_idx: list[int], beams: _Beams, maps: Array | None,
+                  finished: list[Hypothesis], K: int, V: int, eos: int, score, ops: ArrayOps) -> list[tuple]:
     """Group j's top candidates (best first) -> its up to K beams that go on, as (row, word, sum, words, maps).
 
     An <eos> candidate ranked in the top K finishes its hypothesis (appended to `finished`).
@@ -414,7 +441,7 @@ def _expand_image(j: int, cand_sums: list[float], cand_idx: list[int], beams: _B
             going.append((j * K + k, word, total, words + [word], kept))
         elif rank < K:
             finished.append(Hypothesis(words, total, score(total, len(words) + 1),
-                                       torch.stack(kept) if kept else None))
+                                       ops.stack(kept) if kept else None))
     return going
 
 
@@ -429,31 +456,30 @@ def _image_done(going: list, finished: list[Hypothesis], K: int, reach: float) -
     return not going or (len(best) >= K and best[K - 1] >= reach)
 
 
-def _advance(cache: DecoderCache, beams: _Beams, chosen: list[tuple], still: list[int], K: int, device):
+def _advance(cache: DecoderCache, beams: _Beams, chosen: list[tuple], still: list[int], K: int, ops: ArrayOps):
     """The cache, next tokens and beams of the groups still searching, in the order of `chosen`."""
     rows, next_tokens, next_sums, next_words, next_maps = zip(*chosen)
-    as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
-    cache = cache.select(as_tensor(rows), None if len(still) == len(beams.images) else as_tensor(still))
+    ids = functools.partial(ops.asarray, dtype="int64")
+    cache = cache.select(ids(rows), None if len(still) == len(beams.images) else ids(still))
     group = lambda xs: [list(xs[i:i + K]) for i in range(0, len(xs), K)]   # noqa: E731
-    return cache, as_tensor(next_tokens), _Beams([beams.images[j] for j in still], group(next_words),
-                                                 group(next_maps), torch.tensor(next_sums, device=device).view(-1, K))
+    return cache, ids(next_tokens), _Beams([beams.images[j] for j in still], group(next_words),
+                                           group(next_maps), ops.asarray(next_sums, "float32").reshape(-1, K))
 
 
-def _fill_in(beams: _Beams, finished: list[list[Hypothesis]], n_best: int, score) -> None:
+def _fill_in(beams: _Beams, finished: list[list[Hypothesis]], n_best: int, score, ops: ArrayOps) -> None:
     """max_words words and still fewer than n_best finished: the live beams fill in."""
     for j, b in enumerate(beams.images):
         if len(finished[b]) < n_best:
-            finished[b] += [Hypothesis(ws, total, score(total, len(ws)), torch.stack(ms) if ms else None, False)
+            finished[b] += [Hypothesis(ws, total, score(total, len(ws)), ops.stack(ms) if ms else None, False)
                             for ws, ms, total in zip(beams.words[j], beams.maps[j], beams.sums[j].tolist())
                             if total > float("-inf")]
 
 
-@torch.no_grad()
-def beam_search(model: CaptionModel | Engine, memory: torch.Tensor, bos: int, eos: int, max_words: int,
+def beam_search(model: CaptionModel | Engine, memory: Array, bos: int, eos: int, max_words: int,
                 beam_size: int = 3, length_penalty: float = 1.0, n_best: int = 1
                 ) -> list[list[tuple[list[int], float]]]:
     """Per image its n_best (ids without <bos>/<eos>, score), best first (see beam_search_hypotheses)."""
-    if memory.size(0) == 0:
+    if len(memory) == 0:
         return []
     hyps = beam_search_hypotheses(model, memory, Rules(model.pad_id, bos, eos), max_words, beam_size,
                                   length_penalty, n_best)
@@ -511,18 +537,18 @@ def rules_for(options: DecodeOptions, pad: int, bos: int, eos: int, word_ids: di
     return Rules(pad, bos, eos, options.min_words, options.no_repeat_ngram_size, endings)
 
 
-@torch.no_grad()
-def search(model: CaptionModel | Engine, memory: torch.Tensor, options: DecodeOptions, rules: Rules,
-           generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
-    """Per image of memory (B, L, D) its `num_captions` hypotheses, best first: sampled, by beam search, or greedy."""
-    if memory.size(0) == 0:
+def search(model: CaptionModel | Engine, memory: Array, options: DecodeOptions, rules: Rules,
+           generator=None) -> list[list[Hypothesis]]:
+    """Per image of memory (B, L, D) its `num_captions` hypotheses, best first: sampled (with `generator`,
+    see Sampling), by beam search, or greedy."""
+    if len(memory) == 0:
         return []
     spec = AttentionSpec(options.attention_layer, options.attention_head) if options.attention else None
     n = options.num_captions
     if options.sampling:
         sampling = Sampling(options.temperature or 1.0, options.top_k, options.top_p, generator)
-        hyps = sample_or_greedy(model, memory.repeat_interleave(n, 0), rules, options.max_words, sampling, spec,
-                                options.length_penalty)
+        hyps = sample_or_greedy(model, array_ops(memory).repeat_rows(memory, n), rules, options.max_words, sampling,
+                                spec, options.length_penalty)
         return [sorted(hyps[i:i + n], key=lambda h: -h.score) for i in range(0, len(hyps), n)]
     if options.beam_size == 1 and n == 1:
         return [[h] for h in sample_or_greedy(model, memory, rules, options.max_words, None, spec,

@@ -2,8 +2,8 @@
 
     encoder.onnx     images (B, 3, S, S), preprocessed -> memory (B, L, D)          CaptionModel.encode
                      (its weights in encoder.onnx.data)
-    start.onnx       memory (M, L, D) -> cross_k_i, cross_v_i (M, H, L, hd)         decoding.init_cache
-    step.onnx        tokens (N,), position (), self_k_i, self_v_i (N, H, T, hd),     decoding.step
+    start.onnx       memory (M, L, D) -> cross_k_i, cross_v_i (M, H, L, hd)         torch_engine.init_cache
+    step.onnx        tokens (N,), position (), self_k_i, self_v_i (N, H, T, hd),     torch_engine.step
                      cross_k_i, cross_v_i (M, H, L, hd), N = M * group
                      -> logits (N, V), next_self_k_i, next_self_v_i (N, H, T+1, hd),
                         attention (layers, N, H, L): each layer's cross-attention weights
@@ -12,7 +12,7 @@
     config.json      format version, the checkpoint's resolved config, the quantization, the check's figures
 
 for each decoder layer i. The graphs are traced from the very functions the PyTorch path runs
-(`CaptionModel.encode`, `model.cross_keys_values`, `decoding.decoder_hidden`), so the search code in
+(`CaptionModel.encode`, `model.cross_keys_values`, `torch_engine.decoder_hidden`), so the search code in
 decoding.py drives either engine. `quantize="int8"` stores the weights of start.onnx's and
 step.onnx's matrix products, the output layer's included, as 8-bit blocks (onnxruntime's
 MatMulNBits), and step.onnx rescores the 16 best words of each step with the output layer's fp32
@@ -33,15 +33,17 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import checkpoint_path, load_checkpoint
 from .config import ConfigError, EnvironmentProblem, to_dict
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from .decoding import DecoderCache, decoder_hidden, init_cache, step
+from .decoding import DecoderCache
 from .model import CaptionModel, cross_keys_values
 from .onnx_engine import EXPORT_FORMAT, OrtEngine, load_session, require_onnx
+from .torch_engine import decoder_hidden, init_cache, step
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -67,7 +69,7 @@ class _Start(nn.Module):
 
 
 class _Step(nn.Module):
-    """decoding.step as a graph. With a `shortlist` k, the output layer's k best words of each row are rescored
+    """torch_engine.step as a graph. With a `shortlist` k, the output layer's k best words of each row are rescored
     with its fp32 weights (a Gather of k rows, which the quantizer leaves alone): the int8 product then only
     shortlists, and the logits of the words a search picks from come from fp32 weights (the softmax's
     normaliser still sums the int8 logits of the others). The graph holds the output layer twice."""
@@ -193,18 +195,19 @@ def check_export(model: CaptionModel, folder: Path, image_size: int, quantize: s
     images = torch.randn(2, 3, image_size, image_size, generator=generator)
     engine = OrtEngine(load_session(folder / "start.onnx"), load_session(folder / "step.onnx"), model.pad_id)
     memory = model.encode(images)
-    onnx_memory = torch.from_numpy(load_session(folder / "encoder.onnx").run(None, {"images": images.numpy()})[0])
+    onnx_memory = load_session(folder / "encoder.onnx").run(None, {"images": images.numpy()})[0]
     caches = init_cache(model, memory, group), engine.init_cache(onnx_memory, group)
     tokens = torch.randint(4, model.head.out_features, (words, 2 * group), generator=generator)
     worst, scale, worst_attention = 0.0, 0.0, 0.0
     for t in range(words):
         maps = [], []
         ours = step(model, caches[0], tokens[t], maps[0])
-        theirs = engine.step(caches[1], tokens[t], maps[1])
+        theirs = torch.from_numpy(engine.step(caches[1], tokens[t].numpy(), maps[1]))
         # a logit pinned to -inf (a word ruled out by its bias) is the same -inf in both
         worst = max(worst, (ours - theirs).masked_fill(ours == theirs, 0).abs().max().item())
         scale = max(scale, ours[ours.isfinite()].abs().max().item())
-        worst_attention = max(worst_attention, (torch.stack(maps[0]) - torch.stack(maps[1])).abs().max().item())
+        attention_diff = torch.stack(maps[0]) - torch.from_numpy(np.stack(maps[1]))
+        worst_attention = max(worst_attention, attention_diff.abs().max().item())
     relative = worst / max(scale, 1e-6)
     report = {"max_abs_logit_diff": worst, "max_abs_logit": scale, "relative": relative,
               "max_abs_attention_diff": worst_attention, "tolerance": TOLERANCE[quantize], "words": words,

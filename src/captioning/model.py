@@ -141,7 +141,7 @@ class PositionalEncoding(nn.Module):
 
 
 # -- the pieces of nn.TransformerDecoderLayer, read from its own weights: the teacher-forced pass
-#    (CaptionModel.decode) and the cached step (decoding.step) both run these
+#    (CaptionModel.decode) and the cached step (torch_engine.step) both run these
 
 def causal_mask(size: int, device=None) -> torch.Tensor:
     """(T, T) bool, True where a query must not see a key (the future)."""

@@ -4,21 +4,21 @@
     captioner.caption(["photo.jpg"], beam_size=3)
 
 `OrtEngine` is a `decoding.Engine`: its `init_cache` runs start.onnx, its `step` runs step.onnx, and
-the cache is decoding's own `DecoderCache` (of tensors sharing the arrays ONNX Runtime returns), so
-greedy, beam and sampling search, n-best and attention maps are decoding.py's code whichever engine
-runs. `ExportCaptioner` is the Captioner with the encoder graph in place of the PyTorch model and
-the preprocessing done with PIL and numpy: this path imports neither torchvision nor pandas nor
-matplotlib.
+the cache is decoding's own `DecoderCache` (of the numpy arrays ONNX Runtime returns), so greedy,
+beam and sampling search, n-best and attention maps are decoding.py's code whichever engine runs.
+`ExportCaptioner` is the Captioner with the encoder graph in place of the PyTorch model and the
+preprocessing done with PIL and numpy: this path imports neither torch nor torchvision nor pandas
+nor matplotlib.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .captioner import Captioner
@@ -64,36 +64,37 @@ def load_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _array(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().cpu().numpy())
+def _array(x) -> np.ndarray:
+    """A contiguous numpy array of x (an array, or a CPU tensor handed in by a caller)."""
+    return np.ascontiguousarray(x if isinstance(x, np.ndarray) else x.detach().cpu().numpy())
 
 
 class OrtEngine:
-    """start.onnx and step.onnx as a decoding.Engine (CPU tensors in, CPU tensors out)."""
+    """start.onnx and step.onnx as a decoding.Engine (numpy arrays in, numpy arrays out)."""
 
     def __init__(self, start, step, pad_id: int):
         self.start, self.step_session, self.pad_id = start, step, pad_id
         self.layers = sum(1 for i in start.get_outputs() if i.name.startswith("cross_k_"))
 
-    def init_cache(self, memory: torch.Tensor, group: int = 1) -> DecoderCache:
-        """An empty cache for memory.size(0) * group sequences, `group` per image of memory (M, L, D)."""
-        kv = [torch.from_numpy(a) for a in self.start.run(None, {"memory": _array(memory.float())})]
+    def init_cache(self, memory: np.ndarray, group: int = 1) -> DecoderCache:
+        """An empty cache for len(memory) * group sequences, `group` per image of memory (M, L, D)."""
+        kv = self.start.run(None, {"memory": _array(memory).astype(np.float32, copy=False)})
         M, H, _, hd = kv[0].shape
-        empty = torch.zeros(M * group, H, 0, hd)
+        empty = np.zeros((M * group, H, 0, hd), np.float32)
         n = self.layers
         return DecoderCache([empty] * n, [empty] * n, kv[:n], kv[n:])
 
-    def step(self, cache: DecoderCache, tokens: torch.Tensor, attention: list | None = None) -> torch.Tensor:
-        """decoding.step on step.onnx: tokens (N,) at position cache.length -> logits (N, V); the cache grows."""
+    def step(self, cache: DecoderCache, tokens: np.ndarray, attention: list | None = None) -> np.ndarray:
+        """torch_engine.step on step.onnx: tokens (N,) at position cache.length -> logits (N, V); the cache grows."""
         n = self.layers
-        feeds = {"tokens": _array(tokens.long()), "position": np.array(cache.length, dtype=np.int64)}
+        feeds = {"tokens": _array(tokens).astype(np.int64, copy=False), "position": np.array(cache.length, np.int64)}
         for name, ts in (("self_k", cache.self_k), ("self_v", cache.self_v), ("cross_k", cache.cross_k),
                          ("cross_v", cache.cross_v)):
             feeds.update({f"{name}_{i}": _array(t) for i, t in enumerate(ts)})
-        out = [torch.from_numpy(a) for a in self.step_session.run(None, feeds)]
+        out = self.step_session.run(None, feeds)
         cache.self_k[:], cache.self_v[:] = out[1:1 + n], out[1 + n:1 + 2 * n]
         if attention is not None:
-            attention.extend(out[-1].unbind(0))                     # per layer (N, H, L)
+            attention.extend(out[-1])                               # per layer (N, H, L)
         return out[0]                                               # (N, V)
 
 
@@ -138,12 +139,12 @@ def _check_runtime(export: dict) -> None:
                           f"this is {onnxruntime.__version__}: pip install -U onnxruntime")
 
 
-def preprocess(image: Image.Image, image_size: int, mean, std) -> torch.Tensor:
+def preprocess(image: Image.Image, image_size: int, mean, std) -> np.ndarray:
     """data.build_transform with PIL and numpy: square bilinear resize, [0, 1], normalise -> (3, S, S)."""
     image = image if image.mode == "RGB" else image.convert("RGB")
     x = np.asarray(image.resize((image_size, image_size), Image.BILINEAR), dtype=np.float32) / np.float32(255)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 class ExportCaptioner(Captioner):
@@ -154,7 +155,7 @@ class ExportCaptioner(Captioner):
         export = read_export(folder)
         folder = export["folder"]
         _check_runtime(export)
-        self.device, self.limits = torch.device("cpu"), limits
+        self.device, self.limits = "cpu", limits
         self.vocab, self.cfg, self.export = export["vocab"], export["config"], export
         self.precision = export.get("quantize") or "fp32"       # the decoder's; the encoder graph is fp32
         pre = export["preprocess"]
@@ -165,14 +166,19 @@ class ExportCaptioner(Captioner):
                                                                                           threads), self.vocab.pad)
 
     def _inference(self):
-        return torch.no_grad()
+        return contextlib.nullcontext()
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError("an export maps images to memory in one graph: its grid features are not "
                                   "exposed; use Captioner.from_checkpoint for features")
 
-    def memory(self, *, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+    def memory(self, *, images: np.ndarray | None = None, features: np.ndarray | None = None) -> np.ndarray:
         """Preprocessed images (B, 3, H, W) -> memory (B, L, d_model), fp32, by the encoder graph."""
         if features is not None or images is None:
             raise ValueError("an export's memory() takes images= only (cached features need the checkpoint)")
-        return torch.from_numpy(self.encoder.run(None, {"images": _array(images.float())})[0])
+        return self.encoder.run(None, {"images": _array(images).astype(np.float32, copy=False)})[0]
+
+    def encode(self, images, chunk: int = 8) -> np.ndarray:
+        """RGB PIL images -> memory (B, L, d_model), fp32: Captioner.encode, on numpy arrays."""
+        return np.concatenate([self.memory(images=np.stack([self.transform(im) for im in images[i:i + chunk]]))
+                               for i in range(0, len(images), chunk)])
