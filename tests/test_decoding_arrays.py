@@ -117,6 +117,26 @@ def test_the_search_the_captioner_and_the_package_import_no_torch():
 def test_the_torch_engines_functions_still_import_from_decoding():
     from captioning import decoding, torch_engine
 
-    assert decoding.init_cache is torch_engine.init_cache and decoding.greedy_reference is torch_engine.greedy_reference
+    for name in decoding.MOVED_TO_TORCH_ENGINE:
+        with pytest.warns(DeprecationWarning, match=f"captioning.torch_engine.{name}"):
+            assert getattr(decoding, name) is getattr(torch_engine, name)
     with pytest.raises(AttributeError, match="no_such_name"):
         decoding.no_such_name  # noqa: B018
+
+
+def test_an_empty_batch_gives_no_hypotheses_on_either_kind_of_array(model):
+    from captioning.decoding import beam_search_hypotheses, sample_or_greedy
+
+    memory = make_memory(0)
+    for engine, x in ((model, memory), (NumpyEngine(model), memory.numpy())):
+        assert beam_search_hypotheses(engine, x, RULES, 5, beam_size=3) == []
+        assert sample_or_greedy(engine, x, RULES, 5) == []
+
+
+def test_a_draw_from_a_row_without_probabilities_or_with_a_torch_generator_on_arrays_is_an_error():
+    rows = np.array([[0.5, 0.5], [np.nan, np.nan]], dtype=np.float32)
+    for ops, probs in ((NumpyOps(), rows), (TorchOps(torch.device("cpu")), torch.from_numpy(rows))):
+        with pytest.raises(ValueError, match="temperature too low"):
+            inverse_cdf(ops, probs, np.random.default_rng(0))
+    with pytest.raises(TypeError, match="numpy Generator"):
+        NumpyOps().multinomial(rows[:1], torch.Generator())

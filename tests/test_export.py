@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from captioning import Captioner
 from captioning.cli import main
@@ -107,7 +108,6 @@ def test_a_shortlisted_step_rescores_its_best_words_with_the_exact_weights(tiny_
 
 @needs_ort
 def test_the_preprocessing_without_torchvision_is_build_transforms(exports, images):
-    from PIL import Image
 
     from captioning.data import build_transform
     onnx = Captioner.from_export(exports / "fp32")
@@ -152,6 +152,13 @@ def test_cli_export_then_caption_with_model(tiny_run, images, tmp_path, capsys):
     onnx = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert main(["caption", "--checkpoint", str(tiny_run / "best.pt"), "--precision", "fp32", "--json", *inputs]) == 0
     assert onnx == [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+@needs_ort
+def test_an_exports_arrays_are_numpy_and_its_search_still_takes_a_tensor(exports, images):
+    onnx = Captioner.from_export(exports / "fp32")
+    memory = onnx.encode([Image.open(p).convert("RGB") for p in images[:3]])
+    assert isinstance(memory, np.ndarray) and onnx.decode(torch.from_numpy(memory)) == onnx.decode(memory)
 
 
 @needs_ort

@@ -18,6 +18,10 @@ __all__ = ["CaptionModel", "CaptionResult", "Captioner", "Config", "ConfigError"
 __version__ = "0.1.0"
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WITH_TORCH))
+
+
 def __getattr__(name: str):
     if name in _WITH_TORCH:
         import importlib

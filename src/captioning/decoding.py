@@ -10,10 +10,10 @@ so a step costs one position per sequence, whatever the length so far. `torch_en
 the PyTorch model; `onnx_engine.OrtEngine` runs the exported graphs of the same two functions.
 Wherever a search takes `model`, either a CaptionModel or an engine may be passed.
 
-This module does not import torch. The search works on the arrays its engine returns, torch tensors
-(on any device) or numpy arrays, through the few operations of `ArrayOps`: `torch_engine.TorchOps`,
-or `NumpyOps` here. So a process that captions from an export never loads PyTorch (about 500 MB of
-its RSS, docs/design.md), and the search is still written once.
+This module does not import torch. The search works on its engine's kind of arrays, torch tensors
+(on any device) or numpy arrays, as memory is one or the other, through the few operations of
+`ArrayOps`: `torch_engine.TorchOps`, or `NumpyOps` here. So a process that captions from an export
+never loads PyTorch (about 500 MB of its RSS, docs/design.md), and the search is still written once.
 
 Both searches never emit <pad> or <bos>: neither is ever a word, and the
 training path masks <pad> keys where the cache does not.
@@ -21,8 +21,10 @@ training path masks <pad> keys where the cache does not.
 from __future__ import annotations
 
 import functools
+import sys
+import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -74,7 +76,6 @@ class DecoderCache:
         return cache
 
 
-@runtime_checkable
 class Engine(Protocol):
     """What the search code needs of a model: a cache for memory's images, and one step of every row."""
     pad_id: int
@@ -85,19 +86,26 @@ class Engine(Protocol):
 
 
 def engine_of(model: CaptionModel | Engine) -> Engine:
-    """A CaptionModel wrapped as an Engine (torch_engine.TorchEngine); an engine as it is."""
-    if isinstance(model, Engine):
+    """A CaptionModel (a torch module: torch is imported if one exists) wrapped as an Engine
+    (torch_engine.TorchEngine); an engine as it is."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(model, torch.nn.Module):
         return model
     from .torch_engine import TorchEngine
 
     return TorchEngine(model)
 
 
+MOVED_TO_TORCH_ENGINE = ("init_cache", "step", "decoder_step", "decoder_hidden", "greedy_reference", "TorchEngine")
+
+
 def __getattr__(name: str):
     """The PyTorch engine's functions, which lived here before the search stopped importing torch."""
-    if name in ("init_cache", "step", "decoder_step", "decoder_hidden", "greedy_reference", "TorchEngine"):
+    if name in MOVED_TO_TORCH_ENGINE:
         from . import torch_engine
 
+        warnings.warn(f"captioning.decoding.{name} is now captioning.torch_engine.{name}", DeprecationWarning,
+                      stacklevel=2)
         return getattr(torch_engine, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -107,7 +115,10 @@ def __getattr__(name: str):
 
 class ArrayOps(Protocol):
     """What the search does to its engine's arrays beyond what tensors and numpy arrays share (indexing,
-    arithmetic, argmax, cumsum, tolist, ...). dtype: "int64", "float32" or "float64"; along the last axis."""
+    arithmetic, argmax, cumsum, tolist, ...).
+
+    A dtype is named: "int64", "float32" or "float64". Every operation on rows works along the last axis.
+    """
 
     def asarray(self, values, dtype: str) -> Array: ...
 
@@ -127,7 +138,9 @@ class ArrayOps(Protocol):
 
     def stack(self, xs: list[Array]) -> Array: ...
 
-    def repeat_rows(self, x: Array, n: int) -> Array: ...                  # each row n times, in place
+    def repeat_rows(self, x: Array, n: int) -> Array: ...                  # each row n times, side by side
+
+    def pick(self, x: Array, index: Array) -> Array: ...                   # x[i, index[i]] of each row i
 
     def multinomial(self, probs: Array, generator) -> Array: ...          # one word per row, drawn ~ probs
 
@@ -182,7 +195,14 @@ class NumpyOps:
     def repeat_rows(x: np.ndarray, n: int) -> np.ndarray:
         return np.repeat(x, n, axis=0)
 
+    @staticmethod
+    def pick(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(x, index[:, None], -1)[:, 0]
+
     def multinomial(self, probs: np.ndarray, generator: np.random.Generator | None) -> np.ndarray:
+        if generator is not None and not isinstance(generator, np.random.Generator):
+            raise TypeError(f"sampling on numpy arrays (an export) takes a numpy Generator, not {type(generator)}: "
+                            "np.random.default_rng(seed)")
         return inverse_cdf(self, probs, generator if generator is not None else np.random.default_rng())
 
 
@@ -198,10 +218,14 @@ def array_ops(x: Array) -> ArrayOps:
 def inverse_cdf(ops: ArrayOps, probs: Array, generator: np.random.Generator) -> Array:
     """One word per row of probs (N, V), drawn by inverse transform with the uniforms of a numpy `generator`:
     the same draw on either engine (and on any device: N numbers go to it). In float64, so u * total < total
-    and a word of probability 0 is never drawn."""
+    and a word of probability 0 is never drawn; a row that sums to 0 or to nan (a temperature so low that
+    softmax overflows) is a ValueError, as in torch.multinomial."""
     cumulative = ops.cast(probs, "float64").cumsum(-1)
-    u = ops.asarray(generator.random(len(probs)), "float64") * cumulative[:, -1]
-    return (cumulative <= u[:, None]).sum(-1)
+    total = cumulative[:, -1]
+    if not bool(((total > 0) & (total < float("inf"))).all()):
+        raise ValueError("sampling: a row's probabilities sum to 0, inf or nan (is the temperature too low?)")
+    u = ops.asarray(generator.random(len(probs)), "float64") * total
+    return (cumulative <= u[:, None]).sum(-1).clip(max=probs.shape[-1] - 1)
 
 
 # -----------------------------------------------------------------------------
@@ -325,6 +349,8 @@ def sample_or_greedy(model: CaptionModel | Engine, memory: Array, rules: Rules, 
 
     Each sequence stops at its own <eos> and leaves the batch, so the others do not carry it along.
     """
+    if len(memory) == 0:
+        return []
     B, engine, ops = len(memory), engine_of(model), array_ops(memory)
     cache = engine.init_cache(memory)
     words, sums = [[] for _ in range(B)], [0.0] * B
@@ -335,7 +361,7 @@ def sample_or_greedy(model: CaptionModel | Engine, memory: Array, rules: Rules, 
     for _ in range(max_words):
         logp, step_maps = _next_word(engine, ops, cache, tokens, [words[b] for b in alive], rules, attention)
         tokens = logp.argmax(-1) if sampling is None else sampling.choose(logp)     # (n,)
-        picked = logp[ops.asarray(range(len(tokens)), "int64"), tokens].tolist()
+        picked = ops.pick(logp, tokens).tolist()
         for j, (b, word) in enumerate(zip(alive, tokens.tolist())):
             sums[b] += picked[j]
             if step_maps is not None:
@@ -357,8 +383,6 @@ def sample_or_greedy(model: CaptionModel | Engine, memory: Array, rules: Rules, 
 def greedy(model: CaptionModel | Engine, memory: Array, bos: int, eos: int, max_words: int,
            rules: Rules | None = None) -> list[list[int]]:
     """Batched greedy decoding: B lists of word ids (without <bos>/<eos>), at most `max_words` each."""
-    if len(memory) == 0:
-        return []
     rules = rules or Rules(model.pad_id, bos, eos)
     return [h.ids for h in sample_or_greedy(model, memory, rules, max_words)]
 
@@ -394,10 +418,12 @@ def beam_search_hypotheses(model: CaptionModel | Engine, memory: Array, rules: R
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"need 1 <= n_best <= beam_size, got n_best={n_best}, beam_size={beam_size}")
+    if len(memory) == 0:
+        return []
     B, K, engine, ops = len(memory), beam_size, engine_of(model), array_ops(memory)
     cache = engine.init_cache(memory, group=K)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    sums = ops.asarray([[float("-inf")] * K] * B, "float32")
+    sums = ops.asarray([float("-inf")] * (B * K), "float32").reshape(B, K)
     sums[:, 0] = 0.0           # every beam starts as <bos>; -inf on all but the first expands just one of them
     beams = _Beams(list(range(B)), [[[] for _ in range(K)] for _ in range(B)],
                    [[[] for _ in range(K)] for _ in range(B)], sums)
@@ -479,8 +505,6 @@ def beam_search(model: CaptionModel | Engine, memory: Array, bos: int, eos: int,
                 beam_size: int = 3, length_penalty: float = 1.0, n_best: int = 1
                 ) -> list[list[tuple[list[int], float]]]:
     """Per image its n_best (ids without <bos>/<eos>, score), best first (see beam_search_hypotheses)."""
-    if len(memory) == 0:
-        return []
     hyps = beam_search_hypotheses(model, memory, Rules(model.pad_id, bos, eos), max_words, beam_size,
                                   length_penalty, n_best)
     return [[(h.ids, h.score) for h in image] for image in hyps]
@@ -541,8 +565,6 @@ def search(model: CaptionModel | Engine, memory: Array, options: DecodeOptions, 
            generator=None) -> list[list[Hypothesis]]:
     """Per image of memory (B, L, D) its `num_captions` hypotheses, best first: sampled (with `generator`,
     see Sampling), by beam search, or greedy."""
-    if len(memory) == 0:
-        return []
     spec = AttentionSpec(options.attention_layer, options.attention_head) if options.attention else None
     n = options.num_captions
     if options.sampling:

@@ -172,6 +172,10 @@ class ExportCaptioner(Captioner):
         raise NotImplementedError("an export maps images to memory in one graph: its grid features are not "
                                   "exposed; use Captioner.from_checkpoint for features")
 
+    def search(self, memory: np.ndarray, options, generator: np.random.Generator | None = None) -> list:
+        """Captioner.search on numpy arrays: a tensor handed in (memory() used to return them) is converted."""
+        return super().search(_array(memory), options, generator)
+
     def memory(self, *, images: np.ndarray | None = None, features: np.ndarray | None = None) -> np.ndarray:
         """Preprocessed images (B, 3, H, W) -> memory (B, L, d_model), fp32, by the encoder graph."""
         if features is not None or images is None:

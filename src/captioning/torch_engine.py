@@ -95,12 +95,14 @@ class TorchOps:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def asarray(self, values, dtype: str) -> torch.Tensor:
-        return torch.tensor(values, dtype=getattr(torch, dtype), device=self.device)
+    def _dtype(self, name: str) -> torch.dtype:
+        return torch.float32 if name == "float64" and self.device.type == "mps" else getattr(torch, name)  # no fp64
 
-    @staticmethod
-    def cast(x: torch.Tensor, dtype: str) -> torch.Tensor:
-        return x.to(getattr(torch, dtype), copy=True)
+    def asarray(self, values, dtype: str) -> torch.Tensor:
+        return torch.tensor(values, dtype=self._dtype(dtype), device=self.device)
+
+    def cast(self, x: torch.Tensor, dtype: str) -> torch.Tensor:
+        return x.to(self._dtype(dtype), copy=True)
 
     @staticmethod
     def log_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +118,7 @@ class TorchOps:
 
     @staticmethod
     def sort_descending(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(x.sort(dim=-1, descending=True))
+        return tuple(x.sort(dim=-1, descending=True, stable=True))    # ties in index order, as NumpyOps
 
     @staticmethod
     def scatter(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -133,6 +135,10 @@ class TorchOps:
     @staticmethod
     def repeat_rows(x: torch.Tensor, n: int) -> torch.Tensor:
         return x.repeat_interleave(n, 0)
+
+    @staticmethod
+    def pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return x.gather(-1, index[:, None])[:, 0]
 
     def multinomial(self, probs: torch.Tensor, generator) -> torch.Tensor:
         """One word per row of probs (N, V): torch's own draw with a torch.Generator (or torch's global one,
