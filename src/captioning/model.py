@@ -216,8 +216,9 @@ def self_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, past=None
     """
     attn = layer.self_attn
     # the whole parameter, not a slice of it: autocast caches the bf16 copy of a parameter, not of a view
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)          # (N, T, 3D)
-    q, k, v = (split_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))    # (N, H, T, hd)
+    qkv, D = F.linear(x, attn.in_proj_weight, attn.in_proj_bias), attn.embed_dim    # (N, T, 3D)
+    # slices at constant offsets (chunk() would be traced as a chain of shape nodes run at every step)
+    q, k, v = (split_heads(qkv[..., i * D:(i + 1) * D], attn.num_heads) for i in range(3))  # (N, H, T, hd)
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (N, H, T', hd)
     y = attention(attn, q, k, v, allowed)
@@ -235,6 +236,7 @@ def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch
     of by the fused kernel, which does not return them; no attention dropout).
     """
     attn = layer.multihead_attn
+    T = int(x.size(1))      # int(): a constant where the export traces it (its step graph feeds one word a row)
     # slices bounded by embed_dim, not by x's shape: a constant where the ONNX export traces it, so the weights
     # stay initializers (folded once, quantizable) rather than sliced at every step
     q = F.linear(x, *in_proj(attn, slice(0, attn.embed_dim)))                          # (N, T, D)
@@ -244,9 +246,9 @@ def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch
     else:
         w = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.head_dim ** -0.5, dim=-1)   # (M, H, G*T, L)
         w = w.transpose(1, 2)                                                                 # (M, G*T, H, L)
-        weights.append(w.reshape(x.shape[:2] + w.shape[2:]).transpose(1, 2))                # (N, H, T, L)
+        weights.append(reshape(w, -1, T, 0, 0).transpose(1, 2))                              # (N, H, T, L)
         y = w.transpose(1, 2).to(v.dtype) @ v
-    return layer.dropout2(attn.out_proj(merge_heads(y).reshape(x.shape)))                  # (N, T, D)
+    return layer.dropout2(attn.out_proj(reshape(merge_heads(y), -1, T, 0)))                # (N, T, D)
 
 
 def cross_keys_values(layer: nn.TransformerDecoderLayer, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
