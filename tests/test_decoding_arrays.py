@@ -89,6 +89,7 @@ def test_numpy_ops_are_torch_ops():
     np.testing.assert_array_equal(ours.scatter(x, order, -x), theirs.scatter(t, torch.from_numpy(order), -t).numpy())
     np.testing.assert_array_equal(ours.where(x > 0, -1.0, x), theirs.where(t > 0, -1.0, t).numpy())
     np.testing.assert_array_equal(ours.repeat_rows(x, 3), theirs.repeat_rows(t, 3).numpy())
+    np.testing.assert_array_equal(ours.concat([x, x[:2]]), theirs.concat([t, t[:2]]).numpy())
     cast = ours.cast(x, "float32")
     cast[0, 0] = 42.0
     assert x[0, 0] != 42.0 and theirs.cast(t, "float32").data_ptr() != t.data_ptr()   # a copy to write into

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .config import Config
-from .decoding import DecodeOptions, Hypothesis, rules_for, search
+from .decoding import DecodeOptions, Hypothesis, array_ops, rules_for, search
 from .images import ImageLimits, ImageLoadError, describe, open_image
 from .vocab import Vocabulary
 
@@ -145,19 +145,18 @@ class Captioner:
         with self._inference():
             return self.model.memory(features.to(self.device, torch.float32))
 
-    def encode(self, images, chunk: int = 8) -> torch.Tensor:
+    def encode(self, images, chunk: int = 8) -> torch.Tensor | np.ndarray:
         """RGB PIL images -> transformer memory (B, L, d_model), in fp32.
 
         The ResNet sees `chunk` images at a time: its activations are most of the peak memory (at
         224 px, 32 images at once is about 0.5 GB more than 8), for the same images per second.
+        Tensors or numpy arrays, as `transform` and `memory` give them (an export's are numpy).
         """
-        import torch
-
         parts = []
         for start in range(0, len(images), chunk):
-            x = torch.stack([self.transform(im) for im in images[start:start + chunk]])
-            parts.append(self.memory(images=x))
-        return torch.cat(parts)
+            x = [self.transform(im) for im in images[start:start + chunk]]
+            parts.append(self.memory(images=array_ops(x[0]).stack(x)))
+        return array_ops(parts[0]).concat(parts)
 
     def options(self, **options) -> DecodeOptions:
         """DecodeOptions from keyword arguments (unknown ones are a TypeError naming them), checked."""

@@ -138,6 +138,8 @@ class ArrayOps(Protocol):
 
     def stack(self, xs: list[Array]) -> Array: ...
 
+    def concat(self, xs: list[Array]) -> Array: ...                        # along the first axis
+
     def repeat_rows(self, x: Array, n: int) -> Array: ...                  # each row n times, side by side
 
     def pick(self, x: Array, index: Array) -> Array: ...                   # x[i, index[i]] of each row i
@@ -190,6 +192,10 @@ class NumpyOps:
     @staticmethod
     def stack(xs: list[np.ndarray]) -> np.ndarray:
         return np.stack(xs)
+
+    @staticmethod
+    def concat(xs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(xs)
 
     @staticmethod
     def repeat_rows(x: np.ndarray, n: int) -> np.ndarray:

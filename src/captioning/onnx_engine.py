@@ -181,8 +181,3 @@ class ExportCaptioner(Captioner):
         if features is not None or images is None:
             raise ValueError("an export's memory() takes images= only (cached features need the checkpoint)")
         return self.encoder.run(None, {"images": _array(images).astype(np.float32, copy=False)})[0]
-
-    def encode(self, images, chunk: int = 8) -> np.ndarray:
-        """RGB PIL images -> memory (B, L, d_model), fp32: Captioner.encode, on numpy arrays."""
-        return np.concatenate([self.memory(images=np.stack([self.transform(im) for im in images[i:i + chunk]]))
-                               for i in range(0, len(images), chunk)])

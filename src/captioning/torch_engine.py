@@ -133,6 +133,10 @@ class TorchOps:
         return torch.stack(xs)
 
     @staticmethod
+    def concat(xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(xs)
+
+    @staticmethod
     def repeat_rows(x: torch.Tensor, n: int) -> torch.Tensor:
         return x.repeat_interleave(n, 0)
 
