@@ -2,7 +2,7 @@
 import pytest
 
 from captioning.config import from_dict
-from captioning.shapes import build_shapes
+from captioning.data.shapes import build_shapes
 
 
 def tiny_config(data_dir, run_dir, *overrides):
@@ -21,7 +21,7 @@ def tiny_config(data_dir, run_dir, *overrides):
 
 def crash_after_first_mid_epoch_save(monkeypatch) -> None:
     """Make training raise KeyboardInterrupt right after it writes its first mid-epoch last.pt."""
-    import captioning.train as train
+    import captioning.train.run as train
     real_save = train.save_atomic
 
     def save_then_crash(obj, path):
@@ -39,5 +39,5 @@ def shapes_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(shapes_dir, tmp_path_factory):
     """A run directory trained for one epoch (the weights are barely trained: for plumbing tests)."""
-    from captioning.train import fit
+    from captioning.train.run import fit
     return fit(tiny_config(shapes_dir, tmp_path_factory.mktemp("runs") / "tiny", "train.epochs=1"), progress=False)

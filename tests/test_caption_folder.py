@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from captioning.images import expand_inputs
+from captioning.data.images import expand_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,8 @@ def test_caption_iter_gives_caption_s_results_in_order_across_batches(tiny_run, 
 
 
 def test_results_file_retries_failures_and_matches_long_inputs(tmp_path):
-    from captioning.captioner import CaptionResult, ResultsFile
+    from captioning.captioner import CaptionResult
+    from captioning.cli.results import ResultsFile
 
     long_url = "https://example.com/" + "x" * 300 + ".jpg"
     for suffix in (".jsonl", ".csv"):

@@ -96,9 +96,10 @@ def test_validation_batches_and_image_files_get_the_same_captions(tiny_run):
     import torch
 
     from captioning import load_checkpoint
-    from captioning.data import CaptionDataset, build_loader, load_splits, read_corpus
-    from captioning.metrics import score_captions
-    from captioning.train import val_cider
+    from captioning.data.corpus import load_splits, read_corpus
+    from captioning.data.dataset import CaptionDataset, build_loader
+    from captioning.eval.metrics import score_captions
+    from captioning.train.loop import val_cider
 
     model, vocab, cfg = load_checkpoint(tiny_run / "best.pt")
     corpus = read_corpus(cfg)

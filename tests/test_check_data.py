@@ -4,9 +4,9 @@ import json
 
 from PIL import Image
 
-from captioning.check import check_data, spread
-from captioning.cli import main
+from captioning.cli.main import main
 from captioning.config import from_dict
+from captioning.data.check import check_data, spread
 from test_readers import make_image
 
 ROWS = [  # image, caption: one of each problem
@@ -72,7 +72,7 @@ def test_check_data_exits_1_when_nothing_usable_is_left_and_still_writes_its_rep
 
 def test_check_data_refuses_an_out_file_in_a_missing_folder_before_opening_anything(tmp_path, capsys, monkeypatch):
     config = write_data(tmp_path)
-    monkeypatch.setattr("captioning.check.open_image", lambda *a: (_ for _ in ()).throw(AssertionError("opened")))
+    monkeypatch.setattr("captioning.data.check.open_image", lambda *a: (_ for _ in ()).throw(AssertionError("opened")))
     assert main(["check-data", "--config", str(config), "--out", str(tmp_path / "nope" / "check.json")]) == 2
     assert str(tmp_path / "nope") in capsys.readouterr().err
 
@@ -80,7 +80,7 @@ def test_check_data_refuses_an_out_file_in_a_missing_folder_before_opening_anyth
 def test_check_data_opens_images_in_threads_through_the_safe_loader(tmp_path, monkeypatch):
     import threading
 
-    from captioning import images
+    from captioning.data import images
 
     write_data(tmp_path)
     threads = set()
@@ -89,7 +89,7 @@ def test_check_data_opens_images_in_threads_through_the_safe_loader(tmp_path, mo
         threads.add(threading.get_ident())
         return images.open_image(source, *args)
 
-    monkeypatch.setattr("captioning.check.open_image", spy)
+    monkeypatch.setattr("captioning.data.check.open_image", spy)
     cfg = from_dict({"data": {"images": str(tmp_path / "photos"), "captions": str(tmp_path / "captions.csv")}})
     report = check_data(cfg, workers=3, progress=False)
     assert report["unreadable_images"] == ["broken.jpg", "truncated.png"]

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.checkpoint import (
+from captioning.config import from_dict
+from captioning.data.vocab import Vocabulary
+from captioning.model.caption_model import build_model
+from captioning.model.checkpoint import (
     load_checkpoint,
     model_checkpoint,
     read_checkpoint,
@@ -14,9 +17,6 @@ from captioning.checkpoint import (
     save_atomic,
     set_rng_state,
 )
-from captioning.config import from_dict
-from captioning.model import build_model
-from captioning.vocab import Vocabulary
 
 
 def _cfg():
@@ -86,8 +86,8 @@ def test_a_run_directory_of_version_0_1_still_loads_captions_and_resumes(tmp_pat
     import shutil
 
     from captioning import Captioner
-    from captioning.shapes import build_shapes
-    from captioning.train import resume
+    from captioning.data.shapes import build_shapes
+    from captioning.train.run import resume
 
     run = shutil.copytree(OLD_RUN, tmp_path / "run")
     data = build_shapes(tmp_path / "shapes", 48, seed=0, progress=False)   # the same images it was trained on

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from captioning.cli import main
+from captioning.cli.main import main
 from conftest import tiny_config
 
 
@@ -70,7 +70,7 @@ def test_evaluate_writes_the_report(tiny_run, tmp_path, capsys):
 
 
 def test_evaluate_reports_coco_metrics_and_matches_scoring_its_own_predictions(tiny_run, tmp_path, capsys):
-    from captioning.metrics import METRICS, score_captions
+    from captioning.eval.metrics import METRICS, score_captions
 
     out = tmp_path / "report.json"
     assert main(["evaluate", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(out), "--precision", "fp32"]) == 0
@@ -86,7 +86,7 @@ def test_evaluate_reports_coco_metrics_and_matches_scoring_its_own_predictions(t
 
 
 def test_evaluate_without_java_says_so_and_leaves_meteor_out(tiny_run, tmp_path, capsys, monkeypatch):
-    import captioning.metrics as metrics
+    import captioning.eval.metrics as metrics
 
     monkeypatch.setattr(metrics, "java_available", lambda: False)
     out = tmp_path / "report.json"
@@ -100,7 +100,7 @@ def test_evaluate_without_java_says_so_and_leaves_meteor_out(tiny_run, tmp_path,
 
 def test_extract_features_caches_every_image_once(shapes_dir, tmp_path, capsys):
     from captioning.config import save_config
-    from captioning.features import FeatureCache
+    from captioning.train.feature_cache import FeatureCache
 
     cfg = tiny_config(shapes_dir, tmp_path / "run", "model.train_backbone=false",
                       f"data.features_dir={tmp_path / 'features'}")

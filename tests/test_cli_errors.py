@@ -78,7 +78,7 @@ def test_weights_that_cannot_be_downloaded_say_where_to_put_them_and_how_to_go_w
     offline = ("import sys, urllib.error, torch.hub\n"
                "def refuse(*a, **k): raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')\n"
                "torch.hub.load_state_dict_from_url = refuse\n"
-               "from captioning.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+               "from captioning.cli.main import main\nsys.exit(main(sys.argv[1:]))\n")
     result = subprocess.run(
         [sys.executable, "-c", offline, "train", "--config", "configs/flickr30k.yaml", "--set", "data.format=csv",
          "--set", f"data.images={images}", "--set", f"data.captions={tmp_path / 'c.csv'}", "--set", "data.min_freq=1",
@@ -230,7 +230,7 @@ def test_help_teaches_what_it_is_with_an_example_of_each_command():
 
 @pytest.mark.parametrize("command", ["train", "caption", "evaluate", "extract-features", "shapes"])
 def test_every_option_has_help_text(command):
-    from captioning.cli import build_parser
+    from captioning.cli.main import build_parser
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
     for action in sub.choices[command]._actions:

@@ -433,7 +433,7 @@ def test_new_keys_good_values_are_accepted():
 
 
 def test_split_seed_changes_the_split_and_seed_does_not():
-    from captioning.data import Corpus, make_splits
+    from captioning.data.corpus import Corpus, make_splits
 
     corpus = Corpus(Path("/nonexistent"), {f"{i:05d}.jpg": [f"caption {i}"] for i in range(100)})
     fractions = ["data.val_fraction=0.1", "data.test_fraction=0.1"]

@@ -11,28 +11,23 @@ import torch
 from PIL import Image
 
 from captioning.config import from_dict, to_dict
-from captioning.data import (
+from captioning.data.corpus import Corpus, load_splits, make_splits, read_corpus, save_splits, split_images
+from captioning.data.dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Batch,
     CaptionDataset,
-    Corpus,
     EpochSampler,
     FeatureItem,
     Item,
     build_loader,
     build_transform,
     collate,
-    load_splits,
-    make_splits,
-    read_corpus,
-    read_csv,
-    read_flickr30k,
-    read_karpathy,
-    save_splits,
-    split_images,
 )
-from captioning.vocab import Vocabulary
+from captioning.data.readers.flickr30k import read_flickr30k
+from captioning.data.readers.karpathy import read_karpathy
+from captioning.data.readers.table import read_csv
+from captioning.data.vocab import Vocabulary
 
 HEADER = "image_name| comment_number| comment"
 KAGGLE_ROWS = [  # as they stand in the Kaggle results.csv
@@ -65,7 +60,8 @@ def config(tmp_path: Path, fmt: str, captions: Path, **data):
 
 
 def warnings_from(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "captioning.data"]
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and r.name.startswith("captioning.data")]
 
 
 def without_paths(message: str, *paths: Path) -> str:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from captioning.config import ModelConfig
-from captioning.decoding import beam_search, greedy
-from captioning.model import build_model
-from captioning.torch_engine import greedy_reference, init_cache, step
+from captioning.decode.search import beam_search, greedy
+from captioning.decode.torch_engine import greedy_reference
+from captioning.model.caption_model import build_model, init_cache, step
 
 V, PAD, BOS, EOS = 40, 0, 1, 2
 D, L = 64, 9

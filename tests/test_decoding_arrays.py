@@ -1,4 +1,4 @@
-"""The search on numpy arrays: decoding.py runs on whatever its engine returns (NumpyOps for ONNX Runtime's
+"""The search on numpy arrays: decode/search.py runs on whatever its engine returns (NumpyOps for ONNX Runtime's
 arrays, TorchOps for tensors) and gives the same captions either way; it never imports torch itself.
 
 `NumpyEngine` is the PyTorch engine seen through numpy (arrays in, arrays out), so the numpy path is held to
@@ -11,23 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.decoding import (
-    DecodeOptions,
-    DecoderCache,
-    NumpyOps,
-    Rules,
-    inverse_cdf,
-    search,
-)
-from captioning.torch_engine import TorchEngine, TorchOps
+from captioning.decode.arrays import NumpyOps
+from captioning.decode.draw import inverse_cdf
+from captioning.decode.rules import DecodeOptions, Rules
+from captioning.decode.search import search
+from captioning.decode.torch_ops import TorchOps
+from captioning.model.kv_cache import DecoderCache
 from test_decoding import BOS, EOS, PAD, POST_NORM, make_memory, make_model
 
 
 class NumpyEngine:
-    """TorchEngine with numpy arrays in and out: the search sees what OrtEngine gives it."""
+    """The PyTorch model as an engine, with numpy arrays in and out: the search sees what OrtEngine gives it."""
 
     def __init__(self, model):
-        self.torch, self.pad_id = TorchEngine(model), model.pad_id
+        self.torch, self.pad_id = model, model.pad_id
 
     def init_cache(self, memory, group=1):
         cache = self.torch.init_cache(torch.from_numpy(memory), group)
@@ -109,24 +106,14 @@ def test_the_inverse_cdf_draws_by_probability_never_a_word_of_probability_zero()
 
 
 def test_the_search_the_captioner_and_the_package_import_no_torch():
-    code = ("import sys, captioning, captioning.decoding, captioning.captioner, captioning.onnx_engine; "
+    code = ("import sys, captioning, captioning.decode.search, captioning.captioner, captioning.decode.onnx_engine; "
             "print('torch' in sys.modules, captioning.CaptionModel.__name__, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "CaptionModel", "True"], out       # the names that need torch import it when used
 
 
-def test_the_torch_engines_functions_still_import_from_decoding():
-    from captioning import decoding, torch_engine
-
-    for name in decoding.MOVED_TO_TORCH_ENGINE:
-        with pytest.warns(DeprecationWarning, match=f"captioning.torch_engine.{name}"):
-            assert getattr(decoding, name) is getattr(torch_engine, name)
-    with pytest.raises(AttributeError, match="no_such_name"):
-        decoding.no_such_name  # noqa: B018
-
-
 def test_an_empty_batch_gives_no_hypotheses_on_either_kind_of_array(model):
-    from captioning.decoding import beam_search_hypotheses, sample_or_greedy
+    from captioning.decode.search import beam_search_hypotheses, sample_or_greedy
 
     memory = make_memory(0)
     for engine, x in ((model, memory), (NumpyEngine(model), memory.numpy())):

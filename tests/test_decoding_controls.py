@@ -4,17 +4,9 @@ captions differ across images and end at different lengths."""
 import pytest
 import torch
 
-from captioning.decoding import (
-    AttentionSpec,
-    DecodeOptions,
-    Rules,
-    beam_search_hypotheses,
-    greedy,
-    rules_for,
-    sample_or_greedy,
-    search,
-)
-from captioning.torch_engine import init_cache, step
+from captioning.decode.rules import AttentionSpec, DecodeOptions, Rules, rules_for
+from captioning.decode.search import beam_search_hypotheses, greedy, sample_or_greedy, search
+from captioning.model.caption_model import init_cache, step
 from test_decoding import BOS, EOS, PAD, POST_NORM, V, make_memory, make_model
 
 WORDS = {f"w{i}": i for i in range(8, V)} | {"a": 5, "the": 6, "of": 7}     # ids 5..7 read as function words

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from captioning import load_checkpoint
-from captioning.checkpoint import read_checkpoint
 from captioning.config import save_config
-from captioning.data import load_splits
-from captioning.model import build_model
+from captioning.data.corpus import load_splits
+from captioning.model.caption_model import build_model
+from captioning.model.checkpoint import read_checkpoint
 from conftest import tiny_config
 
 pytestmark = pytest.mark.slow

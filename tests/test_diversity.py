@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from captioning.diversity import copied_share, distinct_n, diversity, mbleu4, vocabulary
-from captioning.shapes import pointing_game
+from captioning.data.shapes import pointing_game
+from captioning.eval.diversity import copied_share, distinct_n, diversity, mbleu4, vocabulary
 
 
 def test_distinct_n_vocabulary_and_copies():
@@ -37,7 +37,7 @@ def test_pointing_game_hits_where_the_peak_is_inside_the_named_objects_box():
 
 @pytest.mark.slow
 def test_evaluate_reports_diversity_pointing_and_mbleu(tiny_run, tmp_path):
-    from captioning.evaluate import evaluate
+    from captioning.eval.evaluate import evaluate
     report = evaluate(tiny_run / "best.pt", precision="fp32", progress=False, java=False, beam_size=3,
                       num_captions=3, out=tmp_path / "r.json")
     metrics = report["metrics"]

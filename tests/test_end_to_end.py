@@ -8,8 +8,8 @@ import pytest
 
 from captioning import Captioner
 from captioning.config import load_config
-from captioning.shapes import accuracy, build_shapes, load_ground_truth
-from captioning.train import fit
+from captioning.data.shapes import accuracy, build_shapes, load_ground_truth
+from captioning.train.run import fit
 
 pytestmark = pytest.mark.slow
 IMAGES, EPOCHS = 1500, 6

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from captioning import Captioner
-from captioning.cli import main
+from captioning.cli.main import main
 
 needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or
                                importlib.util.find_spec("onnx") is None,
@@ -24,7 +24,7 @@ needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None o
 @pytest.fixture(scope="module")
 def exports(tiny_run, tmp_path_factory):
     """The tiny trained run exported twice: fp32 and int8."""
-    from captioning.export import export
+    from captioning.decode.export import export
     root = tmp_path_factory.mktemp("exports")
     for quantize in (None, "int8"):
         export(tiny_run / "best.pt", root / (quantize or "fp32"), quantize)
@@ -86,9 +86,9 @@ def test_the_int8_export_quantizes_the_decoder_only_and_keeps_most_captions(tiny
 
 def test_a_shortlisted_step_rescores_its_best_words_with_the_exact_weights(tiny_run):
     """_Step's shortlist: whatever the (quantized) output layer gives, its k best words get the fp32 logits."""
-    from captioning.checkpoint import load_checkpoint
-    from captioning.export import _Step
-    from captioning.torch_engine import init_cache
+    from captioning.decode.export import _Step
+    from captioning.model.caption_model import init_cache
+    from captioning.model.checkpoint import load_checkpoint
 
     model, _, cfg = load_checkpoint(tiny_run / "best.pt")
     model, size, exact = model.float().eval(), cfg.data.image_size, _Step(model)
@@ -109,7 +109,7 @@ def test_a_shortlisted_step_rescores_its_best_words_with_the_exact_weights(tiny_
 @needs_ort
 def test_the_preprocessing_without_torchvision_is_build_transforms(exports, images):
 
-    from captioning.data import build_transform
+    from captioning.data.dataset import build_transform
     onnx = Captioner.from_export(exports / "fp32")
     for image in (Image.open(images[0]).convert("RGB"), Image.new("RGB", (500, 375), (200, 30, 90))):
         ours = torch.from_numpy(onnx.transform(image))
@@ -118,7 +118,7 @@ def test_the_preprocessing_without_torchvision_is_build_transforms(exports, imag
 
 @needs_ort
 def test_a_failed_check_leaves_nothing_behind(tiny_run, tmp_path, monkeypatch):
-    from captioning import export as export_module
+    from captioning.decode import export as export_module
     monkeypatch.setitem(export_module.TOLERANCE, None, -1.0)
     with pytest.raises(export_module.ExportCheckError, match="nothing was written"):
         export_module.export(tiny_run / "best.pt", tmp_path / "out")
@@ -167,7 +167,7 @@ def test_captioning_from_an_export_imports_neither_torch_nor_torchvision_nor_pan
             f"c = Captioner.from_export({str(exports / 'int8')!r}); print(c({str(images[0])!r}) != ''); "
             f"c.caption([{str(images[1])!r}], beam_size=2, attention=True); "
             f"c.caption([{str(images[1])!r}], temperature=1.0, top_p=0.9, seed=0); "
-            "from captioning.cli import main; "
+            "from captioning.cli.main import main; "
             f"assert main(['caption', '--model', {str(exports / 'int8')!r}, {str(images[2])!r}]) == 0; "
             "print(sorted(m for m in ('torch', 'torchvision', 'pandas', 'matplotlib') if m in sys.modules))")
     lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
@@ -188,7 +188,7 @@ def test_export_without_onnx_says_what_to_install(tiny_run, tmp_path, monkeypatc
 def test_an_int8_export_on_too_old_an_onnxruntime_says_what_to_upgrade(exports, monkeypatch):
     import onnxruntime
 
-    from captioning.onnx_engine import ExportError
+    from captioning.decode.onnx_engine import ExportError
     monkeypatch.setattr(onnxruntime, "__version__", "1.21.1")
     with pytest.raises(ExportError, match=r"need onnxruntime 1.22 or newer .* this is 1.21.1: pip install -U"):
         Captioner.from_export(exports / "int8")

@@ -12,11 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioning.data import CaptionDataset, build_loader, build_transform, collate, read_corpus
-from captioning.features import FeatureCache, FeatureDataset, build_encoder, cache_key, extract_features
-from captioning.images import open_image
-from captioning.model import Encoder, build_model
-from captioning.vocab import Vocabulary
+from captioning.data.corpus import read_corpus
+from captioning.data.dataset import CaptionDataset, build_loader, build_transform, collate
+from captioning.data.images import open_image
+from captioning.data.vocab import Vocabulary
+from captioning.model.backbone import Encoder
+from captioning.model.caption_model import build_model
+from captioning.train.feature_cache import FeatureCache, FeatureDataset, build_encoder, cache_key
+from captioning.train.features import extract_features
 from conftest import tiny_config
 
 # stride 8 at 32 px: a 4x4 grid of resnet18's 128 layer2 channels
@@ -222,7 +225,7 @@ def test_onnx_runtime_extracts_the_features_pytorch_does(shapes_dir, tmp_path):
 
 def slowed(monkeypatch, engine: str, seconds: float = 0.05) -> list:
     """Make one engine of features._Extractor `seconds` slower an image; returns the batch sizes each call got."""
-    from captioning import features
+    from captioning.train import features
     owner, name = (features._Extractor, "_torch") if engine == "torch" else (features._OrtEncoder, "__call__")
     original, calls = getattr(owner, name), []
 
@@ -238,14 +241,14 @@ def slowed(monkeypatch, engine: str, seconds: float = 0.05) -> list:
 @pytest.mark.parametrize("slow", ["torch", "onnxruntime"])
 def test_auto_times_both_engines_on_the_first_batch_and_keeps_the_faster(shapes_dir, tmp_path, monkeypatch, caplog,
                                                                         slow):
-    from captioning import features
+    from captioning.train import features
     cfg, corpus, names = setup(shapes_dir, tmp_path)
     names = names[:40]
     few = extract_features(cfg, names, corpus.images_dir, tmp_path / "few", batch_size=16, **FP32)
     assert few.meta["engine"]["engine"] == "torch" and "fewer than the 512" in few.meta["engine"]["why"]
     monkeypatch.setattr(features, "PROBE_MIN_IMAGES", 40)
     calls = slowed(monkeypatch, slow)
-    with caplog.at_level("INFO", logger="captioning.features"):
+    with caplog.at_level("INFO", logger="captioning.train.features"):
         auto = extract_features(cfg, names, corpus.images_dir, tmp_path / "auto", batch_size=16, **FP32)
     faster = {"torch": "onnxruntime", "onnxruntime": "torch"}[slow]
     choice = auto.meta["engine"]
@@ -260,7 +263,7 @@ def test_auto_times_both_engines_on_the_first_batch_and_keeps_the_faster(shapes_
 
 @needs_ort
 def test_a_first_batch_too_small_to_time_and_a_resumed_cache_keep_one_engine(shapes_dir, tmp_path, monkeypatch):
-    from captioning import features
+    from captioning.train import features
     cfg, corpus, names = setup(shapes_dir, tmp_path)
     names = names[:20]
     monkeypatch.setattr(features, "PROBE_MIN_IMAGES", 1)
@@ -287,11 +290,11 @@ def test_a_first_batch_too_small_to_time_and_a_resumed_cache_keep_one_engine(sha
 
 @needs_ort
 def test_a_wrong_export_is_refused_and_auto_goes_on_in_pytorch(shapes_dir, tmp_path, monkeypatch, caplog):
-    from captioning import features
+    from captioning.train import features
     cfg, corpus, names = setup(shapes_dir, tmp_path)
     names = names[:20]
     monkeypatch.setattr(features, "PROBE_MIN_IMAGES", 1)
-    real_load = __import__("captioning.onnx_engine", fromlist=["load_session"]).load_session
+    real_load = __import__("captioning.decode.onnx_engine", fromlist=["load_session"]).load_session
 
     class Off:                                   # an exporter or runtime that gets the numbers wrong
         def __init__(self, path, threads=None):
@@ -300,10 +303,10 @@ def test_a_wrong_export_is_refused_and_auto_goes_on_in_pytorch(shapes_dir, tmp_p
         def run(self, outputs, feeds):
             return [2 * a for a in self.session.run(outputs, feeds)]
 
-    monkeypatch.setattr("captioning.onnx_engine.load_session", Off)
+    monkeypatch.setattr("captioning.decode.onnx_engine.load_session", Off)
     with pytest.raises(RuntimeError, match="exported to ONNX gives features 1 of the largest away"):
         extract_features(cfg, names, corpus.images_dir, tmp_path / "ort", engine="onnxruntime", **FP32)
-    with caplog.at_level("WARNING", logger="captioning.features"):
+    with caplog.at_level("WARNING", logger="captioning.train.features"):
         auto = extract_features(cfg, names, corpus.images_dir, tmp_path / "auto", **FP32)
     assert auto.meta["engine"]["engine"] == "torch" and "exported to ONNX" in auto.meta["engine"]["why"]
     assert "PyTorch extracts" in caplog.text
@@ -313,7 +316,7 @@ def test_a_wrong_export_is_refused_and_auto_goes_on_in_pytorch(shapes_dir, tmp_p
 
     def fails(path, threads=None):
         raise InvalidGraph("[ONNXRuntimeError] : 10 : INVALID_GRAPH")
-    monkeypatch.setattr("captioning.onnx_engine.load_session", fails)
+    monkeypatch.setattr("captioning.decode.onnx_engine.load_session", fails)
     auto = extract_features(cfg, names, corpus.images_dir, tmp_path / "auto2", **FP32)
     assert auto.meta["engine"]["engine"] == "torch" and "INVALID_GRAPH" in auto.meta["engine"]["why"]
 

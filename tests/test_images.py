@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.images import ImageLimits, ImageLoadError, describe, open_image
+from captioning.data.images import ImageLimits, ImageLoadError, describe, open_image
 
 RED, WHITE = (255, 0, 0), (255, 255, 255)
 

@@ -22,9 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning import data
-from captioning.data import CaptionDataset, Corpus, build_loader
-from captioning.vocab import Vocabulary
+from captioning.data import dataset as data
+from captioning.data.corpus import Corpus
+from captioning.data.dataset import CaptionDataset, build_loader
+from captioning.data.vocab import Vocabulary
 
 IMAGES, CAPTIONS, WORDS = 30_000, 5, 12
 MAX_GROWTH_MB = 8       # per worker over the epoch; lists of tensors grow by tens of MB

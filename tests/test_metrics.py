@@ -10,7 +10,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from captioning.metrics import METRICS, java_available, score_captions, tokenize
+from captioning.eval.metrics import METRICS, java_available, score_captions, tokenize
 
 needs_java = pytest.mark.skipif(not java_available(), reason="`java -version` does not run: no Java installed")
 
@@ -109,7 +109,7 @@ def test_without_java_meteor_is_none_and_noted():
 
 
 def test_no_java_installed(monkeypatch):
-    monkeypatch.setattr("captioning.metrics.java_available", lambda: False)
+    monkeypatch.setattr("captioning.eval.metrics.java_available", lambda: False)
     scores, notes = score_captions(PREDICTIONS, REFERENCES)
     assert scores["METEOR"] is None and any("Java is not available" in n for n in notes)
     with pytest.raises(RuntimeError, match="java=True"):

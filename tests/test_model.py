@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from captioning.config import ModelConfig, load_config
-from captioning.model import Encoder, PositionalEncoding, build_model, count_parameters, grid_encoding
+from captioning.model.backbone import Encoder
+from captioning.model.caption_model import build_model, count_parameters
+from captioning.model.layers import PositionalEncoding, grid_encoding
 
 V = 50
 

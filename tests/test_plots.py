@@ -4,7 +4,7 @@ import matplotlib
 matplotlib.use("Agg")
 from PIL import Image  # noqa: E402
 
-from captioning.plots import plot_history, show_captions  # noqa: E402
+from captioning.eval.plots import plot_history, show_captions  # noqa: E402
 
 
 def test_show_captions_draws_each_image_with_its_caption():

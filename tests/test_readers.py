@@ -9,15 +9,11 @@ import pytest
 from PIL import Image
 
 from captioning.config import ConfigError, from_dict
-from captioning.data import (
-    detect_format,
-    find_missing,
-    make_splits,
-    read_captions,
-    read_coco,
-    read_corpus,
-    read_karpathy,
-)
+from captioning.data.check import summary_line
+from captioning.data.corpus import find_missing, make_splits, read_corpus
+from captioning.data.readers import detect_format, read_captions
+from captioning.data.readers.coco import read_coco
+from captioning.data.readers.karpathy import read_karpathy
 
 
 def make_image(path: Path, size=(40, 30), colour=(200, 30, 30)) -> Path:
@@ -98,7 +94,7 @@ def own_config(root: Path, captions: Path, fmt: str | None = None, **data):
 
 
 def chosen(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "captioning.data" and "read as data.format" in
+    return [r.getMessage() for r in caplog.records if r.name.startswith("captioning.data") and "read as data.format" in
             r.getMessage()]
 
 
@@ -129,7 +125,7 @@ def test_coco_config_reads_relative_paths_and_names_a_missing_image(tmp_path, ca
     assert "val2017/000000000105.jpg" in warning and "1 of 16" in warning
     splits = make_splits(corpus, cfg)
     assert sum(map(len, splits.values())) == 15 and "val2017/000000000105.jpg" not in sum(splits.values(), [])
-    assert any(r.getMessage().startswith("data: 15 images") for r in caplog.records)   # the summary before training
+    assert summary_line(corpus, cfg).startswith("data: 15 images (1 missing)")   # logged before training
 
 
 def test_coco_annotation_of_an_unknown_image_is_skipped_and_named(tmp_path):
@@ -304,7 +300,7 @@ def test_find_missing_lists_each_folder_once_and_knows_relative_paths(tmp_path, 
         make_image(tmp_path / name)
     listed = []
     real = __import__("os").listdir
-    monkeypatch.setattr("captioning.data.os.listdir", lambda p: listed.append(Path(p)) or real(p))
+    monkeypatch.setattr("captioning.data.corpus.os.listdir", lambda p: listed.append(Path(p)) or real(p))
     names = ["a/1.jpg", "a/2.jpg", "a/b/3.jpg", "a/b/gone.jpg", "top.jpg", "nowhere/x.jpg", "a/1.jpg"]
     assert find_missing(tmp_path, names) == ["a/b/gone.jpg", "nowhere/x.jpg"]
     assert sorted(listed) == sorted([tmp_path, tmp_path / "a", tmp_path / "a/b", tmp_path / "nowhere"])

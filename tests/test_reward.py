@@ -3,8 +3,8 @@ frequencies: the reward of self-critical training must be the metric it is repor
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from captioning.reward import CiderD
-from captioning.vocab import Vocabulary
+from captioning.data.vocab import Vocabulary
+from captioning.train.reward import CiderD
 
 UNK = 3
 REFERENCES = {  # image -> token ids of its reference captions

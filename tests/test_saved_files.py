@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from captioning import Captioner
-from captioning.shapes import build_shapes
+from captioning.data.shapes import build_shapes
 
 SAVED = Path(__file__).parent / "data" / "v0_2"
 MODES = {"greedy": {}, "beam3": {"beam_size": 3, "num_captions": 2},

@@ -5,9 +5,9 @@ import logging
 
 import pytest
 
-from captioning.cli import main
-from captioning.evaluate import score
-from captioning.metrics import score_captions
+from captioning.cli.main import main
+from captioning.eval.evaluate import score
+from captioning.eval.metrics import score_captions
 from test_readers import write_coco
 
 REFERENCES = {  # image -> (split, captions)
@@ -24,7 +24,7 @@ PREDICTIONS = {"a/dog.jpg": "a dog runs on the grass", "a/cat.jpg": "a cat on a 
 @pytest.fixture
 def no_java(monkeypatch):
     """Score without Java (the pure-Python tokenizer, METEOR None): seconds faster per call."""
-    monkeypatch.setattr("captioning.metrics.java_available", lambda: False)
+    monkeypatch.setattr("captioning.eval.metrics.java_available", lambda: False)
 
 
 def write_references(path, with_split=True):
@@ -48,7 +48,7 @@ def expected(predictions, names, java=False):
 @pytest.mark.parametrize("java", [False, pytest.param(None, marks=pytest.mark.slow)])
 def test_score_prints_and_writes_what_score_captions_computes(tmp_path, capsys, monkeypatch, java):
     if java is False:
-        monkeypatch.setattr("captioning.metrics.java_available", lambda: False)
+        monkeypatch.setattr("captioning.eval.metrics.java_available", lambda: False)
     refs, out = write_references(tmp_path / "refs.csv"), tmp_path / "score.json"
     preds = write_jsonl(tmp_path / "preds.jsonl", PREDICTIONS)
     assert main(["score", "--predictions", str(preds), "--references", str(refs), "--split", "test",
@@ -86,14 +86,14 @@ def test_the_three_prediction_layouts_give_the_same_scores_on_coco_references(tm
 
 
 def read_refs(annotations):
-    from captioning.data import read_coco
+    from captioning.data.readers.coco import read_coco
     return read_coco(annotations)[0]
 
 
 def test_images_on_one_side_only_are_warned_about_and_the_rest_scored(tmp_path, caplog, no_java):
     refs = write_references(tmp_path / "refs.csv", with_split=False)
     preds = write_jsonl(tmp_path / "p.jsonl", {**PREDICTIONS, "z/unknown.jpg": "a thing"})
-    with caplog.at_level(logging.WARNING, logger="captioning.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="captioning.eval.evaluate"):
         report = score(preds, refs, java=False)
     assert report["metrics"] == {"images": 4, **expected(PREDICTIONS, list(PREDICTIONS))}
     assert report["unscored"] == {"predictions_without_references": ["z/unknown.jpg"],
@@ -138,7 +138,7 @@ def test_an_evaluate_report_can_be_scored_again(tmp_path, no_java):
 @pytest.mark.slow
 def test_score_of_a_runs_predictions_equals_its_evaluate_report(tiny_run, tmp_path, no_java):
     from captioning.config import load_config
-    from captioning.evaluate import evaluate
+    from captioning.eval.evaluate import evaluate
 
     report = evaluate(tiny_run / "best.pt", split="test", out=tmp_path / "eval.json", java=False, progress=False)
     preds = tmp_path / "preds.jsonl"

@@ -3,9 +3,10 @@ the better-rewarded captions likelier."""
 import pytest
 import torch
 
-from captioning.decoding import Rules, Sampling, sample_or_greedy
-from captioning.reward import CiderD
-from captioning.scst import advantages, caption_tokens, scst_loss, sequence_logprobs
+from captioning.decode.rules import Rules, Sampling
+from captioning.decode.search import sample_or_greedy
+from captioning.train.reward import CiderD
+from captioning.train.scst import advantages, caption_tokens, scst_loss, sequence_logprobs
 from test_decoding import BOS, EOS, PAD, POST_NORM, make_memory, make_model
 
 

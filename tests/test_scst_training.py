@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from captioning.checkpoint import read_checkpoint
 from captioning.config import ConfigError
-from captioning.train import NonFiniteLossError, fit
-from captioning.vocab import Vocabulary
+from captioning.data.vocab import Vocabulary
+from captioning.model.checkpoint import read_checkpoint
+from captioning.train.loop import NonFiniteLossError
+from captioning.train.run import fit
 from conftest import crash_after_first_mid_epoch_save, tiny_config
 
 SCST = ("train.objective=scst", "train.monitor=cider", "scst.samples=3", "scst.max_words=8", "train.lr=1e-4",
@@ -93,7 +94,7 @@ def test_scst_config_errors_name_the_key(shapes_dir, tiny_run, tmp_path):
 
 
 def test_scst_non_finite_loss_stops_without_a_checkpoint(shapes_dir, tiny_run, tmp_path, monkeypatch):
-    import captioning.scst as scst
+    import captioning.train.scst as scst
 
     real = scst.policy_loss
     monkeypatch.setattr(scst, "policy_loss", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
@@ -112,7 +113,7 @@ def test_scst_on_cached_features(shapes_dir, tmp_path):
 
 
 def test_plateau_schedule_drops_by_gamma_after_each_evaluation_without_improvement():
-    from captioning.train import TrainState, lr_factor
+    from captioning.train.loop import TrainState, lr_factor
 
     cfg = tiny_config.__globals__["from_dict"]({"train": {"scheduler": "plateau", "gamma": 0.5}}, check_paths=False)
     state = TrainState()
@@ -132,8 +133,8 @@ def test_scst_under_bf16_autocast(shapes_dir, tiny_run, tmp_path):
 
 
 def test_reference_words_outside_the_vocabulary_match_no_sample():
-    from captioning.reward import CiderD
-    from captioning.scst import reference_ids
+    from captioning.train.reward import CiderD
+    from captioning.train.scst import reference_ids
 
     vocab = Vocabulary.build(["a red circle"], min_freq=1)
     dataset = type("D", (), {"names": ["x.png"], "references": [["a zebra circle", "a red zebra"]]})()
@@ -164,7 +165,7 @@ def test_init_from_a_run_directory_without_splits_warns_and_makes_them(shapes_di
 def test_a_resumed_run_loads_its_weights_before_the_feature_cache_checks_them(shapes_dir, tmp_path, monkeypatch):
     """A pretrained encoder is built without its download on resume (the checkpoint holds it): its weights must
     be the checkpoint's before the cache compares them. Simulated: the encoder's fresh weights differ."""
-    import captioning.train as train
+    import captioning.train.run as train
 
     frozen = ("model.train_backbone=false", f"data.features_dir={tmp_path / 'features'}", "train.cache_features=true")
     run = fit(tiny_config(shapes_dir, tmp_path / "run", *frozen, "train.epochs=1"), progress=False)

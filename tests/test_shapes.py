@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.data import read_flickr30k
-from captioning.shapes import (
+from captioning.data.readers.flickr30k import read_flickr30k
+from captioning.data.shapes import (
     CANVAS,
     COLORS,
     GROUND_TRUTH,

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from captioning import study as study_module
 from captioning.config import ConfigError, save_config
-from captioning.study import format_summary, load_study, locate, run_study, summarize
+from captioning.train import study as study_module
+from captioning.train.study import format_summary, load_study, locate, run_study, summarize
 from conftest import tiny_config
 
 

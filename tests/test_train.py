@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from captioning import load_checkpoint
-from captioning.checkpoint import read_checkpoint
-from captioning.train import NonFiniteLossError, fit
+from captioning.model.checkpoint import read_checkpoint
+from captioning.train.loop import NonFiniteLossError
+from captioning.train.run import fit
 from conftest import crash_after_first_mid_epoch_save, tiny_config
 
 
@@ -35,7 +36,7 @@ def test_run_directory_holds_everything(shapes_dir, tmp_path):
 
 
 def test_monitor_cider_picks_best_pt_by_validation_cider(shapes_dir, tmp_path, monkeypatch):
-    import captioning.train as train
+    import captioning.train.run as train
 
     scores = iter([0.2, 0.5])               # the val CIDEr of the epochs it is computed on
 
@@ -53,8 +54,9 @@ def test_monitor_cider_picks_best_pt_by_validation_cider(shapes_dir, tmp_path, m
 
 
 def test_val_cider_scores_greedy_captions_of_the_val_split(tiny_run):
-    from captioning.data import CaptionDataset, load_splits, read_corpus
-    from captioning.train import val_cider
+    from captioning.data.corpus import load_splits, read_corpus
+    from captioning.data.dataset import CaptionDataset
+    from captioning.train.loop import val_cider
 
     model, vocab, cfg = load_checkpoint(tiny_run / "best.pt")
     corpus = read_corpus(cfg)
@@ -63,7 +65,7 @@ def test_val_cider_scores_greedy_captions_of_the_val_split(tiny_run):
     score = val_cider(model, dataset, vocab, cfg, "fp32", torch.device("cpu"))
     assert 0.0 <= score < 10.0
     # scoring the references themselves (one held out as the prediction) is far above a barely trained model
-    from captioning.metrics import score_captions
+    from captioning.eval.metrics import score_captions
     refs = {n: corpus.captions[n] for n in names}
     perfect = score_captions({n: c[0] for n, c in refs.items()}, refs, metrics=("CIDEr",))[0]["CIDEr"]
     assert perfect > score
@@ -89,7 +91,7 @@ def test_resume_ends_where_an_unbroken_run_ends(shapes_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_without_a_checkpoint(shapes_dir, tmp_path, monkeypatch):
-    import captioning.train as train
+    import captioning.train.loop as train
 
     real = train.caption_loss
 
@@ -103,10 +105,11 @@ def test_non_finite_loss_stops_without_a_checkpoint(shapes_dir, tmp_path, monkey
 
 
 def test_one_batch_overfits(shapes_dir):
-    from captioning.data import CaptionDataset, collate, read_corpus
-    from captioning.model import build_model
-    from captioning.train import caption_loss
-    from captioning.vocab import Vocabulary
+    from captioning.data.corpus import read_corpus
+    from captioning.data.dataset import CaptionDataset, collate
+    from captioning.data.vocab import Vocabulary
+    from captioning.model.caption_model import build_model
+    from captioning.train.loop import caption_loss
 
     torch.manual_seed(0)
     cfg = tiny_config(shapes_dir, "unused", "model.dropout=0.0")
@@ -231,12 +234,12 @@ def test_fp16_needs_cuda(shapes_dir, tmp_path):
 # --- TrainState ---------------------------------------------------------------------------------
 
 def _state(**kwargs):
-    from captioning.train import TrainState
+    from captioning.train.loop import TrainState
     return TrainState(**kwargs)
 
 
 def test_train_state_round_trips_through_its_state_dict():
-    from captioning.train import TrainState
+    from captioning.train.loop import TrainState
 
     history = [{"epoch": 1, "train_loss": 2.5, "val_loss": 2.4, "val_cider": "", "lr": 1e-3, "seconds": 3.0}]
     state = _state(epoch=3, step=42, batch=5, loss_sum=12.5, tokens=250, history=history, best=1.75, bad_epochs=2,
@@ -260,7 +263,7 @@ def test_train_state_round_trips_through_its_state_dict():
 
 
 def test_train_state_without_a_best_value_round_trips():
-    from captioning.train import TrainState
+    from captioning.train.loop import TrainState
 
     state = _state(epoch=1, step=6)
     saved = state.state_dict()
@@ -271,7 +274,7 @@ def test_train_state_without_a_best_value_round_trips():
 
 
 def test_train_state_loads_an_old_checkpoint_without_batch_or_totals():
-    from captioning.train import TrainState
+    from captioning.train.loop import TrainState
 
     old = {"epoch": 4, "step": 40, "history": [{"epoch": e} for e in range(1, 5)], "best_val": 2.0, "bad_epochs": 1,
            "model": {}, "optimizer": {}}
@@ -336,7 +339,7 @@ def _sgd(lr=1e-3):
 
 
 def test_default_schedule_is_exponential_lr_stepped_once_per_epoch():
-    from captioning.train import build_scheduler
+    from captioning.train.loop import build_scheduler
 
     cfg = _cfg("train.lr=1e-3", "train.gamma=0.9", "train.epochs=3")
     assert (cfg.train.scheduler, cfg.train.warmup_steps) == ("exponential", 0)        # the defaults
@@ -350,7 +353,7 @@ def test_default_schedule_is_exponential_lr_stepped_once_per_epoch():
 
 
 def test_warmup_ramps_linearly_then_follows_the_schedule():
-    from captioning.train import build_scheduler
+    from captioning.train.loop import build_scheduler
 
     lr, warmup, per_epoch = 1e-3, 6, 4
     cfg = _cfg(f"train.lr={lr}", "train.gamma=0.5", "train.epochs=4", f"train.warmup_steps={warmup}")
@@ -365,7 +368,7 @@ def test_warmup_ramps_linearly_then_follows_the_schedule():
 
 
 def test_cosine_decays_to_zero_and_is_monotone_after_warmup():
-    from captioning.train import build_scheduler
+    from captioning.train.loop import build_scheduler
 
     lr, warmup, per_epoch, epochs = 1e-3, 5, 4, 5
     cfg = _cfg(f"train.lr={lr}", "train.scheduler=cosine", f"train.epochs={epochs}", f"train.warmup_steps={warmup}")
@@ -386,8 +389,8 @@ def test_cosine_decays_to_zero_and_is_monotone_after_warmup():
 
 
 def test_build_optimizer_adam_or_adamw_with_weight_decay():
-    from captioning.model import build_model
-    from captioning.train import build_optimizer
+    from captioning.model.caption_model import build_model
+    from captioning.train.loop import build_optimizer
 
     small = ("model.backbone=resnet18", "model.pretrained=false", "model.d_model=32", "model.num_heads=4",
              "model.num_encoder_layers=1", "model.num_decoder_layers=1", "model.dim_feedforward=64",
@@ -406,7 +409,7 @@ def test_build_optimizer_adam_or_adamw_with_weight_decay():
 
 def test_old_exponential_lr_state_continues_with_the_old_runs_lr():
     """last.pt from before build_scheduler: ExponentialLR's state after 2 epochs of 4 steps."""
-    from captioning.train import build_scheduler, load_scheduler_state
+    from captioning.train.loop import build_scheduler, load_scheduler_state
 
     lr, gamma, per_epoch = 1e-3, 0.8, 4
     old_opt = _sgd(lr)
@@ -435,9 +438,10 @@ def test_old_exponential_lr_state_continues_with_the_old_runs_lr():
 
 @pytest.fixture(scope="module")
 def four_images(shapes_dir):
-    from captioning.data import CaptionDataset, collate, read_corpus
-    from captioning.model import build_model
-    from captioning.vocab import Vocabulary
+    from captioning.data.corpus import read_corpus
+    from captioning.data.dataset import CaptionDataset, collate
+    from captioning.data.vocab import Vocabulary
+    from captioning.model.caption_model import build_model
 
     torch.manual_seed(0)
     cfg = tiny_config(shapes_dir, "unused", "model.dropout=0.0")
@@ -452,7 +456,7 @@ def four_images(shapes_dir):
 def test_caption_loss_is_cross_entropy_and_label_smoothing_changes_it(four_images):
     import torch.nn.functional as F
 
-    from captioning.train import caption_loss
+    from captioning.train.loop import caption_loss
 
     model, _, batch, vocab = four_images
     cpu = torch.device("cpu")
@@ -471,8 +475,9 @@ def test_caption_loss_is_cross_entropy_and_label_smoothing_changes_it(four_image
 
 
 def test_label_smoothing_reaches_the_training_loss_only(four_images, monkeypatch):
-    import captioning.train as train
-    from captioning.data import build_loader
+    import captioning.train.loop as train
+    from captioning.data.dataset import build_loader
+    from captioning.model.caption_model import build_model
 
     model, dataset, _, vocab = four_images
     seen = []
@@ -482,7 +487,7 @@ def test_label_smoothing_reaches_the_training_loss_only(four_images, monkeypatch
         seen.append(label_smoothing)
         return real(model, batch, precision, device, label_smoothing)
     monkeypatch.setattr(train, "caption_loss", spy)
-    net = train.build_model(dataclasses.replace(model.cfg, train_backbone=False), len(vocab), vocab.pad)   # fast
+    net = build_model(dataclasses.replace(model.cfg, train_backbone=False), len(vocab), vocab.pad)   # fast
     cfg = _cfg("train.lr=1e-4")
     optimizer = train.build_optimizer(cfg, net)
     loader = build_loader(dataset, batch_size=2, shuffle=True, num_workers=0, pad_id=vocab.pad)
@@ -510,7 +515,7 @@ def test_train_or_resume_of_a_finished_run_returns_at_once(tiny_run, caplog):
     import logging
 
     from captioning.config import from_dict
-    from captioning.train import train_or_resume
+    from captioning.train.run import train_or_resume
 
     last = tiny_run / "last.pt"
     before = (last.stat().st_mtime_ns, read_checkpoint(last)["step"])
@@ -558,7 +563,7 @@ def test_resume_of_an_old_format_checkpoint(tiny_run, tmp_path):
     """last.pt as older versions wrote it: ExponentialLR's scheduler state, max_len keys, no batch/epoch_totals."""
     import shutil
 
-    from captioning.train import resume
+    from captioning.train.run import resume
 
     run = tmp_path / "old"
     shutil.copytree(tiny_run, run)
@@ -589,7 +594,7 @@ def test_resume_refuses_overrides_that_would_not_apply_and_auto_drops_them(tiny_
     import shutil
 
     from captioning.config import ConfigError, load_config
-    from captioning.train import RESUME_KEYS, resume, train_or_resume
+    from captioning.train.run import RESUME_KEYS, resume, train_or_resume
 
     run = shutil.copytree(tiny_run, tmp_path / "run")
     with pytest.raises(ConfigError, match="train.batch_size.*a resumed run keeps"):

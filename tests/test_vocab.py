@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from captioning.vocab import BOS, EOS, PAD, SPECIALS, UNK, Vocabulary, tokenize
+from captioning.data.vocab import BOS, EOS, PAD, SPECIALS, UNK, Vocabulary, tokenize
 
 CAPTIONS = [
     "Two young guys with shaggy hair look at their hands while hanging out in the yard .",

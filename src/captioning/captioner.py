@@ -3,34 +3,27 @@
     captioner = Captioner.from_checkpoint("runs/shapes/best.pt")
     captioner("photo.jpg")                                   # -> "a dog runs on the grass"
     captioner.caption(["a.jpg", "https://...", pil_image], beam_size=3)
-    Captioner.from_export("exports/shapes")                  # the same, on ONNX Runtime (onnx_engine.py)
+    Captioner.from_export("exports/shapes")                  # the same, on ONNX Runtime (decode/onnx_engine.py)
 
 Importing this module does not import torch: a Captioner over a checkpoint imports it when it is made,
 one over an export never does (design.md: about 500 MB of a process's RSS).
 """
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from .config import Config
-from .decoding import DecodeOptions, Hypothesis, array_ops, rules_for, search
-from .images import ImageLimits, ImageLoadError, describe, open_image
-from .vocab import Vocabulary
-
-if TYPE_CHECKING:      # the checkpoint's path imports these when it runs; an export's never does
-    import torch
-
-    from .model import CaptionModel
+from .data.images import ImageLimits, ImageLoadError, describe, open_image
+from .data.vocab import Vocabulary
+from .decode.arrays import Array, array_ops
+from .decode.rules import DecodeOptions, rules_for
+from .decode.search import Hypothesis, search
 
 
 @dataclass
@@ -60,45 +53,32 @@ class CaptionResult:
 
 
 class Captioner:
-    """Captions images with a model: the one prediction path of `caption`, `evaluate` and validation CIDEr.
+    """Captions images: preprocessing -> encoder -> memory -> the search through an engine -> text. The one
+    prediction path of `caption`, `evaluate` and validation CIDEr.
 
-    A model handed in is left as it is (its dtype, its training flag): the encoder runs under
-    autocast at reduced precision. With `own_model=True` (as `from_checkpoint` builds its own) the
-    ResNet's weights are cast once instead, which is faster. The transformer runs in fp32 either way,
-    so captions barely move with the precision.
+    `model` is the engine the search steps through: a CaptionModel, whose own image side is then the encoder
+    (run by PyTorch on `device` at `precision`, see decode.torch_engine.TorchEncoder; `own_model=True` lets it
+    cast the ResNet's weights), or any other engine with its `encoder` (an export's, see `from_export`).
     """
 
-    def __init__(self, model: CaptionModel, vocab: Vocabulary, cfg: Config, device=None, precision: str = "auto",
-                 limits: ImageLimits | None = None, own_model: bool = False):
-        import torch
+    def __init__(self, model, vocab: Vocabulary, cfg: Config, device=None, precision: str = "auto",
+                 limits: ImageLimits | None = None, own_model: bool = False, *, encoder=None):
+        if encoder is None:
+            from .decode.torch_engine import TorchEncoder  # a CaptionModel: torch is imported already
 
-        from .data import build_transform
-        from .device import resolve_device, resolve_precision
-
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+            encoder = TorchEncoder(model, cfg.data.image_size, device, precision, own_model)
+        self.encoder, self.engine = encoder, model
         self.vocab, self.cfg, self.limits = vocab, cfg, limits
-        # the preprocessing the checkpoint was trained with, rebuilt from its config
-        self.transform = build_transform(cfg.data.image_size)
-        self.model = self.engine = model.to(self.device)        # the engine the search code calls: the model
-        self.image_dtype, self.encoder_precision = torch.float32, self.precision
-        if own_model and self.precision != "fp32":
-            # the ResNet is most of the work: cast its weights once (autocast would re-cast them on every
-            # call) and use channels_last
-            self.image_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            self.encoder_precision = "fp32"
-            model.encoder.to(self.image_dtype, memory_format=torch.channels_last)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device=None, precision: str | None = "auto",
                         limits: ImageLimits | None = None) -> Captioner:
         """`precision` None: the run's own train.precision."""
-        from .checkpoint import load_checkpoint
+        from .device import resolve_device
+        from .model.checkpoint import load_checkpoint
 
         model, vocab, cfg = load_checkpoint(path)
         if precision is None:   # fp16 is CUDA's: a run trained in it captions in the device's default elsewhere
-            from .device import resolve_device
-
             fp16_elsewhere = cfg.train.precision == "fp16" and resolve_device(device).type != "cuda"
             precision = "auto" if fp16_elsewhere else cfg.train.precision
         return cls(model.eval(), vocab, cfg, device, precision, limits, own_model=True)
@@ -108,44 +88,30 @@ class Captioner:
                     ) -> Captioner:
         """A Captioner over the folder `python -m captioning export` wrote, on ONNX Runtime (CPU): the same
         options and results; `threads` None: ONNX Runtime's default, one a core."""
-        from .onnx_engine import ExportCaptioner
+        from .decode.onnx_engine import load_export
 
-        return ExportCaptioner(folder, limits, threads)
+        encoder, engine, export = load_export(folder, threads)
+        captioner = cls(engine, export["vocab"], export["config"], limits=limits, encoder=encoder)
+        captioner.export = export
+        return captioner
 
-    @contextlib.contextmanager
-    def _inference(self):
-        """Eval mode and no gradients for the duration; the model's training flag is put back afterwards."""
-        import torch
+    device = property(lambda self: self.encoder.device)
+    precision = property(lambda self: self.encoder.precision)
+    transform = property(lambda self: self.encoder.transform)     # PIL image -> (3, S, S), tensor or array
+    model = property(lambda self: getattr(self.encoder, "model", None))     # the CaptionModel; None for an export
 
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.model.train(was_training)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x):
         """Preprocessed images (B, 3, H, W) -> grid features (B, L, C), in the encoder's precision."""
-        import torch
+        if not hasattr(self.encoder, "features"):
+            raise NotImplementedError("an export maps images to memory in one graph: its grid features are not "
+                                      "exposed; use Captioner.from_checkpoint for features")
+        return self.encoder.features(x)
 
-        from .device import autocast
-
-        with self._inference(), autocast(self.encoder_precision, self.device):
-            return self.model.encoder(x.to(self.device, self.image_dtype, memory_format=torch.channels_last))
-
-    def memory(self, *, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+    def memory(self, *, images=None, features=None):
         """Preprocessed images (B, 3, H, W) or cached grid features (B, L, C) -> memory (B, L, d_model), fp32."""
-        if (images is None) == (features is None):
-            raise ValueError("memory() takes images= or features=, exactly one of them")
-        import torch
+        return self.encoder.memory(images=images, features=features)
 
-        if features is None:
-            features = self.features(images)
-        with self._inference():
-            return self.model.memory(features.to(self.device, torch.float32))
-
-    def encode(self, images, chunk: int = 8) -> torch.Tensor | np.ndarray:
+    def encode(self, images, chunk: int = 8) -> Array:
         """RGB PIL images -> transformer memory (B, L, d_model), in fp32.
 
         The ResNet sees `chunk` images at a time: its activations are most of the peak memory (at
@@ -174,22 +140,23 @@ class Captioner:
         uniforms pick the words (decoding.inverse_cdf), so a seed draws the same on either engine and device."""
         return np.random.default_rng(options.seed) if options.sampling else None
 
-    def search(self, memory: torch.Tensor, options: DecodeOptions,
+    def search(self, memory: Array, options: DecodeOptions,
                generator: np.random.Generator | None = None) -> list[list[Hypothesis]]:
-        """Memory (B, L, d_model) -> per image its hypotheses, best first."""
+        """Memory (B, L, d_model), a tensor or an array, -> per image its hypotheses, best first."""
         v = self.vocab
+        memory = self.encoder.as_memory(memory)     # the engine's kind of array
         rules = rules_for(options, v.pad, v.bos, v.eos, v.index)
         generator = generator or self.generator(options)
-        with self._inference():
+        with self.encoder.inference():
             return search(self.engine, memory, options, rules, generator)
 
-    def decode(self, memory: torch.Tensor, beam_size: int = 1, max_words: int | None = None,
+    def decode(self, memory: Array, beam_size: int = 1, max_words: int | None = None,
                length_penalty: float = 1.0, **options) -> list[str]:
         """Memory (B, L, d_model) -> B captions (the best of each), greedy (beam_size=1) or by beam search."""
         opts = self.options(beam_size=beam_size, max_words=max_words, length_penalty=length_penalty, **options)
         return [self.vocab.decode(hyps[0].ids) for hyps in self.search(memory, opts)]
 
-    def predict(self, *, images: torch.Tensor | None = None, features: torch.Tensor | None = None,
+    def predict(self, *, images: Array | None = None, features: Array | None = None,
                 **options) -> list[str]:
         """Captions of a batch already preprocessed (images) or encoded (cached features), in order."""
         return self.decode(self.memory(images=images, features=features), **options)
@@ -263,51 +230,3 @@ class Captioner:
         if not result.ok:
             raise ImageLoadError(result.error)
         return result.caption
-
-
-class ResultsFile:
-    """`caption --out FILE`: results appended as JSON Lines (`--json`'s objects) or CSV (input,caption,error),
-    by extension, a whole line at a time; the inputs already in it are skipped by a run that goes on."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if self.path.suffix.lower() not in (".jsonl", ".csv"):
-            raise ValueError(f"--out {self.path}: expected a .jsonl or .csv file")
-        if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"--out {self.path}: folder {self.path.parent} does not exist")
-        self.csv = self.path.suffix.lower() == ".csv"
-        self._drop_partial_line()
-        self.done = self._read_done()
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self.file = open(self.path, "a", newline="", encoding="utf-8")
-        self.writer = csv.writer(self.file) if self.csv else None
-        if new and self.csv:
-            self.writer.writerow(["input", "caption", "error"])
-
-    def _drop_partial_line(self) -> None:
-        """A run killed mid-write leaves at most a partial last line: cut it, so the file reads whole."""
-        if self.path.is_file() and self.path.stat().st_size:
-            data = self.path.read_bytes()
-            if not data.endswith(b"\n"):
-                self.path.write_bytes(data[:data.rfind(b"\n") + 1])
-
-    def _read_done(self) -> set[str]:
-        """The inputs whose last line holds a caption: those that failed are tried again."""
-        if not self.path.is_file():
-            return set()
-        with open(self.path, newline="", encoding="utf-8") as f:
-            rows = csv.DictReader(f) if self.csv else (json.loads(line) for line in f if line.strip())
-            last = {row["input"]: bool(row.get("caption")) for row in rows if row.get("input")}
-        return {name for name, captioned in last.items() if captioned}
-
-    def write(self, result: CaptionResult, source: str | None = None) -> None:
-        """One result; `source`: the input as given (result.input may be shortened for display)."""
-        name = source if source is not None else result.input
-        if self.csv:
-            self.writer.writerow([name, result.caption or "", result.error or ""])
-        else:
-            self.file.write(json.dumps({**result.to_dict(), "input": name}) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()

@@ -14,6 +14,7 @@ cannot be read is None.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from .checkpoint import write_atomic
+from .files import write_atomic
 
 CPUINFO = "/proc/cpuinfo"            # a module constant, so that tests can point it at a fake file
 GIT_TIMEOUT_S = 5.0
@@ -95,12 +96,18 @@ def _gpu_name(device: torch.device) -> str | None:
         return None
 
 
+def package_version() -> str:
+    """This package's version, as installed (pyproject.toml's)."""
+    try:
+        return importlib.metadata.version("captioning")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def collect_env(device, precision: str) -> dict:
     """The environment of a run on `device` (a torch.device or its name) at `precision`; keys as KEYS."""
-    from . import __version__
-
     device = torch.device(device)
-    env = {"captioning": __version__,
+    env = {"captioning": package_version(),
            "git_commit": git_commit(),
            "torch": torch.__version__,
            "torchvision": torchvision.__version__,

@@ -18,198 +18,13 @@ Errors are one line on stderr; --debug (or CAPTIONING_DEBUG=1) shows the traceba
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from pathlib import Path
 
-from .config import ConfigError, EnvironmentProblem
-
-INTERRUPTED = 130          # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
-
-
-class Interrupted(Exception):
-    """Ctrl-C, with the one line that says where things stand and what to run next."""
-
-
-def _train(args) -> int:
-    from .config import load_config
-    from .train import resume, train, train_or_resume
-
-    if args.resume and args.resume != "auto" and args.config:
-        raise ConfigError(f"--resume {args.resume} continues that run with the config saved in it, so --config "
-                          f"{args.config} would be ignored: drop --config (--set still changes keys), or use "
-                          "--config FILE --resume auto to continue the config's own run_dir")
-    if not args.config and args.resume in (None, "auto"):
-        raise ConfigError(f"train {'--resume auto ' if args.resume else ''}needs --config FILE "
-                          "(e.g. configs/shapes.yaml), or --resume RUN_DIR to continue a run")
-    cfg = load_config(args.config, args.set) if args.config else None
-    run_dir = Path(args.resume if args.resume and args.resume != "auto" else cfg.run_dir)
-    try:
-        if cfg is None:
-            resume(run_dir, args.set)
-        elif args.resume == "auto":
-            train_or_resume(cfg, args.set)
-        else:
-            train(cfg)
-    except KeyboardInterrupt:
-        last = run_dir / "last.pt"
-        if last.is_file():
-            raise Interrupted(f"interrupted: the last checkpoint is {last}; continue with: "
-                              f"python -m captioning train --resume {run_dir}") from None
-        raise Interrupted(f"interrupted before the first checkpoint of {run_dir}: nothing to resume; "
-                          f"start again with --resume auto") from None
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run directory: {run_dir}")
-    return 0
-
-
-def _caption(args) -> int:
-    from tqdm.auto import tqdm
-
-    from .captioner import Captioner, ResultsFile
-    from .images import expand_inputs
-
-    out = ResultsFile(args.out) if args.out else None
-    inputs = expand_inputs(args.inputs)
-    todo = [x for x in inputs if out is None or x not in out.done]
-    if args.model:
-        if args.device not in (None, "cpu") or args.precision != "auto":
-            raise ConfigError(f"--model {args.model} runs on the CPU in the export's own precision: drop --device "
-                              "and --precision (or caption with --checkpoint)")
-        captioner = Captioner.from_export(args.model)
-    else:
-        captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
-    failed = False
-    bar = tqdm(total=len(inputs), initial=len(inputs) - len(todo), desc="captioning", unit="img", file=sys.stderr,
-               disable=len(inputs) < 2 * args.batch_size and not out)
-    try:
-        results = captioner.caption_iter(todo, beam_size=args.beam, batch_size=args.batch_size,
-                                         **_decode_options(args))
-        for source, r in zip(todo, results):
-            failed |= not r.ok
-            _show(r, args, out, inputs.index(source) if args.attention else 0, source)
-            bar.update()
-    finally:
-        bar.close()
-        if out is not None:
-            out.close()
-    return 1 if failed else 0
-
-
-def _show(r, args, out, n: int, source: str) -> None:
-    """One result: to --out, to stdout (a JSON line or `input<TAB>caption` lines), errors to stderr.
-    `n`: the input's place among all the inputs (its attention PNG's number)."""
-    if args.attention and r.ok:
-        _draw_attention(r, n, Path(args.attention))
-    if out is not None:
-        out.write(r, source)
-        if not r.ok:
-            print(f"error: {r.error}", file=sys.stderr, flush=True)
-    elif args.json:
-        print(json.dumps(r.to_dict()), flush=True)
-    elif r.ok:
-        print("\n".join(f"{r.input}\t{c['caption']}" for c in r.captions), flush=True)
-    else:
-        print(f"error: {r.error}", file=sys.stderr, flush=True)
-
-
-def _evaluate(args) -> int:
-    from .evaluate import evaluate
-
-    report = evaluate(args.checkpoint, split=args.split, beam_size=args.beam, out=args.out,
-                      device=args.device, precision=args.precision, overrides=args.set, **_decode_options(args))
-    for key, value in report["metrics"].items():
-        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {'n/a' if value is None else value}")
-    for note in report["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    return 0
-
-
-def _decode_options(args) -> dict:
-    """The decoding flags as Captioner.caption's keyword arguments (DecodeOptions)."""
-    keys = ("num_captions", "max_words", "length_penalty", "temperature", "top_k", "top_p", "seed",
-            "no_repeat_ngram_size", "min_words", "allow_function_word_end", "attention_layer", "attention_head")
-    options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if getattr(args, "attention", None):
-        options["attention"] = True
-    return options
-
-
-def _draw_attention(result, n: int, folder: Path) -> None:
-    from .plots import show_attention
-
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(result.input).stem)[:60]
-    fig = show_attention(result.image, result.words, result.attention)
-    fig.savefig(folder / f"{n:04d}_{stem}.png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-
-
-def _export(args) -> int:
-    from .export import export
-
-    meta = export(args.checkpoint, args.out, args.quantize)
-    check = meta["check"][args.quantize or "fp32"]
-    print(f"exported {meta['checkpoint']} to {args.out} ({args.quantize or 'fp32'}): logits within "
-          f"{check['relative']:.2g} of the checkpoint's (tolerance {check['tolerance']}); caption with: "
-          f"python -m captioning caption --model {args.out} IMAGE ...")
-    return 0
-
-
-def _extract_features(args) -> int:
-    from .config import load_config
-    from .data import read_corpus
-    from .features import extract_features
-
-    cfg = load_config(args.config, args.set)
-    corpus = read_corpus(cfg)
-    try:
-        cache = extract_features(cfg, sorted(corpus.captions), corpus.images_dir, cfg.data.features_dir,
-                                 batch_size=args.batch_size, device=args.device, precision=cfg.train.precision,
-                                 engine=args.engine)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted: the rows written so far are kept; the same command goes on from there") \
-            from None
-    engine = cache.meta.get("engine", {})
-    print(f"{len(cache)} images, features {tuple(cache.shape[1:])} fp16 in {cache.folder}"
-          + (f" (extracted by {engine['engine']}, {engine['precision']})" if engine else ""))
-    return 0
-
-
-def _shapes(args) -> int:
-    from .shapes import build_shapes
-
-    out = build_shapes(args.out_dir, args.images, seed=args.seed)
-    print(f"wrote {args.images} images to {out}")
-    return 0
-
-
-def _check_data(args) -> int:
-    from .check import check_data, format_report
-    from .config import load_config
-
-    report = check_data(load_config(args.config, args.set), workers=args.workers, out=args.out)
-    print(format_report(report))
-    if not report["usable_images"]:
-        print(f"error: no usable image left in {report['images_dir']} (every captioned image is missing or "
-              "unreadable): check data.images and data.captions", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _score(args) -> int:
-    from .evaluate import format_scores, score
-
-    report = score(args.predictions, args.references, fmt=args.format, split=args.split, splits_file=args.splits,
-                   split_seed=args.split_seed, out=args.out)
-    print(format_scores(report))
-    for note in report["notes"]:
-        if note not in report["warnings"]:      # the warnings were logged as they came
-            print(f"note: {note}", file=sys.stderr)
-    return 0
+from ..config import ConfigError, EnvironmentProblem
+from . import commands
+from .commands import INTERRUPTED, Interrupted
 
 
 def positive_int(text: str) -> int:
@@ -224,7 +39,7 @@ def positive_int(text: str) -> int:
 
 def device_name(text: str) -> str:
     """--device: checked before any work, so a machine without a GPU says so at once."""
-    from .device import resolve_device
+    from ..device import resolve_device
 
     try:
         resolve_device(text)
@@ -248,10 +63,8 @@ def _add_train(sub) -> None:
     p.add_argument("--config", help="YAML config, e.g. configs/shapes.yaml")
     _common(p, config=True, device=False)
     p.add_argument("--resume", metavar="RUN_DIR|auto",
-                   help="continue the run in RUN_DIR from its last.pt (its own config; --set changes keys); "
-                        "'auto' (with --config): continue the config's run_dir when it holds a last.pt, else "
-                        "start it, and exit 0 if it already finished")
-    p.set_defaults(func=_train)
+                   help="continue the run in RUN_DIR, or with 'auto' the config's run_dir if it holds a last.pt")
+    p.set_defaults(func=commands.train)
 
 
 def _add_caption(sub) -> None:
@@ -260,23 +73,20 @@ def _add_caption(sub) -> None:
                                    "an error line and the others still get captions (exit 1 if any failed).")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="a checkpoint file (a run directory means its best.pt)")
-    model.add_argument("--model", metavar="EXPORT_DIR", help="a folder `export` wrote: caption on ONNX Runtime "
-                                                             "(CPU; needs pip install -e '.[export]')")
+    model.add_argument("--model", metavar="EXPORT_DIR", help="a folder `export` wrote, run on ONNX Runtime")
     p.add_argument("--beam", type=positive_int, default=1, help="beam size (1 = greedy)")
     p.add_argument("--json", action="store_true", help="one JSON object a line per input, in input order")
     p.add_argument("--out", metavar="FILE.jsonl|FILE.csv",
-                   help="write the results to this file (JSON Lines or CSV input,caption,error) instead of stdout; "
-                        "inputs already in it are skipped, so a stopped run goes on")
+                   help="append the results to this file, skipping the inputs already in it")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images captioned at a time")
     _common(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 where the GPU or CPU has bf16 units, else fp32 (fp16: CUDA only)")
     _decoding_flags(p)
-    p.add_argument("--attention", metavar="DIR", help="also draw each caption's per-word attention maps, a PNG per "
-                                                      "input in DIR")
+    p.add_argument("--attention", metavar="DIR", help="also draw each caption's attention maps, a PNG per input")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders (their images, recursively), globs ('photos/**/*.jpg') and http(s) URLs")
-    p.set_defaults(func=_caption)
+    p.set_defaults(func=commands.caption)
 
 
 def _decoding_flags(p: argparse.ArgumentParser) -> None:
@@ -312,7 +122,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help="default: the run's train.precision, as its validation scores were computed")
     _decoding_flags(p)
-    p.set_defaults(func=_evaluate)
+    p.set_defaults(func=commands.evaluate)
 
 
 def _add_other(sub) -> None:
@@ -323,9 +133,8 @@ def _add_other(sub) -> None:
     _common(p, config=True)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images through the encoder at a time")
     p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
-                   help="what runs the ResNet: auto (default) times PyTorch and ONNX Runtime on the first batch, on a "
-                        "CPU with the [export] extra, and keeps the faster")
-    p.set_defaults(func=_extract_features)
+                   help="what runs the ResNet; auto times PyTorch and ONNX Runtime on the first batch")
+    p.set_defaults(func=commands.extract_features)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX for fast CPU captioning (caption --model)",
                        description="Write the encoder, the decoder's start and its step as ONNX graphs, with the "
@@ -334,9 +143,8 @@ def _add_other(sub) -> None:
                                    "pip install -e '.[export]'.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (a run directory means its best.pt)")
     p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights in the decoder's matrix products (the "
-                                                        "encoder stays fp32)")
-    p.set_defaults(func=_export)
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights in the decoder's matrix products")
+    p.set_defaults(func=commands.export)
 
     p = sub.add_parser("shapes", help="generate the synthetic Shapes data set (Kaggle Flickr30k layout)",
                        description="Generate the synthetic Shapes data set into a new or empty folder: "
@@ -344,7 +152,7 @@ def _add_other(sub) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
     p.add_argument("--images", type=positive_int, default=3000, help="how many images (default 3000)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same data set")
-    p.set_defaults(func=_shapes)
+    p.set_defaults(func=commands.shapes)
 
 
 def _add_data_commands(sub) -> None:
@@ -357,7 +165,7 @@ def _add_data_commands(sub) -> None:
     _common(p, config=True, device=False)
     p.add_argument("--out", help="also write the report to this JSON file")
     p.add_argument("--workers", type=positive_int, default=None, help="threads opening images (default 2 per CPU)")
-    p.set_defaults(func=_check_data)
+    p.set_defaults(func=commands.check_data)
 
     p = sub.add_parser("score", help="score any model's predictions against references (BLEU, METEOR, ROUGE-L, "
                                      "CIDEr-D)",
@@ -374,10 +182,9 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--split", choices=["train", "val", "test"],
                    help="score only this split of the references (their own split, or --splits)")
     p.add_argument("--splits", metavar="SPLITS_JSON", help="the split to pick from: a run's splits.json")
-    p.add_argument("--split-seed", type=int, default=0, help="COCO val2017 halves into val and test by this seed "
-                                                             "(a run's data.split_seed; default 0)")
+    p.add_argument("--split-seed", type=int, default=0, help="the seed that halves COCO val2017 into val and test")
     p.add_argument("--out", help="write metrics, predictions, references and notes to this JSON file")
-    p.set_defaults(func=_score)
+    p.set_defaults(func=commands.score)
 
 
 class Parser(argparse.ArgumentParser):
@@ -419,3 +226,4 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 -- the user gets one line; --debug gives the traceback
         print(f"error: {e or type(e).__name__} ({type(e).__name__}; --debug shows the traceback)", file=sys.stderr)
         return 1
+

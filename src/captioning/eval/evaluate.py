@@ -12,15 +12,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .captioner import Captioner, CaptionResult
-from .check import require_folder
-from .checkpoint import checkpoint_path, write_atomic
-from .config import Config, ConfigError, from_dict, to_dict
-from .data import csv_rows, jsonl_rows, load_splits, read_captions, read_corpus, skipped_message
+from ..captioner import Captioner, CaptionResult
+from ..config import Config, ConfigError, from_dict, to_dict
+from ..data.check import require_folder
+from ..data.corpus import load_splits, read_corpus, skipped_message
+from ..data.readers import read_captions
+from ..data.readers.table import csv_rows, jsonl_rows
+from ..data.shapes import GROUND_TRUTH, accuracy, load_ground_truth, pointing_game
+from ..env import collect_env
+from ..files import write_atomic
+from ..model.checkpoint import checkpoint_path
 from .diversity import diversity
-from .env import collect_env
 from .metrics import METRICS, score_captions
-from .shapes import GROUND_TRUTH, accuracy, load_ground_truth, pointing_game
 
 log = logging.getLogger(__name__)
 

@@ -13,17 +13,12 @@ training then reads instead:
 Sizes: Flickr30k's 31,783 images at 7x7x2048 (ResNet-152, 224 px) take
 31,783 * 49 * 2048 * 2 bytes = 6.4 GB; the page cache serves what fits in memory.
 
-The key (`cache_key`) covers everything that changes the features -- backbone,
-stages, weights, image size, preprocessing, the image files themselves -- so a
-change means a new folder, never a stale one.
+What a cache is on disk, its key and how training reads it: feature_cache.py.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,154 +30,29 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoint import write_atomic
-from .config import Config
-from .data import CaptionDataset, FeatureItem, build_transform
-from .device import autocast, resolve_device, resolve_precision
-from .images import open_image
-from .model import Encoder
+from ..config import Config
+from ..data.dataset import build_transform
+from ..data.images import open_image
+from ..device import autocast, resolve_device, resolve_precision
+from ..model.backbone import Encoder
+from .feature_cache import (
+    FEATURES_FILE,
+    META_FILE,
+    PROGRESS_FILE,
+    FeatureCache,
+    build_encoder,
+    digest,
+    encoder_fingerprint,
+    key_parts,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1           # part of the key: a new layout never reads an old cache
-FEATURES_FILE, META_FILE, PROGRESS_FILE = "features.f16", "meta.json", "progress.json"
 ENGINES = ("auto", "torch", "onnxruntime")
 PROBE_MIN_IMAGES = 512       # engine "auto" times both engines only for this many images or more (the export: ~5 s)
 # ONNX Runtime's features against PyTorch's, both fp32, relative to the largest: a wrong export is off by ~1;
 # a deep random ResNet's fp32 features already differ by ~2e-3 between two convolution algorithms
 EXPORT_TOLERANCE = 1e-2
-
-
-# ---------------------------------------------------------------- the key
-
-def key_parts(cfg: Config, names: list[str], images_dir: str | Path | None = None) -> dict:
-    """What the features depend on, as plain values (stored in meta.json; hashed by `cache_key`)."""
-    m = cfg.model
-    images_dir = Path(images_dir if images_dir is not None else cfg.data.images).expanduser().resolve()
-    weights = torchvision.models.get_model_weights(m.backbone).DEFAULT if m.pretrained else None
-    files = hashlib.sha256()
-    for name in names:
-        st = os.stat(images_dir / name)
-        files.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return {
-        "format": FORMAT_VERSION,
-        "backbone": m.backbone,
-        "backbone_stages": m.backbone_stages,
-        "pretrained": m.pretrained,
-        "weights": weights.name if weights else "none",
-        "weights_url": weights.url if weights else "none",
-        # random weights come from the seed (see build_encoder); ImageNet weights do not
-        "seed": None if m.pretrained else cfg.seed,
-        "image_size": cfg.data.image_size,
-        "transform": repr(build_transform(cfg.data.image_size)),
-        "images_dir": str(images_dir),
-        "images": len(names),
-        "files_sha256": files.hexdigest(),   # names in order, each with its size and mtime_ns
-    }
-
-
-def cache_key(cfg: Config, names: list[str], images_dir: str | Path | None = None) -> str:
-    """16 hex digits naming the cache folder; `images_dir` defaults to cfg.data.images."""
-    return _digest(key_parts(cfg, names, images_dir))
-
-
-def _digest(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------- encoder
-
-def build_encoder(cfg: Config) -> Encoder:
-    """The frozen encoder that `build_model(cfg.model, ...)` makes right after `torch.manual_seed(cfg.seed)`.
-
-    The encoder is the first module CaptionModel builds, so with random weights
-    (pretrained=False) seeding first gives the training model's very weights.
-    The global RNG is left as it was.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        encoder = Encoder(cfg.model.backbone, cfg.model.pretrained, trainable=False, stages=cfg.model.backbone_stages)
-    return encoder.eval()
-
-
-def encoder_fingerprint(encoder: nn.Module) -> str:
-    """sha256 of the weights and buffers, as fp32: tells apart encoders the key cannot (seed, checkpoint)."""
-    digest = hashlib.sha256()
-    for tensor in encoder.state_dict().values():
-        t = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype)
-        digest.update(t.contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------- reading
-
-class FeatureCache:
-    """A (complete or partial) cache folder, read-only: `cache[i]` or `cache.get(name)` -> fp16 (L, C)."""
-
-    def __init__(self, folder: Path, meta: dict, done: int):
-        self.folder, self.meta, self.done = folder, meta, done
-        self.names: list[str] = meta["names"]
-        self.shape: tuple[int, int, int] = tuple(meta["shape"])     # (N, L, C)
-        self._rows = {name: i for i, name in enumerate(self.names)}
-        self._data = None
-
-    @classmethod
-    def open(cls, folder: str | Path) -> FeatureCache:
-        folder = Path(folder)
-        meta = json.loads((folder / META_FILE).read_text())
-        return cls(folder, meta, _read_done(folder))
-
-    @property
-    def key(self) -> str:
-        return self.meta["key"]
-
-    @property
-    def complete(self) -> bool:
-        return self.done == self.shape[0]
-
-    @property
-    def data(self) -> np.memmap:
-        if self._data is None:   # opened lazily, so a DataLoader worker maps the file itself
-            self._data = np.memmap(self.folder / FEATURES_FILE, dtype=np.float16, mode="r", shape=self.shape)
-        return self._data
-
-    def __getstate__(self):
-        # pickling a memmap would copy the whole file into the pickle (spawned DataLoader workers)
-        return {**self.__dict__, "_data": None}
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._rows
-
-    def index(self, name: str) -> int:
-        try:
-            return self._rows[name]
-        except KeyError:
-            raise KeyError(f"{name!r} is not in the feature cache {self.folder}") from None
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"row {i} out of range for a cache of {len(self)} images")
-        i = i % len(self)
-        if i >= self.done:
-            raise IndexError(f"row {i} of {self.folder} is not extracted yet ({self.done} of {len(self)} done)")
-        return torch.from_numpy(np.array(self.data[i]))     # (L, C) float16, a copy: the map is read-only
-
-    def get(self, name: str) -> torch.Tensor:
-        return self[self.index(name)]
-
-
-def _read_done(folder: Path) -> int:
-    try:
-        return int(json.loads((folder / PROGRESS_FILE).read_text())["done"])
-    except (FileNotFoundError, ValueError, KeyError):
-        return 0
-
-
-def _write_json_atomic(obj: dict, path: Path) -> None:
-    write_atomic(path, lambda f: json.dump(obj, f, indent=1), "w")
-
 
 # ---------------------------------------------------------------- writing
 
@@ -236,7 +106,7 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
         raise ValueError("the image list for the feature cache " + ("is empty" if not names else "holds duplicates"))
     images_dir = Path(images_dir).expanduser()
     parts = key_parts(cfg, names, images_dir)
-    key = _digest(parts)
+    key = digest(parts)
     folder = Path(root).expanduser() / key
     cache = _partial_cache(folder, key, names)
     if cache is not None and cache.complete and encoder is None:
@@ -413,8 +283,8 @@ class _OrtEncoder:
     EXPORT_TOLERANCE of the largest."""
 
     def __init__(self, encoder: Encoder, image_size: int, scratch: Path):
-        from .export import to_onnx
-        from .onnx_engine import load_session
+        from ..decode.export import to_onnx
+        from ..decode.onnx_engine import load_session
 
         net = encoder.folded().float().cpu()
         x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
@@ -454,12 +324,12 @@ class _CacheWriter:
             self.folder.mkdir(parents=True, exist_ok=True)
             shape = (len(self.names), *rows.shape[1:])
             self.data = np.memmap(self.folder / FEATURES_FILE, dtype=np.float16, mode="w+", shape=shape)
-            _write_json_atomic({"done": 0}, self.folder / PROGRESS_FILE)
-            _write_json_atomic(self.meta(shape), self.folder / META_FILE)
+            write_json_atomic({"done": 0}, self.folder / PROGRESS_FILE)
+            write_json_atomic(self.meta(shape), self.folder / META_FILE)
         self.data[self.done:self.done + len(rows)] = rows
         self.data.flush()
         self.done += len(rows)
-        _write_json_atomic({"done": self.done}, self.folder / PROGRESS_FILE)
+        write_json_atomic({"done": self.done}, self.folder / PROGRESS_FILE)
 
     def close(self) -> None:
         self.data = None
@@ -474,28 +344,3 @@ def _meta(key: str, names: list[str], shape: tuple, parts: dict, fingerprint: st
             "torch": torch.__version__, "torchvision": torchvision.__version__, "names": names}
 
 
-# ---------------------------------------------------------------- training on features
-
-class FeatureDataset(Dataset):
-    """CaptionDataset's items with the image replaced by its cached features: FeatureItem(fp16 (L, C), captions, name).
-
-    `data.collate` stacks them into Batch.features of shape (B, L, C); the model
-    takes them as `model(tokens, image_index, features=batch.features.float())`.
-    """
-
-    def __init__(self, cache: FeatureCache, dataset: CaptionDataset):
-        if not cache.complete:
-            raise ValueError(f"feature cache {cache.folder} is incomplete ({cache.done} of {len(cache)}): "
-                             "run extract_features again to finish it")
-        missing = [n for n in dataset.names if n not in cache]
-        if missing:
-            raise KeyError(f"{len(missing)} image(s) are not in the feature cache {cache.folder} (e.g. {missing[0]})")
-        self.cache = cache
-        self.names, self.captions, self.references = dataset.names, dataset.captions, dataset.references
-        self.rows = np.array([cache.index(n) for n in self.names], dtype=np.int64)   # no Python ints: see PackedStrings
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, i: int) -> FeatureItem:
-        return FeatureItem(self.cache[int(self.rows[i])], self.captions[i], self.names[i])

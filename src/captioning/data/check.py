@@ -5,7 +5,7 @@
 training would trip over or silently learn from: missing and unreadable images, images smaller
 than the model's input, empty and duplicate captions, captions longer than data.max_words, the
 share of words that become <unk>, and the split sizes. `summary_line` is the part that opens no
-image, logged by `read_corpus` before every training run.
+image, logged before every training run.
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .checkpoint import write_atomic
-from .config import Config
-from .data import Corpus, find_missing, make_splits, read_captions, skipped_message, without
+from ..config import Config
+from ..files import write_atomic
+from .corpus import Corpus, find_missing, make_splits, skipped_message, without
 from .images import open_image
+from .readers import read_captions
 from .vocab import tokenize
 
 EXAMPLES = 5        # names shown per problem on the terminal (the JSON lists them all)
@@ -58,13 +59,13 @@ def vocabulary_stats(captions: dict[str, list[str]], train: list[str], min_freq:
             "unk_share": (total - kept) / total if total else 0.0}
 
 
-def summary_line(corpus: Corpus, cfg: Config, *, missing: int = 0, skipped: int = 0) -> str:
+def summary_line(corpus: Corpus, cfg: Config) -> str:
     """One line on the data a run trains on, from the captions alone (no image is opened)."""
     stats = caption_stats(corpus.captions, cfg.data.max_words)
     splits = make_splits(corpus, cfg)
     per, words = stats["captions_per_image"], stats["caption_words"]
-    return (f"data: {len(corpus.captions)} images ({missing} missing), {stats['captions']} captions "
-            f"({per['min']}/{per['median']:g}/{per['max']} per image), {skipped} row(s) skipped, "
+    return (f"data: {len(corpus.captions)} images ({corpus.missing} missing), {stats['captions']} captions "
+            f"({per['min']}/{per['median']:g}/{per['max']} per image), {corpus.skipped} row(s) skipped, "
             f"{len(stats['duplicate_captions'])} image(s) with a duplicate caption; words per caption "
             f"{words['median']:g} median, {words['p95']} at the 95th percentile, {words['max']} max "
             f"({words['over_max_words']} longer than data.max_words={cfg.data.max_words}); split "

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pycocoevalcap.bleu.bleu import Bleu
 
-from .decoding import FUNCTION_WORDS
-from .vocab import tokenize
+from ..data.vocab import tokenize
+from ..decode.rules import FUNCTION_WORDS
 
 
 def _ngrams(words: list[str], n: int) -> list[tuple]:

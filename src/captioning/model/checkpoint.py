@@ -8,44 +8,20 @@ leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
 
-from .config import Config, from_dict, to_dict
-from .model import CaptionModel, build_model
-from .vocab import Vocabulary
+from ..config import Config, from_dict, to_dict
+from ..data.vocab import Vocabulary
+from ..files import write_atomic
+from .caption_model import CaptionModel, build_model
 
 FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
-
-
-def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> None:
-    """Write `path` whole or not at all: `write(f)` into a temporary file in the same folder, fsync,
-    os.replace (atomic on POSIX), then fsync the folder so the rename itself survives a power cut."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:

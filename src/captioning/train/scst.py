@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .decoding import Rules, Sampling, sample_or_greedy
-from .device import autocast
-from .model import CaptionModel
+from ..data.vocab import tokenize
+from ..decode.rules import Rules, Sampling
+from ..decode.search import sample_or_greedy
+from ..device import autocast
+from ..model.caption_model import CaptionModel
 from .reward import CiderD
-from .vocab import tokenize
 
 
 @dataclass

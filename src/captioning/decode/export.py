@@ -2,8 +2,8 @@
 
     encoder.onnx     images (B, 3, S, S), preprocessed -> memory (B, L, D)          CaptionModel.encode
                      (its weights in encoder.onnx.data)
-    start.onnx       memory (M, L, D) -> cross_k_i, cross_v_i (M, H, L, hd)         torch_engine.init_cache
-    step.onnx        tokens (N,), position (), self_k_i, self_v_i (N, H, T, hd),     torch_engine.step
+    start.onnx       memory (M, L, D) -> cross_k_i, cross_v_i (M, H, L, hd)         CaptionModel.init_cache
+    step.onnx        tokens (N,), position (), self_k_i, self_v_i (N, H, T, hd),     CaptionModel.step
                      cross_k_i, cross_v_i (M, H, L, hd), N = M * group
                      -> logits (N, V), next_self_k_i, next_self_v_i (N, H, T+1, hd),
                         attention (layers, N, H, L): each layer's cross-attention weights
@@ -12,8 +12,8 @@
     config.json      format version, the checkpoint's resolved config, the quantization, the check's figures
 
 for each decoder layer i. The graphs are traced from the very functions the PyTorch path runs
-(`CaptionModel.encode`, `model.cross_keys_values`, `torch_engine.decoder_hidden`), so the search code in
-decoding.py drives either engine. `quantize="int8"` stores the weights of start.onnx's and
+(`CaptionModel.encode`, `model.cross_keys_values`, `CaptionModel.decoder_hidden`), so the search code in
+search.py drives either engine. `quantize="int8"` stores the weights of start.onnx's and
 step.onnx's matrix products, the output layer's included, as 8-bit blocks (onnxruntime's
 MatMulNBits), and step.onnx rescores the 16 best words of each step with the output layer's fp32
 weights; the encoder stays fp32 (docs/design.md says why).
@@ -37,13 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_path, load_checkpoint
-from .config import ConfigError, EnvironmentProblem, to_dict
-from .data import IMAGENET_MEAN, IMAGENET_STD
-from .decoding import DecoderCache
-from .model import CaptionModel, cross_keys_values
+from ..config import ConfigError, EnvironmentProblem, to_dict
+from ..data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from ..model.caption_model import CaptionModel
+from ..model.checkpoint import checkpoint_path, load_checkpoint
+from ..model.kv_cache import DecoderCache
+from ..model.layers import cross_keys_values
 from .onnx_engine import EXPORT_FORMAT, OrtEngine, load_session, require_onnx
-from .torch_engine import decoder_hidden, init_cache, step
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -69,7 +69,7 @@ class _Start(nn.Module):
 
 
 class _Step(nn.Module):
-    """torch_engine.step as a graph. With a `shortlist` k, the output layer's k best words of each row are rescored
+    """CaptionModel.step as a graph. With a `shortlist` k, the output layer's k best words of each row are rescored
     with its fp32 weights (a Gather of k rows, which the quantizer leaves alone): the int8 product then only
     shortlists, and the logits of the words a search picks from come from fp32 weights (the softmax's
     normaliser still sums the int8 logits of the others). The graph holds the output layer twice."""
@@ -85,7 +85,7 @@ class _Step(nn.Module):
         x = self.model.embed(tokens[:, None]) * math.sqrt(self.model.cfg.d_model) \
             + self.model.positions.pe.index_select(0, position.reshape(1))                   # (N, 1, D)
         weights = []
-        hidden = decoder_hidden(self.model, x, cache, weights)                               # (N, 1, D)
+        hidden = self.model.decoder_hidden(x, cache, weights)                               # (N, 1, D)
         head = self.model.head
         logits = head(hidden)[:, 0]                                                          # (N, V)
         if self.shortlist:
@@ -125,8 +125,8 @@ def export_graphs(model: CaptionModel, image_size: int, folder: Path, shortlist:
     kv_names = [f"cross_{kind}_{i}" for kind in ("k", "v") for i in range(n)]
     to_onnx(_Start(model), (memory,), folder / "start.onnx", ["memory"], kv_names,
             {"memory": {0: "M"}, **{name: {0: "M"} for name in kv_names}})
-    cache = init_cache(model, memory, group=2)
-    step(model, cache, torch.tensor([1, 2, 3, 4]))                 # one word in the cache: T = 1 when traced
+    cache = model.init_cache(memory, group=2)
+    model.step(cache, torch.tensor([1, 2, 3, 4]))                 # one word in the cache: T = 1 when traced
     past = (*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v)
     inputs = ["tokens", "position", *cache_names(n), *kv_names]
     outputs = ["logits", *cache_names(n, "next_"), "attention"]
@@ -196,12 +196,12 @@ def check_export(model: CaptionModel, folder: Path, image_size: int, quantize: s
     engine = OrtEngine(load_session(folder / "start.onnx"), load_session(folder / "step.onnx"), model.pad_id)
     memory = model.encode(images)
     onnx_memory = load_session(folder / "encoder.onnx").run(None, {"images": images.numpy()})[0]
-    caches = init_cache(model, memory, group), engine.init_cache(onnx_memory, group)
+    caches = model.init_cache(memory, group), engine.init_cache(onnx_memory, group)
     tokens = torch.randint(4, model.head.out_features, (words, 2 * group), generator=generator)
     worst, scale, worst_attention = 0.0, 0.0, 0.0
     for t in range(words):
         maps = [], []
-        ours = step(model, caches[0], tokens[t], maps[0])
+        ours = model.step(caches[0], tokens[t], maps[0])
         theirs = torch.from_numpy(engine.step(caches[1], tokens[t].numpy(), maps[1]))
         # a logit pinned to -inf (a word ruled out by its bias) is the same -inf in both
         worst = max(worst, (ours - theirs).masked_fill(ours == theirs, 0).abs().max().item())

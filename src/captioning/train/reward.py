@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import write_atomic
+from ..files import write_atomic
 
 N, SIGMA = 4, 6.0
 Ngram = tuple[int, ...]

@@ -37,11 +37,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import yaml
 
-from .checkpoint import load_checkpoint
-from .config import PATH_KEYS, Config, ConfigError, flatten, from_dict, load_config, validate
-from .evaluate import evaluate
-from .model import count_parameters
-from .train import train_or_resume
+from ..config import PATH_KEYS, Config, ConfigError, flatten, from_dict, load_config, validate
+from ..eval.evaluate import evaluate
+from ..model.caption_model import count_parameters
+from ..model.checkpoint import load_checkpoint
+from .run import train_or_resume
 
 log = logging.getLogger(__name__)
 COLUMNS = ("variant", "seed", "d_model", "num_heads", "trainable_params", "epochs", "seconds_per_epoch",

@@ -3,12 +3,11 @@
     captioner = Captioner.from_export("exports/shapes")      # the folder `python -m captioning export` wrote
     captioner.caption(["photo.jpg"], beam_size=3)
 
-`OrtEngine` is a `decoding.Engine`: its `init_cache` runs start.onnx, its `step` runs step.onnx, and
-the cache is decoding's own `DecoderCache` (of the numpy arrays ONNX Runtime returns), so greedy,
-beam and sampling search, n-best and attention maps are decoding.py's code whichever engine runs.
-`ExportCaptioner` is the Captioner with the encoder graph in place of the PyTorch model and the
-preprocessing done with PIL and numpy: this path imports neither torch nor torchvision nor pandas
-nor matplotlib.
+`OrtEngine` is a `search.Engine`: its `init_cache` runs start.onnx, its `step` runs step.onnx, and the
+cache is the model's own `DecoderCache` (of the numpy arrays ONNX Runtime returns), so greedy, beam and
+sampling search, n-best and attention maps are search.py's code whichever engine runs. `OrtEncoder` runs
+encoder.onnx in place of the PyTorch encoder, with the preprocessing done by PIL and numpy: this path
+imports neither torch nor torchvision nor pandas nor matplotlib.
 """
 from __future__ import annotations
 
@@ -21,11 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .captioner import Captioner
-from .config import EnvironmentProblem, from_dict
-from .decoding import DecoderCache
-from .images import ImageLimits
-from .vocab import Vocabulary
+from ..config import EnvironmentProblem, from_dict
+from ..data.vocab import Vocabulary
+from ..model.kv_cache import DecoderCache
 
 EXPORT_FORMAT = 1
 FILES = ("encoder.onnx", "encoder.onnx.data", "start.onnx", "step.onnx", "vocab.json", "preprocess.json", "config.json")
@@ -70,7 +67,7 @@ def _array(x) -> np.ndarray:
 
 
 class OrtEngine:
-    """start.onnx and step.onnx as a decoding.Engine (numpy arrays in, numpy arrays out)."""
+    """start.onnx and step.onnx as a search.Engine (numpy arrays in, numpy arrays out)."""
 
     def __init__(self, start, step, pad_id: int):
         self.start, self.step_session, self.pad_id = start, step, pad_id
@@ -147,37 +144,39 @@ def preprocess(image: Image.Image, image_size: int, mean, std) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-class ExportCaptioner(Captioner):
-    """The Captioner over an export: the encoder graph makes memory, OrtEngine decodes (CPU, fp32 or int8)."""
+class OrtEncoder:
+    """encoder.onnx as the Captioner's encoder: preprocessed images (B, 3, S, S) -> memory (B, L, d_model), fp32,
+    with the preprocessing done by PIL and numpy. Its grid features are not exposed (one graph makes memory)."""
 
-    def __init__(self, folder: str | Path, limits: ImageLimits | None = None, threads: int | None = None):
-        require_onnx("captioning from an export")
-        export = read_export(folder)
-        folder = export["folder"]
-        _check_runtime(export)
-        self.device, self.limits = "cpu", limits
-        self.vocab, self.cfg, self.export = export["vocab"], export["config"], export
-        self.precision = export.get("quantize") or "fp32"       # the decoder's; the encoder graph is fp32
-        pre = export["preprocess"]
+    device = "cpu"
+
+    def __init__(self, session, pre: dict, precision: str):
+        self.session, self.precision = session, precision        # the decoder's precision; this graph is fp32
         self.transform = functools.partial(preprocess, image_size=pre["image_size"], mean=pre["mean"],
                                            std=pre["std"])
-        self.encoder = load_session(folder / "encoder.onnx", threads)
-        self.engine = OrtEngine(load_session(folder / "start.onnx", threads), load_session(folder / "step.onnx",
-                                                                                          threads), self.vocab.pad)
 
-    def _inference(self):
+    def inference(self):
         return contextlib.nullcontext()
 
-    def features(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError("an export maps images to memory in one graph: its grid features are not "
-                                  "exposed; use Captioner.from_checkpoint for features")
-
-    def search(self, memory: np.ndarray, options, generator: np.random.Generator | None = None) -> list:
-        """Captioner.search on numpy arrays: a tensor handed in (memory() used to return them) is converted."""
-        return super().search(_array(memory), options, generator)
+    @staticmethod
+    def as_memory(x) -> np.ndarray:
+        """Memory as the engine reads it: a numpy array (a CPU tensor handed in is converted)."""
+        return _array(x)
 
     def memory(self, *, images: np.ndarray | None = None, features: np.ndarray | None = None) -> np.ndarray:
-        """Preprocessed images (B, 3, H, W) -> memory (B, L, d_model), fp32, by the encoder graph."""
         if features is not None or images is None:
             raise ValueError("an export's memory() takes images= only (cached features need the checkpoint)")
-        return self.encoder.run(None, {"images": _array(images).astype(np.float32, copy=False)})[0]
+        return self.session.run(None, {"images": _array(images).astype(np.float32, copy=False)})[0]
+
+
+def load_export(folder: str | Path, threads: int | None = None) -> tuple[OrtEncoder, OrtEngine, dict]:
+    """The encoder and the engine of an export, and its JSON files (read_export); `threads` None: one a core."""
+    require_onnx("captioning from an export")
+    export = read_export(folder)
+    _check_runtime(export)
+    folder = export["folder"]
+    encoder = OrtEncoder(load_session(folder / "encoder.onnx", threads), export["preprocess"],
+                         export.get("quantize") or "fp32")
+    engine = OrtEngine(load_session(folder / "start.onnx", threads), load_session(folder / "step.onnx", threads),
+                       export["vocab"].pad)
+    return encoder, engine, export
