@@ -11,12 +11,10 @@ far more against the model.
 
 Last line: caption_folder: images=N throughput_ratio=X folder_img_s=... tensors_img_s=... workers=W
 
-    python benchmarks/caption_folder.py [--images 1000] [--model reference|shapes] [--batch-size 16]
+    python benchmarks/caption_folder.py [--images 1000] [--model reference|shapes] [--batch-size 16] [--json PATH]
 """
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -25,12 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+import common
 from captioning import Captioner
 from captioning.config import from_dict, load_config, to_dict
-from captioning.env import collect_env
-from captioning.images import expand_inputs
-from captioning.model import build_model
-from captioning.vocab import SPECIALS, Vocabulary
+from captioning.data.images import expand_inputs
+from captioning.data.vocab import SPECIALS, Vocabulary
+from captioning.model.caption_model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +59,7 @@ def build(model_name: str, words: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--model", choices=["reference", "shapes"], default="reference")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -77,23 +75,22 @@ def main() -> None:
         tensors = [torch.stack([captioner.transform(Image.open(p).convert("RGB"))
                                 for p in paths[i:i + args.batch_size]]) for i in range(0, len(paths), args.batch_size)]
         captioner.predict(images=tensors[0][:2])                       # warm-up
-        start = time.perf_counter()
-        for x in tensors:
-            captioner.predict(images=x)
-        tensors_s = time.perf_counter() - start
-        start = time.perf_counter()
-        results = list(captioner.caption_iter(paths, batch_size=args.batch_size, workers=args.workers))
-        folder_s = time.perf_counter() - start
+        results = []
+        t = common.medians({"tensors": lambda: [captioner.predict(images=x) for x in tensors],
+                            "folder": lambda: results.extend(captioner.caption_iter(
+                                paths, batch_size=args.batch_size, workers=args.workers))}, 1, warmup=0)
+        tensors_s, folder_s = t["tensors"], t["folder"]
     assert len(results) == len(paths) and all(r.ok for r in results)
     n = len(paths)
-    print("env:", json.dumps(collect_env(captioner.device, captioner.precision)))
+    env = common.machine(captioner.device, captioner.precision)
     print(f"model {args.model}, precision {captioner.precision}, {torch.get_num_threads()} threads, batch "
           f"{args.batch_size}, {args.words} words, {args.workers} reading threads")
     print(f"built the folder of {n} JPEGs in {build_s:.1f} s (not counted)")
     print(f"tensors in memory:  {tensors_s:7.1f} s  {n / tensors_s:6.2f} images/s")
     print(f"the folder:         {folder_s:7.1f} s  {n / folder_s:6.2f} images/s")
-    print(f"caption_folder: images={n} throughput_ratio={tensors_s / folder_s:.2f} folder_img_s={n / folder_s:.2f} "
-          f"tensors_img_s={n / tensors_s:.2f} workers={args.workers} model={args.model}")
+    common.finish("caption_folder", {"images": n, "throughput_ratio": f"{tensors_s / folder_s:.2f}",
+                                     "folder_img_s": f"{n / folder_s:.2f}", "tensors_img_s": f"{n / tensors_s:.2f}",
+                                     "workers": args.workers, "model": args.model}, env, args.json)
 
 
 if __name__ == "__main__":

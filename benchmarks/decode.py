@@ -15,6 +15,9 @@ pinned to -inf, so the real `Captioner.caption` path runs all 20 steps). Measure
 - the decoding options (attention maps, sampling, n-gram blocking and a minimum length, and beam
   search with 3 best + attention + blocking), each against plain decoding at the same beam size.
 
+What is compared is timed in turns, round after round (ours, its encoder and batch 32; plain decoding
+and its options; beam 3 and its options): medians of --repeats rounds after a warm-up round.
+
 - ONNX Runtime (CPU, with the [export] extra): the same model exported (`export.export_model`, in a
   process of its own) in fp32 and with int8 decoder weights, through `Captioner.from_export`: one
   image, batch 32, and the bare encoder graph (images -> memory: the ResNet and the transformer
@@ -30,15 +33,13 @@ ort_speedup_vs_torch=S ort_overhead_vs_encoder=O ort_batch_efficiency=E ort_rss_
 Runtime int8 over its own bare encoder graph, one image; ort_speedup_vs_auto: the PyTorch path at
 `precision: auto` over ONNX Runtime int8.)
 
-    python benchmarks/decode.py [--repeats 3] [--device cpu|cuda] [--no-onnx] [--exports DIR]
+    python benchmarks/decode.py [--repeats 3] [--device cpu|cuda] [--no-onnx] [--exports DIR] [--json PATH]
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,31 +50,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+import common
 from captioning import Captioner
 from captioning.config import from_dict
-from captioning.data import build_transform
-from captioning.env import collect_env
-from captioning.model import build_model
-from captioning.vocab import SPECIALS, Vocabulary
+from captioning.data.dataset import build_transform
+from captioning.data.vocab import SPECIALS, Vocabulary
+from captioning.model.caption_model import build_model
 
 WORDS = 20
-
-
-def timed(fn, repeats: int, sync) -> float:
-    """Median seconds of `repeats` calls after one warm-up."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux reports KiB
 
 
 @torch.no_grad()
@@ -104,7 +88,7 @@ def photos(n: int = 32) -> list[Image.Image]:
 
 def export_both(folder: Path) -> None:
     """--export-to: the reference model exported in fp32 and int8 into folder/fp32 and folder/int8."""
-    from captioning.export import export_model
+    from captioning.decode.export import export_model
 
     model, vocab, cfg = reference_model()
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,7 +102,7 @@ def export_both(folder: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
@@ -145,64 +129,65 @@ def main() -> None:
 
 def measure(args, device: torch.device, sync, exports: Path | None) -> None:
     model, vocab, cfg = reference_model()
-    photos32 = photos()
+    photos32, repeats = photos(), args.repeats
+    one = photos32[:1]
 
     # the reference first, in fp32, and today's path in fp32; then the Captioner casts the same model's encoder
     # for its precision
     model.to(device)
     x1 = build_transform(cfg.data.image_size)(photos32[0])[None].to(device)
-    t_reference = timed(lambda: reference_caption(model, x1, vocab.bos, WORDS), max(1, args.repeats // 2), sync)
+    t = common.medians({"reference": lambda: reference_caption(model, x1, vocab.bos, WORDS)}, max(1, repeats // 2),
+                       sync=sync)
     torch_fp32 = Captioner(model, vocab, cfg, device=device, precision="fp32")
-    t_torch_fp32 = timed(lambda: torch_fp32.caption(photos32[:1]), args.repeats, sync)
+    t |= common.medians({"torch_fp32": lambda: torch_fp32.caption(one)}, repeats, sync=sync)
     captioner = Captioner(model, vocab, cfg, device=device, precision="auto", own_model=True)
-    assert len(captioner.caption(photos32[:1])[0].caption.split()) == WORDS
+    assert len(captioner.caption(one)[0].caption.split()) == WORDS
 
     x32 = torch.stack([captioner.transform(p) for p in photos32]).to(device)
-    t_ours = timed(lambda: captioner.caption(photos32[:1]), args.repeats, sync)
-    t_encoder = timed(lambda: captioner.features(x1), args.repeats, sync)       # the Captioner's own encoder call
-    t_ours32 = timed(lambda: captioner.caption(photos32, batch_size=32), args.repeats, sync)
-    # the decoding options, each against plain decoding at the same beam size timed right beside them
-    one = photos32[:1]
-    t_plain = timed(lambda: captioner.caption(one), args.repeats, sync)
-    t_attention = timed(lambda: captioner.caption(one, attention=True), args.repeats, sync)
-    t_sampling = timed(lambda: captioner.caption(one, temperature=1.0, top_k=50, top_p=0.9, seed=0), args.repeats,
-                       sync)
-    t_controls = timed(lambda: captioner.caption(one, no_repeat_ngram_size=3, min_words=5), args.repeats, sync)
-    t_beam = timed(lambda: captioner.caption(one, beam_size=3), args.repeats, sync)
-    t_beam_all = timed(lambda: captioner.caption(one, beam_size=3, num_captions=3, attention=True,
-                                                 no_repeat_ngram_size=3), args.repeats, sync)
-    rss_mb = peak_rss_mb()                          # the reference and ours, before the bare batch-32 forward
-    t_encoder32 = timed(lambda: captioner.features(x32), args.repeats, sync)
+    t |= common.medians({"ours": lambda: captioner.caption(one),
+                         "encoder": lambda: captioner.features(x1),           # the Captioner's own encoder call
+                         "ours32": lambda: captioner.caption(photos32, batch_size=32)}, repeats, sync=sync)
+    # the decoding options, each in turns with plain decoding at the same beam size
+    t |= common.medians({"plain": lambda: captioner.caption(one),
+                         "attention": lambda: captioner.caption(one, attention=True),
+                         "sampling": lambda: captioner.caption(one, temperature=1.0, top_k=50, top_p=0.9, seed=0),
+                         "controls": lambda: captioner.caption(one, no_repeat_ngram_size=3, min_words=5)},
+                        repeats, sync=sync)
+    t |= common.medians({"beam": lambda: captioner.caption(one, beam_size=3),
+                         "beam_all": lambda: captioner.caption(one, beam_size=3, num_captions=3, attention=True,
+                                                               no_repeat_ngram_size=3)}, repeats, sync=sync)
+    rss_mb = common.peak_rss_mb()                   # the reference and ours, before the bare batch-32 forward
+    t |= common.medians({"encoder32": lambda: captioner.features(x32)}, repeats, sync=sync)
 
-    print("env:", json.dumps(collect_env(device, captioner.precision)))
+    env = common.machine(device, captioner.precision)
     print(f"device {device}, precision {captioner.precision}, {torch.get_num_threads()} threads, {WORDS} words")
-    print(f"reference (fp32, re-run per word): {t_reference * 1e3:8.1f} ms / image")
-    print(f"ours, one image:                   {t_ours * 1e3:8.1f} ms / image")
-    print(f"bare encoder, one image:           {t_encoder * 1e3:8.1f} ms / image")
-    print(f"ours, batch 32:                    {32 / t_ours32:8.1f} images / s")
-    print(f"bare encoder, batch 32:            {32 / t_encoder32:8.1f} images / s")
-    print(f"ours, one image, again (the options' baseline): {t_plain * 1e3:.1f} ms / image")
-    print(f"ours + attention maps:             {t_attention * 1e3:8.1f} ms / image")
-    print(f"ours, sampling (T 1, top-k 50, p .9): {t_sampling * 1e3:5.1f} ms / image")
-    print(f"ours + no-repeat 3-grams, min 5 words: {t_controls * 1e3:4.1f} ms / image")
-    print(f"beam 3:                            {t_beam * 1e3:8.1f} ms / image")
-    print(f"beam 3, 3 best + attention + no-repeat: {t_beam_all * 1e3:3.1f} ms / image")
-    print(f"peak RSS: {rss_mb:.0f} MB captioning, {peak_rss_mb():.0f} MB after the bare batch-32 forward")
-    print(f"PyTorch fp32 (today's path without bf16), one image: {t_torch_fp32 * 1e3:.1f} ms / image")
-    line = (f"decode: speedup_vs_reference={t_reference / t_ours:.1f} overhead_vs_encoder={t_ours / t_encoder:.2f} "
-            f"batch_efficiency={t_encoder32 / t_ours32:.2f} rss_mb={rss_mb:.0f} "
-            f"attention_overhead={t_attention / t_plain:.2f} sampling_overhead={t_sampling / t_plain:.2f} "
-            f"controls_overhead={t_controls / t_plain:.2f} beam_options_overhead={t_beam_all / t_beam:.2f}")
+    print(f"reference (fp32, re-run per word): {t['reference'] * 1e3:8.1f} ms / image")
+    print(f"ours, one image:                   {t['ours'] * 1e3:8.1f} ms / image")
+    print(f"bare encoder, one image:           {t['encoder'] * 1e3:8.1f} ms / image")
+    print(f"ours, batch 32:                    {32 / t['ours32']:8.1f} images / s")
+    print(f"bare encoder, batch 32:            {32 / t['encoder32']:8.1f} images / s")
+    print(f"ours, one image, again (the options' baseline): {t['plain'] * 1e3:.1f} ms / image")
+    print(f"ours + attention maps:             {t['attention'] * 1e3:8.1f} ms / image")
+    print(f"ours, sampling (T 1, top-k 50, p .9): {t['sampling'] * 1e3:5.1f} ms / image")
+    print(f"ours + no-repeat 3-grams, min 5 words: {t['controls'] * 1e3:4.1f} ms / image")
+    print(f"beam 3:                            {t['beam'] * 1e3:8.1f} ms / image")
+    print(f"beam 3, 3 best + attention + no-repeat: {t['beam_all'] * 1e3:3.1f} ms / image")
+    print(f"peak RSS: {rss_mb:.0f} MB captioning, {common.peak_rss_mb():.0f} MB after the bare batch-32 forward")
+    print(f"PyTorch fp32 (today's path without bf16), one image: {t['torch_fp32'] * 1e3:.1f} ms / image")
+    figures = {"speedup_vs_reference": f"{t['reference'] / t['ours']:.1f}",
+               "overhead_vs_encoder": f"{t['ours'] / t['encoder']:.2f}",
+               "batch_efficiency": f"{t['encoder32'] / t['ours32']:.2f}", "rss_mb": f"{rss_mb:.0f}",
+               **{f"{name}_overhead": f"{t[name] / t['plain']:.2f}" for name in ("attention", "sampling", "controls")},
+               "beam_options_overhead": f"{t['beam_all'] / t['beam']:.2f}"}
     if exports is not None:
         del captioner, torch_fp32, model           # the comparison's process needs the memory more
-        line += " " + onnx_runtime_rows(exports, args.repeats)
-    print(line)
+        figures |= onnx_runtime_rows(exports, args.repeats)
+    common.finish("decode", figures, env, args.json)
 
 
 def compare_engines(exports: Path, repeats: int) -> None:
     """--compare: PyTorch (fp32, and `precision: auto`) and ONNX Runtime (the fp32 and int8 exports, and the bare
-    encoder graph) timed in turns, round after round, so that a load that comes and goes weighs on each alike;
-    prints one JSON line of medians (seconds)."""
+    encoder graph) timed in turns, round after round; prints one JSON line of medians (seconds)."""
     model, vocab, cfg = reference_model()
     torch_fp32 = Captioner(model, vocab, cfg, device="cpu", precision="fp32")
     model, vocab, cfg = reference_model()
@@ -218,19 +203,12 @@ def compare_engines(exports: Path, repeats: int) -> None:
             "ort_int8_32": lambda: ort["int8"].caption(images, batch_size=32),
             "ort_encoder_32": lambda: ort["int8"].memory(images=x32)}
     assert len(ort["int8"].caption(one)[0].caption.split()) == WORDS
-    times = {name: [] for name in jobs}
-    for _ in range(repeats + 1):                                       # the first round warms up
-        for name, job in jobs.items():
-            start = time.perf_counter()
-            job()
-            times[name].append(time.perf_counter() - start)
-    print(json.dumps({"precision_auto": torch_auto.precision,
-                      **{name: statistics.median(ts[1:]) for name, ts in times.items()}}))
+    print(json.dumps({"precision_auto": torch_auto.precision, **common.medians(jobs, repeats)}))
 
 
-def onnx_runtime_rows(exports: Path, repeats: int) -> str:
+def onnx_runtime_rows(exports: Path, repeats: int) -> dict[str, str]:
     """The engines compared (in a process of their own), and the int8 export's peak RSS (in another); their rows,
-    printed, and their part of the last line."""
+    printed, and their figures for the last line."""
     def child(*args) -> dict:
         out = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True)
         if out.returncode:
@@ -251,11 +229,11 @@ def onnx_runtime_rows(exports: Path, repeats: int) -> str:
     print(f"ONNX Runtime int8, a process that only captions (1 image, then 32): peak RSS {rss['rss_mb']} MB "
           f"({rss['rss_after_imports_mb']} MB after its imports; imported {rss['imported'] or 'none'} of "
           "torch, torchvision, pandas, matplotlib)")
-    return (f"ort_speedup_vs_torch={t['torch_fp32'] / t['ort_int8']:.2f} "
-            f"ort_overhead_vs_encoder={t['ort_int8'] / t['ort_encoder']:.2f} "
-            f"ort_batch_efficiency={t['ort_encoder_32'] / t['ort_int8_32']:.2f} ort_rss_mb={rss['rss_mb']} "
-            f"ort_fp32_speedup_vs_torch={t['torch_fp32'] / t['ort_fp32']:.2f} "
-            f"ort_speedup_vs_torch_{auto}={t['torch_auto'] / t['ort_int8']:.2f}")
+    return {"ort_speedup_vs_torch": f"{t['torch_fp32'] / t['ort_int8']:.2f}",
+            "ort_overhead_vs_encoder": f"{t['ort_int8'] / t['ort_encoder']:.2f}",
+            "ort_batch_efficiency": f"{t['ort_encoder_32'] / t['ort_int8_32']:.2f}", "ort_rss_mb": rss["rss_mb"],
+            "ort_fp32_speedup_vs_torch": f"{t['torch_fp32'] / t['ort_fp32']:.2f}",
+            f"ort_speedup_vs_torch_{auto}": f"{t['torch_auto'] / t['ort_int8']:.2f}"}
 
 
 if __name__ == "__main__":

@@ -10,19 +10,20 @@ Last line: export_agreement: fp32_same=X int8_same=Y accuracy_checkpoint=A accur
 
     python benchmarks/export_agreement.py --checkpoint runs/shapes/best.pt --data data/shapes [--split test]
         [--int8-block 128] [--shortlist 16]      (another int8 recipe than export.py's, to compare)
+        [--json PATH]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import common
 from captioning import Captioner
-from captioning import export as export_module
-from captioning.export import export
-from captioning.shapes import accuracy, load_ground_truth
+from captioning.data.shapes import accuracy, load_ground_truth
+from captioning.decode import export as export_module
+from captioning.decode.export import export
 
 
 def caption_all(captioner: Captioner, paths: list[Path]) -> tuple[dict[str, str], float]:
@@ -36,7 +37,7 @@ def caption_all(captioner: Captioner, paths: list[Path]) -> tuple[dict[str, str]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--checkpoint", default="runs/shapes/best.pt")
     parser.add_argument("--data", default="data/shapes", help="the Shapes data set the checkpoint was trained on")
     parser.add_argument("--splits", help="the run's splits.json (default: beside the checkpoint)")
@@ -66,6 +67,7 @@ def main() -> None:
         for name, captioner in captioners.items():
             captions[name], seconds[name] = caption_all(captioner, paths)
     auto = captioners["checkpoint_auto"].precision
+    env = common.machine("cpu", auto)
     reference = captions["checkpoint_fp32"]
     same = {name: sum(c[n] == reference[n] for n in reference) / len(reference) for name, c in captions.items()}
     acc = {name: accuracy(c, truth) for name, c in captions.items()}
@@ -77,11 +79,12 @@ def main() -> None:
         for n in reference:
             if captions[name][n] != reference[n]:
                 print(f"  {name} {n}: {reference[n]!r} -> {captions[name][n]!r}")
-    print(f"export_agreement: fp32_same={same['onnx_fp32']:.4f} int8_same={same['onnx_int8']:.4f} "
-          f"accuracy_checkpoint={acc['checkpoint_fp32']:.4f} accuracy_fp32={acc['onnx_fp32']:.4f} "
-          f"accuracy_int8={acc['onnx_int8']:.4f} checkpoint_{auto}_same={same['checkpoint_auto']:.4f} "
-          f"accuracy_checkpoint_{auto}={acc['checkpoint_auto']:.4f} images={len(paths)} "
-          f"int8_block={args.int8_block} shortlist={args.shortlist}")
+    common.finish("export_agreement", {
+        "fp32_same": f"{same['onnx_fp32']:.4f}", "int8_same": f"{same['onnx_int8']:.4f}",
+        "accuracy_checkpoint": f"{acc['checkpoint_fp32']:.4f}", "accuracy_fp32": f"{acc['onnx_fp32']:.4f}",
+        "accuracy_int8": f"{acc['onnx_int8']:.4f}", f"checkpoint_{auto}_same": f"{same['checkpoint_auto']:.4f}",
+        f"accuracy_checkpoint_{auto}": f"{acc['checkpoint_auto']:.4f}", "images": len(paths),
+        "int8_block": args.int8_block, "shortlist": args.shortlist}, env, args.json)
 
 
 if __name__ == "__main__":

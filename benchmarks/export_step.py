@@ -7,18 +7,17 @@ and 25th percentile per step, and its step graph's node count after ONNX Runtime
 
 Last line: export_step: ms_0=... ms_1=... nodes_0=... nodes_1=... (in the order of the folders given).
 
-    python benchmarks/export_step.py EXPORT_DIR/int8 [OTHER_EXPORT_DIR/int8 ...] [--rounds 40]
+    python benchmarks/export_step.py EXPORT_DIR/int8 [OTHER_EXPORT_DIR/int8 ...] [--rounds 40] [--json PATH]
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from captioning.onnx_engine import OrtEngine, load_session, read_export
+import common
+from captioning.decode.onnx_engine import OrtEngine, load_session
 
 STEPS = 20
 
@@ -37,28 +36,26 @@ def node_count(step: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("exports", nargs="+", type=Path)
     parser.add_argument("--rounds", type=int, default=40)
     args = parser.parse_args()
     engines = [OrtEngine(load_session(folder / "start.onnx"), load_session(folder / "step.onnx"), 0)
                for folder in args.exports]
-    d_model = read_export(args.exports[0])["config"].model.d_model
-    memory = np.random.default_rng(0).standard_normal((1, 49, d_model)).astype(np.float32)
-    times = [[] for _ in engines]
-    for _ in range(args.rounds + 2):                                   # the first two rounds warm up
-        for engine, spent in zip(engines, times):
-            cache, token = engine.init_cache(memory), np.array([1])
-            start = time.perf_counter()
-            for _ in range(STEPS):
-                engine.step(cache, token)
-            spent.append((time.perf_counter() - start) / STEPS * 1e3)
-    parts = []
-    for i, (folder, spent) in enumerate(zip(args.exports, times)):
-        ms, nodes = float(np.median(spent[2:])), node_count(folder / "step.onnx")
-        print(f"{folder}: {ms:.3f} ms / step (25th percentile {np.percentile(spent[2:], 25):.3f}), {nodes} nodes")
-        parts.append(f"ms_{i}={ms:.3f} nodes_{i}={nodes}")
-    print("export_step: " + " ".join(parts))
+    _, grid, d_model = engines[0].start.get_inputs()[0].shape           # memory (M, L, D): L and D as exported
+    memory = np.random.default_rng(0).standard_normal((1, grid, d_model)).astype(np.float32)
+    token, steps, fresh = np.array([1]), {}, {}       # STEPS steps of one row from a fresh cache (made untimed)
+    for i, engine in enumerate(engines):
+        steps[str(i)] = lambda cache, engine=engine: [engine.step(cache, token) for _ in range(STEPS)]
+        fresh[str(i)] = lambda engine=engine: engine.init_cache(memory)
+    times = common.in_turns(steps, args.rounds, warmup=2, prepare=fresh)
+    env, figures = common.machine("cpu"), {}
+    for i, folder in enumerate(args.exports):
+        spent = np.array(times[str(i)]) / STEPS * 1e3                  # ms a step
+        ms, nodes = float(np.median(spent)), node_count(folder / "step.onnx")
+        print(f"{folder}: {ms:.3f} ms / step (25th percentile {np.percentile(spent, 25):.3f}), {nodes} nodes")
+        figures |= {f"ms_{i}": f"{ms:.3f}", f"nodes_{i}": nodes}
+    common.finish("export_step", figures, env, args.json)
 
 
 if __name__ == "__main__":

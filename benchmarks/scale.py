@@ -32,16 +32,14 @@ Last line: scale: rows=N read_s=... corpus_rss_mb=... loader_img_s=... cache_rea
 projected_epoch_min=... score_s=...   (loader_img_s with 2 workers; cache_read_img_s warm)
 
     python benchmarks/scale.py [--data data/scale] [--images 31783] [--loader-images 3000]
-        [--cache-images 2000] [--train-steps 4] [--delete-cache]
+        [--cache-images 2000] [--train-steps 4] [--delete-cache] [--json PATH]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
 import os
-import resource
 import shutil
 import subprocess
 import time
@@ -52,26 +50,19 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from captioning.check import check_data
+import common
 from captioning.config import from_dict
-from captioning.data import CaptionDataset, Corpus, build_loader, make_splits, read_captions
+from captioning.data.check import check_data
+from captioning.data.corpus import Corpus, make_splits
+from captioning.data.dataset import CaptionDataset, build_loader
+from captioning.data.readers import read_captions
+from captioning.data.vocab import Vocabulary
 from captioning.device import resolve_precision
-from captioning.env import collect_env
-from captioning.features import (
-    FEATURES_FILE,
-    FeatureCache,
-    FeatureDataset,
-    _CacheWriter,
-    _extraction_net,
-    _Images,
-    _read_done,
-    build_encoder,
-    extract_features,
-)
-from captioning.metrics import score_captions
-from captioning.model import build_model
-from captioning.train import TrainState, build_optimizer, build_scheduler, train_one_epoch
-from captioning.vocab import Vocabulary
+from captioning.eval.metrics import score_captions
+from captioning.model.caption_model import build_model
+from captioning.train.feature_cache import FEATURES_FILE, FeatureCache, FeatureDataset, _read_done, build_encoder
+from captioning.train.features import _CacheWriter, _extraction_net, _Images, extract_features
+from captioning.train.loop import TrainState, build_optimizer, build_scheduler, train_one_epoch
 
 FLICKR30K_IMAGES, CAPTIONS, WORDS = 31_783, 5, 20_000
 REFERENCE_VOCAB, GRID, CHANNELS = 7736, 49, 2048
@@ -151,12 +142,9 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def report(stage: str, seconds: float, extra: str = "") -> None:
-    print(f"{stage:<34} {seconds:8.1f} s   rss {rss_mb():7.0f} MB  peak {peak_mb():7.0f} MB  {extra}", flush=True)
+    print(f"{stage:<34} {seconds:8.1f} s   rss {rss_mb():7.0f} MB  peak {common.peak_rss_mb():7.0f} MB  {extra}",
+          flush=True)
 
 
 def stage_read(cfg, n_images: int):
@@ -332,7 +320,7 @@ def reference_vocab(vocab: Vocabulary) -> Vocabulary:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--data", default="data/scale", help="where the stand-in is built and kept")
     parser.add_argument("--images", type=int, default=FLICKR30K_IMAGES, help="a smaller stand-in, for a trial")
     parser.add_argument("--loader-images", type=int, default=3000)
@@ -352,7 +340,7 @@ def main() -> None:
                      "model": {"pretrained": False}, "train": {"num_workers": 2, "device": "cpu"}},
                     check_paths=False)
     device, precision = torch.device("cpu"), resolve_precision(cfg.train.precision, torch.device("cpu"))
-    print("env:", json.dumps(collect_env(device, precision)))
+    env = common.machine(device, precision)
     print(f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     found, corpus, splits, vocab, read_s, corpus_mb = stage_read(cfg, args.images)
     stage_check(cfg)
@@ -369,8 +357,9 @@ def main() -> None:
     score_s = stage_score(test, args.score_images)
     if args.delete_cache:
         shutil.rmtree(cache_folder)
-    print(f"scale: rows={found.rows} read_s={read_s:.2f} corpus_rss_mb={corpus_mb:.0f} loader_img_s={rates[2]:.1f} "
-          f"cache_read_img_s={cache_read:.0f} projected_epoch_min={epoch_min:.0f} score_s={score_s:.1f}")
+    common.finish("scale", {"rows": found.rows, "read_s": f"{read_s:.2f}", "corpus_rss_mb": f"{corpus_mb:.0f}",
+                            "loader_img_s": f"{rates[2]:.1f}", "cache_read_img_s": f"{cache_read:.0f}",
+                            "projected_epoch_min": f"{epoch_min:.0f}", "score_s": f"{score_s:.1f}"}, env, args.json)
 
 
 if __name__ == "__main__":

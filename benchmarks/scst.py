@@ -12,27 +12,24 @@ Both at the default precision (train.precision=auto), the same Adam; medians of 
 alternated, after one warm-up step of each. Last line:
 scst: step_ratio_vs_xe=X samples_per_s=... peak_rss_mb=...
 
-    python benchmarks/scst.py [--steps 5] [--device cpu|cuda]
+    python benchmarks/scst.py [--steps 5] [--device cpu|cuda] [--json PATH]
 """
 from __future__ import annotations
 
-import argparse
 import json
-import resource
 import statistics
-import time
 
 import torch
 
+import common
 from captioning.config import from_dict
-from captioning.data import Batch
-from captioning.decoding import Rules
+from captioning.data.dataset import Batch
+from captioning.decode.rules import Rules
 from captioning.device import resolve_device, resolve_precision
-from captioning.env import collect_env
-from captioning.model import build_model
-from captioning.reward import CiderD
-from captioning.scst import ScstObjective
-from captioning.train import CrossEntropy, build_optimizer
+from captioning.model.caption_model import build_model
+from captioning.train.loop import CrossEntropy, build_optimizer
+from captioning.train.reward import CiderD
+from captioning.train.scst import ScstObjective
 
 IMAGES, CAPTIONS, WORDS, SAMPLES, MAX_WORDS, VOCAB = 16, 5, 12, 5, 20, 7736
 
@@ -44,20 +41,16 @@ def make_batch(generator: torch.Generator) -> Batch:
                  features=torch.randn(IMAGES, 49, 2048, generator=generator).half())
 
 
-def timed_step(objective, net, optimizer, batch: Batch, device) -> float:
-    start = time.perf_counter()
+def step(objective, net, optimizer, batch: Batch, device) -> None:
     loss, _, _ = objective(net, batch.to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
     optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -74,20 +67,17 @@ def main() -> None:
     objectives = {"xe": CrossEntropy(precision, device),
                   "scst": ScstObjective(model, CiderD.build(references), Rules(0, 1, 2), SAMPLES, MAX_WORDS, "mean",
                                         precision, device)}
-    times = {name: [] for name in objectives}
-    for repeat in range(args.steps + 1):
-        for name, objective in objectives.items():
-            seconds = timed_step(objective, model, optimizer, batch, device)
-            if repeat:                                           # the first of each is the warm-up
-                times[name].append(seconds)
+    times = common.in_turns({name: lambda o=objective: step(o, model, optimizer, batch, device)
+                             for name, objective in objectives.items()}, args.steps,
+                            sync=torch.cuda.synchronize if device.type == "cuda" else None)
     xe, scst = (statistics.median(times[k]) for k in ("xe", "scst"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"env": collect_env(device, precision), "steps": args.steps,
-                      "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()}}))
+    peak = common.peak_rss_mb()
+    env = common.machine(device, precision)
+    print(json.dumps({"steps": args.steps, "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()}}))
     print(f"xe step {xe * 1000:.0f} ms ({IMAGES} images x {CAPTIONS} captions of {WORDS} words), scst step "
           f"{scst * 1000:.0f} ms ({IMAGES} images x {SAMPLES} samples of {MAX_WORDS} words), {precision} on {device}")
-    print(f"scst: step_ratio_vs_xe={scst / xe:.2f} samples_per_s={IMAGES * SAMPLES / scst:.1f} "
-          f"peak_rss_mb={peak:.0f}")
+    common.finish("scst", {"step_ratio_vs_xe": f"{scst / xe:.2f}", "samples_per_s": f"{IMAGES * SAMPLES / scst:.1f}",
+                           "peak_rss_mb": f"{peak:.0f}"}, env, args.json)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ both on its first batch and keeps the faster. Last line:
 train: speedup_vs_reference=X reference_s=... ours_s=... cache_s=... epoch_s=... cache_engine=E
        [extract_<precision>_engine=E extract_<precision>_auto_vs_torch=R ...]
 
-    python benchmarks/train.py [--images 32] [--repeats 1] [--device cpu|cuda] [--extract-images 256]
+    python benchmarks/train.py [--images 32] [--repeats 1] [--device cpu|cuda] [--extract-images 256] [--json PATH]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -36,14 +35,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+import common
 from captioning.config import from_dict
-from captioning.data import Batch, CaptionDataset, Corpus, build_loader, collate
+from captioning.data.corpus import Corpus
+from captioning.data.dataset import Batch, CaptionDataset, build_loader, collate
+from captioning.data.vocab import SPECIALS, Vocabulary
 from captioning.device import resolve_precision
-from captioning.env import collect_env
-from captioning.features import PROBE_MIN_IMAGES, FeatureDataset, extract_features
-from captioning.model import build_model
-from captioning.train import TrainState, build_scheduler, caption_loss, train_one_epoch
-from captioning.vocab import SPECIALS, Vocabulary
+from captioning.model.caption_model import build_model
+from captioning.train.feature_cache import FeatureDataset
+from captioning.train.features import PROBE_MIN_IMAGES, extract_features
+from captioning.train.loop import TrainState, build_scheduler, caption_loss, train_one_epoch
 
 WORDS, CAPTIONS = 12, 5
 IMAGES, VOCAB, STEP_IMAGES = 32, 7736, 6   # defaults: images in the set, words, images a step of ours
@@ -59,15 +60,15 @@ def make_data(folder: Path, n: int, vocab_words: list[str], rng) -> Corpus:
 
 
 @torch.no_grad()
-def calibrate_batchnorm(encoder, images: torch.Tensor) -> None:
-    """Give the random ResNet's BatchNorm layers the statistics of one batch. Untouched, random weights
+def calibrate_batchnorm(body: torch.nn.Module, images: torch.Tensor) -> None:
+    """Give a random ResNet body's BatchNorm layers the statistics of one batch. Untouched, random weights
     grow the features with depth (to ~1e8, past fp16); speed does not depend on the values."""
-    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    norms = [m for m in body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for m in norms:
         m.momentum = 1.0
-    encoder.body.train()
-    encoder.body(images)
-    encoder.body.eval()
+    body.train()
+    body(images)
+    body.eval()
     for m in norms:
         m.momentum = 0.1
 
@@ -92,7 +93,7 @@ def reference_epoch(model, dataset: CaptionDataset, optimizer, device, rows_per_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--images", type=int, default=IMAGES)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternated; medians reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -124,47 +125,42 @@ def main() -> None:
         def fresh():
             torch.manual_seed(cfg.seed)
             model = build_model(cfg.model, len(vocab), vocab.pad).to(device)
-            calibrate_batchnorm(model.encoder,
+            calibrate_batchnorm(model.encoder.body,
                                 torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device))
             optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                          fused=device.type in ("cpu", "cuda"))
             return model, optimizer
 
-        def time_reference() -> float:
-            model, optimizer = fresh()
-            start = time.perf_counter()
-            reference_epoch(model, dataset, optimizer, device)
-            sync()
-            return time.perf_counter() - start
+        caches = []                                 # ours: each run's cache seconds and the engine that made it
 
-        def time_ours(root: Path) -> tuple[float, float, dict]:
-            model, optimizer = fresh()
+        def ours(state) -> None:
+            model, optimizer = state
             start = time.perf_counter()
-            cache = extract_features(cfg, names, corpus.images_dir, root, encoder=model.encoder,
-                                     batch_size=32, device=device, precision=precision, progress=False)
+            cache = extract_features(cfg, names, corpus.images_dir, tmp / f"features{len(caches)}",   # a new cache
+                                     encoder=model.encoder, batch_size=32, device=device, precision=precision,
+                                     progress=False)
             sync()
-            t_cache = time.perf_counter() - start
+            caches.append((time.perf_counter() - start, cache.meta["engine"]))
             loader = build_loader(FeatureDataset(cache, dataset), batch_size=cfg.train.batch_size, shuffle=True,
                                   num_workers=0, pad_id=vocab.pad)
             scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
             scheduler = build_scheduler(cfg, optimizer, len(loader))
             train_one_epoch(model, loader, optimizer, scheduler, scaler, TrainState(), precision=precision,
                             device=device, progress=False)
-            sync()
-            return time.perf_counter() - start, t_cache, cache.meta["engine"]
 
-        runs = []   # alternate the two, so that a slow spell of the machine falls on both
-        for r in range(args.repeats):
-            reference, (ours, cache, engine) = time_reference(), time_ours(tmp / f"features{r}")   # a new cache each
-            runs.append((reference, ours, cache, ours - cache))
-            print(f"run {r + 1}/{args.repeats}: reference {reference:.1f} s, ours {ours:.1f} s "
-                  f"(cache {cache:.1f} s, epoch {ours - cache:.1f} s)", flush=True)
-        t_reference, t_ours, t_cache, t_epoch = (statistics.median(column) for column in zip(*runs))
+        # alternated, so that a slow spell of the machine falls on both; each run on a fresh model (built untimed)
+        times = common.in_turns({"reference": lambda state: reference_epoch(state[0], dataset, state[1], device),
+                                 "ours": ours}, args.repeats, warmup=0, sync=sync,
+                                prepare={"reference": fresh, "ours": fresh}, progress=True)
+        t_reference, t_ours = statistics.median(times["reference"]), statistics.median(times["ours"])
+        t_cache = statistics.median(c for c, _ in caches)
+        t_epoch = statistics.median(o - c for o, (c, _) in zip(times["ours"], caches))
+        engine = caches[-1][1]
         extraction = compare_extraction(args, tmp, vocab_words, rng, fresh, device) \
             if device.type == "cpu" and args.extract_images else []
 
     n, rows = args.images, args.images * CAPTIONS
-    print("env:", json.dumps(collect_env(device, precision)))
+    env = common.machine(device, precision)
     print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads, "
           f"{n} images x {CAPTIONS} captions")
     print(f"reference (ResNet per caption row, fp32): {t_reference:8.1f} s   {n / t_reference:6.2f} images/s")
@@ -173,9 +169,10 @@ def main() -> None:
           f"the cache extracted by {engine['engine']} ({engine.get('why', 'timed')})")
     for line in extraction:
         print(line["text"])
-    print(f"train: speedup_vs_reference={t_reference / t_ours:.1f} reference_s={t_reference:.1f} ours_s={t_ours:.1f} "
-          f"cache_s={t_cache:.1f} epoch_s={t_epoch:.1f} rows={rows} precision={precision} "
-          f"cache_engine={engine['engine']}" + "".join(" " + line["keys"] for line in extraction))
+    figures = {"speedup_vs_reference": f"{t_reference / t_ours:.1f}", "reference_s": f"{t_reference:.1f}",
+               "ours_s": f"{t_ours:.1f}", "cache_s": f"{t_cache:.1f}", "epoch_s": f"{t_epoch:.1f}", "rows": rows,
+               "precision": precision, "cache_engine": engine["engine"]}
+    common.finish("train", figures | {k: v for line in extraction for k, v in line["keys"].items()}, env, args.json)
 
 
 def compare_extraction(args, tmp: Path, vocab_words: list[str], rng, fresh, device) -> list[dict]:
@@ -183,7 +180,7 @@ def compare_extraction(args, tmp: Path, vocab_words: list[str], rng, fresh, devi
     import importlib.util
     if any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime")):
         return [{"text": "extraction engines: skipped, onnxruntime not installed (pip install -e '.[export]')",
-                 "keys": ""}]
+                 "keys": {}}]
     (tmp / "extract").mkdir()
     corpus = make_data(tmp / "extract", args.extract_images, vocab_words, rng)
     cfg = from_dict({"data": {"format": "csv", "images": str(tmp / "extract")}, "model": {"pretrained": False},
@@ -203,9 +200,9 @@ def compare_extraction(args, tmp: Path, vocab_words: list[str], rng, fresh, devi
                               f"img/s, ONNX Runtime fp32 {n / seconds['onnxruntime']:.2f} img/s (export included), "
                               f"auto {n / seconds['auto']:.2f} img/s, which chose {choice['engine']} (its probe: "
                               f"{json.dumps(probe)})",
-                      "keys": f"extract_{resolved}_engine={choice['engine']} "
-                              f"extract_{resolved}_auto_vs_torch={seconds['torch'] / seconds['auto']:.2f} "
-                              f"extract_{resolved}_ort_vs_torch={seconds['torch'] / seconds['onnxruntime']:.2f}"})
+                      "keys": {f"extract_{resolved}_engine": choice["engine"],
+                               f"extract_{resolved}_auto_vs_torch": f"{seconds['torch'] / seconds['auto']:.2f}",
+                               f"extract_{resolved}_ort_vs_torch": f"{seconds['torch'] / seconds['onnxruntime']:.2f}"}})
         print(lines[-1]["text"], flush=True)
     return lines
 

@@ -14,35 +14,31 @@ floor_s = cache_s + epoch_matmul_s is what our pipeline would take with nothing 
 benchmark's speedup cannot pass reference_s / floor_s. Last line:
 train_bound: floor_s=... cache_s=... epoch_matmul_s=... step_s=... matmul_share=... peak_gflops=...
 
-    python benchmarks/train_bound.py
+    python benchmarks/train_bound.py [--json PATH]
 """
 from __future__ import annotations
-
-import json
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import common
 from captioning.config import ModelConfig
-from captioning.data import Batch
-from captioning.env import collect_env
-from captioning.model import Encoder, build_model
-from captioning.train import caption_loss
+from captioning.data.dataset import Batch
+from captioning.model.backbone import Encoder
+from captioning.model.caption_model import build_model
+from captioning.train.loop import caption_loss
 from train import CAPTIONS, IMAGES, STEP_IMAGES, VOCAB, WORDS  # benchmarks/train.py's sizes
 
 TOKENS = WORDS + 2                                                  # <bos> words <eos>
 
 
 def seconds(fn, repeats: int) -> float:
-    fn()                                                     # warm-up: oneDNN builds its kernels
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+    """Median seconds of `repeats` calls after a warm-up call (oneDNN builds its kernels)."""
+    return common.medians({"fn": fn}, repeats)["fn"]
 
 
 def main() -> None:
+    args = common.parser(__doc__).parse_args()
     torch.manual_seed(0)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     peak = 2 * 2048 ** 3 / seconds(lambda: a @ b, 10) / 1e9
@@ -78,15 +74,16 @@ def main() -> None:
     cache_s = per_image * IMAGES
     epoch_matmul_s = step_s * matmul * IMAGES * CAPTIONS / rows
     floor = cache_s + epoch_matmul_s
-    print("env:", json.dumps(collect_env(torch.device("cpu"), "fp32")))
+    env = common.machine("cpu", "fp32")
     print(f"{torch.get_num_threads()} threads, fp32")
     print(f"a @ b:                         {peak:6.1f} GFLOP/s")
     print(f"ResNet-152, batch 32:          {per_image * 1000:6.0f} ms an image -> {cache_s:.1f} s for {IMAGES} images")
     print(f"training step ({rows} rows):      {step_s:6.2f} s: matrix products {matmul:.0%}, "
           f"dropout's random numbers {dropout:.0%}")
     print(f"epoch's matrix products:       {epoch_matmul_s:6.1f} s for {IMAGES * CAPTIONS} rows")
-    print(f"train_bound: floor_s={floor:.1f} cache_s={cache_s:.1f} epoch_matmul_s={epoch_matmul_s:.1f} "
-          f"step_s={step_s:.2f} matmul_share={matmul:.2f} peak_gflops={peak:.0f}")
+    common.finish("train_bound", {"floor_s": f"{floor:.1f}", "cache_s": f"{cache_s:.1f}",
+                                  "epoch_matmul_s": f"{epoch_matmul_s:.1f}", "step_s": f"{step_s:.2f}",
+                                  "matmul_share": f"{matmul:.2f}", "peak_gflops": f"{peak:.0f}"}, env, args.json)
 
 
 if __name__ == "__main__":
