@@ -2,7 +2,8 @@
 
 Data flows one way: reader -> vocabulary -> dataset -> model -> loss -> checkpoint;
 checkpoint -> Captioner -> images -> encoder -> search through an engine -> text.
-The subpackages follow it: data, model, decode, then captioner.py, eval, train and cli (CONTRIBUTING.md).
+The subpackages follow it: data, model, decode, then captioner.py, eval, train and cli
+(CONTRIBUTING.md).
 
 `import captioning` does not import torch: the names that need it (CaptionModel, build_model,
 load_checkpoint) import it on first use, so captioning from an export runs without it.
@@ -15,8 +16,9 @@ from .data.vocab import Vocabulary
 _WITH_TORCH = {"CaptionModel": "model.caption_model", "build_model": "model.caption_model",
                "load_checkpoint": "model.checkpoint"}
 
-__all__ = ["CaptionModel", "CaptionResult", "Captioner", "Config", "ConfigError", "ImageLimits", "ImageLoadError",
-           "Vocabulary", "build_model", "load_checkpoint", "load_config", "open_image"]
+__all__ = ["CaptionModel", "CaptionResult", "Captioner", "Config", "ConfigError", "ImageLimits",
+           "ImageLoadError", "Vocabulary", "build_model", "load_checkpoint", "load_config",
+           "open_image"]
 __version__ = "0.1.0"    # pyproject.toml's; env.json records the installed one
 
 

@@ -1,12 +1,12 @@
 """The high-level Captioner: checkpoint -> images -> encoder -> decoding -> text.
 
     captioner = Captioner.from_checkpoint("runs/shapes/best.pt")
-    captioner("photo.jpg")                                   # -> "a dog runs on the grass"
+    captioner("photo.jpg")                          # -> "a dog runs on the grass"
     captioner.caption(["a.jpg", "https://...", pil_image], beam_size=3)
-    Captioner.from_export("exports/shapes")                  # the same, on ONNX Runtime (decode/onnx_engine.py)
+    Captioner.from_export("exports/shapes")         # the same, on ONNX Runtime (onnx_engine.py)
 
-Importing this module does not import torch: a Captioner over a checkpoint imports it when it is made,
-one over an export never does (design.md: about 500 MB of a process's RSS).
+Importing this module does not import torch: a Captioner over a checkpoint imports it when it is
+made, one over an export never does (design.md).
 """
 from __future__ import annotations
 
@@ -28,20 +28,22 @@ from .decode.search import Hypothesis, search
 
 @dataclass
 class CaptionResult:
-    input: str                  # a printable name of the input (path, URL, <bytes: n>, <PIL.Image ...>)
+    input: str                  # a printable name (path, URL, <bytes: n>, <PIL.Image ...>)
     caption: str | None = None  # the best caption
     error: str | None = None    # why this input got no caption
-    captions: list[dict] = field(default_factory=list)   # num_captions > 1: [{caption, score, logprob}], best first
-    words: list[str] | None = None             # attention=True: the best caption's words, then <eos> if it ended
-    attention: np.ndarray | None = None        # attention=True: (len(words), h, w), one map per word, each sums to 1
-    image: Image.Image | None = None           # attention=True: the image as the encoder saw it (resized)
+    captions: list[dict] = field(default_factory=list)  # [{caption, score, logprob}], best first
+    # attention=True: the best caption's words (then <eos> if it ended), a (len(words), h, w) map
+    # per word, each summing to 1, and the image as the encoder saw it (resized)
+    words: list[str] | None = None
+    attention: np.ndarray | None = None
+    image: Image.Image | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict:
-        """The JSON line of `caption --json` (maps left out: `caption --attention DIR` draws them)."""
+        """The JSON line of `caption --json` (no maps: `caption --attention DIR` draws them)."""
         if not self.ok:
             return {"input": self.input, "error": self.error}
         out = {"input": self.input, "caption": self.caption}
@@ -53,18 +55,19 @@ class CaptionResult:
 
 
 class Captioner:
-    """Captions images: preprocessing -> encoder -> memory -> the search through an engine -> text. The one
-    prediction path of `caption`, `evaluate` and validation CIDEr.
+    """Captions images: preprocessing -> encoder -> memory -> the search through an engine -> text.
+    The one prediction path of `caption`, `evaluate` and validation CIDEr.
 
-    `model` is the engine the search steps through: a CaptionModel, whose own image side is then the encoder
-    (run by PyTorch on `device` at `precision`, see decode.torch_engine.TorchEncoder; `own_model=True` lets it
-    cast the ResNet's weights), or any other engine with its `encoder` (an export's, see `from_export`).
+    `model` is the engine the search steps through: a CaptionModel, whose own image side is then
+    the encoder (PyTorch on `device` at `precision`, see decode.torch_engine.TorchEncoder;
+    `own_model=True` lets it cast the ResNet's weights), or another engine with its `encoder`
+    (see `from_export`).
     """
 
     def __init__(self, model, vocab: Vocabulary, cfg: Config, device=None, precision: str = "auto",
                  limits: ImageLimits | None = None, own_model: bool = False, *, encoder=None):
         if encoder is None:
-            from .decode.torch_engine import TorchEncoder  # a CaptionModel: torch is imported already
+            from .decode.torch_engine import TorchEncoder  # a CaptionModel: torch is imported
 
             encoder = TorchEncoder(model, cfg.data.image_size, device, precision, own_model)
         self.encoder, self.engine = encoder, model
@@ -78,16 +81,16 @@ class Captioner:
         from .model.checkpoint import load_checkpoint
 
         model, vocab, cfg = load_checkpoint(path)
-        if precision is None:   # fp16 is CUDA's: a run trained in it captions in the device's default elsewhere
+        if precision is None:   # fp16 is CUDA-only: elsewhere such a run gets the device's default
             fp16_elsewhere = cfg.train.precision == "fp16" and resolve_device(device).type != "cuda"
             precision = "auto" if fp16_elsewhere else cfg.train.precision
         return cls(model.eval(), vocab, cfg, device, precision, limits, own_model=True)
 
     @classmethod
-    def from_export(cls, folder: str | Path, limits: ImageLimits | None = None, threads: int | None = None
-                    ) -> Captioner:
-        """A Captioner over the folder `python -m captioning export` wrote, on ONNX Runtime (CPU): the same
-        options and results; `threads` None: ONNX Runtime's default, one a core."""
+    def from_export(cls, folder: str | Path, limits: ImageLimits | None = None,
+                    threads: int | None = None) -> Captioner:
+        """A Captioner over the folder `python -m captioning export` wrote, on ONNX Runtime (CPU):
+        the same options and results; `threads` None: ONNX Runtime's default, one a core."""
         from .decode.onnx_engine import load_export
 
         encoder, engine, export = load_export(folder, threads)
@@ -97,26 +100,27 @@ class Captioner:
 
     device = property(lambda self: self.encoder.device)
     precision = property(lambda self: self.encoder.precision)
-    transform = property(lambda self: self.encoder.transform)     # PIL image -> (3, S, S), tensor or array
-    model = property(lambda self: getattr(self.encoder, "model", None))     # the CaptionModel; None for an export
+    transform = property(lambda self: self.encoder.transform)  # PIL -> (3, S, S), tensor or array
+    model = property(lambda self: getattr(self.encoder, "model", None))  # None for an export
 
     def features(self, x):
-        """Preprocessed images (B, 3, H, W) -> grid features (B, L, C), in the encoder's precision."""
+        """Preprocessed images (B, 3, H, W) -> grid features (B, L, C), in encoder precision."""
         if not hasattr(self.encoder, "features"):
-            raise NotImplementedError("an export maps images to memory in one graph: its grid features are not "
-                                      "exposed; use Captioner.from_checkpoint for features")
+            raise NotImplementedError("an export maps images to memory in one graph: its grid "
+                                      "features are not exposed; "
+                                      "use Captioner.from_checkpoint for features")
         return self.encoder.features(x)
 
     def memory(self, *, images=None, features=None):
-        """Preprocessed images (B, 3, H, W) or cached grid features (B, L, C) -> memory (B, L, d_model), fp32."""
+        """Preprocessed images (B, 3, H, W) or cached grid features (B, L, C)
+        -> memory (B, L, d_model), fp32."""
         return self.encoder.memory(images=images, features=features)
 
     def encode(self, images, chunk: int = 8) -> Array:
         """RGB PIL images -> transformer memory (B, L, d_model), in fp32.
 
-        The ResNet sees `chunk` images at a time: its activations are most of the peak memory (at
-        224 px, 32 images at once is about 0.5 GB more than 8), for the same images per second.
-        Tensors or numpy arrays, as `transform` and `memory` give them (an export's are numpy).
+        The ResNet sees `chunk` images at a time: its activations are most of the peak memory, and
+        larger chunks are no faster. Tensors or numpy arrays, as `transform` and `memory` give them.
         """
         parts = []
         for start in range(0, len(images), chunk):
@@ -125,19 +129,21 @@ class Captioner:
         return array_ops(parts[0]).concat(parts)
 
     def options(self, **options) -> DecodeOptions:
-        """DecodeOptions from keyword arguments (unknown ones are a TypeError naming them), checked."""
+        """Checked DecodeOptions from keyword arguments (an unknown one: a TypeError naming it)."""
         opts = DecodeOptions(**options)
         if opts.max_words is None:
             opts = replace(opts, max_words=self.cfg.data.max_words)
         if opts.max_words > self.cfg.model.max_tokens - 2:
-            raise ValueError(f"max_words={opts.max_words}: this model reads at most model.max_tokens="
-                             f"{self.cfg.model.max_tokens} tokens, <bos> and <eos> included: at most "
+            raise ValueError(f"max_words={opts.max_words}: this model reads at most "
+                             f"model.max_tokens={self.cfg.model.max_tokens} tokens, "
+                             f"<bos> and <eos> included: at most "
                              f"{self.cfg.model.max_tokens - 2} words")
         return opts.check(self.cfg.model.num_decoder_layers, self.cfg.model.num_heads)
 
     def generator(self, options: DecodeOptions) -> np.random.Generator | None:
-        """Sampling's random numbers: one numpy generator a call, seeded with `seed` (else at random). Its
-        uniforms pick the words (decoding.inverse_cdf), so a seed draws the same on either engine and device."""
+        """Sampling's random numbers: one numpy generator a call, seeded with `seed` (else random).
+        Its uniforms pick the words (decoding.inverse_cdf), so a seed draws the same on any engine
+        and device."""
         return np.random.default_rng(options.seed) if options.sampling else None
 
     def search(self, memory: Array, options: DecodeOptions,
@@ -152,17 +158,19 @@ class Captioner:
 
     def decode(self, memory: Array, beam_size: int = 1, max_words: int | None = None,
                length_penalty: float = 1.0, **options) -> list[str]:
-        """Memory (B, L, d_model) -> B captions (the best of each), greedy (beam_size=1) or by beam search."""
-        opts = self.options(beam_size=beam_size, max_words=max_words, length_penalty=length_penalty, **options)
+        """Memory (B, L, d_model) -> B captions (the best of each), greedy (beam_size=1) or beam."""
+        opts = self.options(beam_size=beam_size, max_words=max_words, length_penalty=length_penalty,
+                            **options)
         return [self.vocab.decode(hyps[0].ids) for hyps in self.search(memory, opts)]
 
     def predict(self, *, images: Array | None = None, features: Array | None = None,
                 **options) -> list[str]:
-        """Captions of a batch already preprocessed (images) or encoded (cached features), in order."""
+        """Captions of a batch, preprocessed (images) or encoded (cached features), in order."""
         return self.decode(self.memory(images=images, features=features), **options)
 
-    def caption(self, inputs, beam_size: int = 1, batch_size: int = 16, **options) -> list[CaptionResult]:
-        """One result per input, in order; a bad input gets an error and the others still get captions.
+    def caption(self, inputs, beam_size: int = 1, batch_size: int = 16,
+                **options) -> list[CaptionResult]:
+        """One result per input, in order; a bad input gets an error, the others still captions.
 
         Keyword options are DecodeOptions' (num_captions, temperature, top_k, top_p, seed,
         no_repeat_ngram_size, min_words, allow_function_word_end, attention, attention_layer,
@@ -170,20 +178,23 @@ class Captioner:
         """
         if isinstance(inputs, (str, Path, bytes)) or not hasattr(inputs, "__iter__"):
             inputs = [inputs]
-        return list(self.caption_iter(list(inputs), beam_size=beam_size, batch_size=batch_size, **options))
+        return list(self.caption_iter(list(inputs), beam_size=beam_size, batch_size=batch_size,
+                                      **options))
 
-    def caption_iter(self, inputs: list, beam_size: int = 1, batch_size: int = 16, workers: int = 4, **options):
+    def caption_iter(self, inputs: list, beam_size: int = 1, batch_size: int = 16, workers: int = 4,
+                     **options):
         """`caption`'s results one by one, as each batch is done: for a folder of any size.
 
         `workers` threads open (read, download, decode) the next batch's images while the model
         captions this one; only two batches of images are ever in memory.
         """
         opts = self.options(beam_size=beam_size, **options)
-        generator = self.generator(opts)     # one for the whole call: a caption does not depend on the batch it is in
+        generator = self.generator(opts)  # one per call: a caption does not depend on its batch
         with ThreadPoolExecutor(max(workers, 1)) as pool:
             for batch in self._opened_batches(inputs, batch_size, pool):
                 results = [CaptionResult(describe(inputs[i])) for i, _ in batch]
-                images = {k: image for k, (_, image) in enumerate(batch) if not isinstance(image, ImageLoadError)}
+                images = {k: image for k, (_, image) in enumerate(batch)
+                          if not isinstance(image, ImageLoadError)}
                 for k, (_, image) in enumerate(batch):
                     if isinstance(image, ImageLoadError):
                         results[k].error = str(image)
@@ -192,13 +203,15 @@ class Captioner:
                     for k, hyps in zip(images, self.search(memory, opts, generator)):
                         self._fill(results[k], hyps, opts, memory.shape[1])
                         if opts.attention:
-                            results[k].image = images[k].resize((self.cfg.data.image_size,) * 2, Image.BILINEAR)
+                            results[k].image = images[k].resize((self.cfg.data.image_size,) * 2,
+                                                                Image.BILINEAR)
                 yield from results
 
     def _opened_batches(self, inputs: list, batch_size: int, pool: ThreadPoolExecutor):
-        """Batches of (index, PIL image or the ImageLoadError), the next one opening while this one is used."""
+        """Batches of (index, PIL image or ImageLoadError); the next opens while this is used."""
         def submit(start: int) -> list:
-            return [(i, pool.submit(self._open, inputs[i])) for i in range(start, min(start + batch_size, len(inputs)))]
+            return [(i, pool.submit(self._open, inputs[i]))
+                    for i in range(start, min(start + batch_size, len(inputs)))]
 
         ahead = submit(0)
         for start in range(0, len(inputs), batch_size):
@@ -211,16 +224,18 @@ class Captioner:
         except ImageLoadError as e:
             return e
 
-    def _fill(self, result: CaptionResult, hyps: list[Hypothesis], options: DecodeOptions, cells: int) -> None:
+    def _fill(self, result: CaptionResult, hyps: list[Hypothesis], options: DecodeOptions,
+              cells: int) -> None:
         best = hyps[0]
         result.caption = self.vocab.decode(best.ids)
         result.captions = [{"caption": self.vocab.decode(h.ids), "score": round(h.score, 6),
                             "logprob": round(h.logprob, 6)} for h in hyps]
         if options.attention:
             side = math.isqrt(cells)
-            h, w = (side, side) if side * side == cells else (1, cells)     # the grid, as CaptionModel.memory has it
+            h, w = (side, side) if side * side == cells else (1, cells)  # as CaptionModel.memory
             tokens = self.vocab.to_list()
-            result.words = [tokens[i] for i in best.ids] + (["<eos>"] if len(best.maps) > len(best.ids) else [])
+            result.words = ([tokens[i] for i in best.ids]
+                            + (["<eos>"] if len(best.maps) > len(best.ids) else []))
             maps = best.maps if isinstance(best.maps, np.ndarray) else best.maps.cpu().numpy()
             result.attention = maps.reshape(len(maps), h, w)
 

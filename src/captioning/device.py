@@ -12,14 +12,15 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: no CUDA device is visible (torch.cuda.is_available() is False); "
+        raise ValueError(f"device {name!r}: no CUDA device is visible "
+                         "(torch.cuda.is_available() is False); "
                          "--device cpu (or train.device: cpu) runs on the CPU")
     return device
 
 
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 matrix units (AMX or AVX-512 BF16), where bf16 is a real speed-up."""
+    """True on CPUs with native bf16 matrix units (AMX, AVX-512 BF16), where bf16 is a speed-up."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()

@@ -1,13 +1,12 @@
 """What a run ran on: package and library versions, the commit, the device, the CPU's vector units.
 
 Timings and scores depend on all of these (bf16 is a speed-up only on CPUs with AVX-512 BF16 or
-AMX; a figure from a dirty checkout is not the commit's), so every run writes them beside its
-results as env.json, and the figures in docs/benchmarks.md cite that file instead of describing the
-machine in prose:
+AMX), so every run writes them beside its results as env.json, which docs/benchmarks.md cites:
 
-    {"captioning": "0.1.0", "git_commit": "8cf2a5b...-dirty", "torch": "2.4.1", "torchvision": "0.19.1",
-     "python": "3.11.7", "device": "cuda:0", "cpu_flags": {"model": "AMD EPYC", "avx2": true, ...},
-     "gpu": "NVIDIA H100 80GB HBM3", "precision": "bf16", "threads": 16}
+    {"captioning": "0.1.0", "git_commit": "8cf2a5b...-dirty", "torch": "2.4.1",
+     "torchvision": "0.19.1", "python": "3.11.7", "device": "cuda:0",
+     "cpu_flags": {"model": "AMD EPYC", "avx2": true, ...}, "gpu": "NVIDIA H100 80GB HBM3",
+     "precision": "bf16", "threads": 16}
 
 Nothing here raises for a missing git, a tarball install or a machine without /proc/cpuinfo: what
 cannot be read is None.
@@ -27,15 +26,15 @@ from .files import write_atomic
 
 CPUINFO = "/proc/cpuinfo"            # a module constant, so that tests can point it at a fake file
 GIT_TIMEOUT_S = 5.0
-KEYS = ("captioning", "git_commit", "torch", "torchvision", "python", "device", "cpu_flags", "gpu", "precision",
-        "threads")
+KEYS = ("captioning", "git_commit", "torch", "torchvision", "python", "device", "cpu_flags", "gpu",
+        "precision", "threads")
 
 
 def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess | None:
     """`git args` in `cwd`, or None when git is missing, hangs or cannot run there."""
     try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=GIT_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=GIT_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -52,7 +51,7 @@ def git_commit(folder: str | Path | None = None) -> str | None:
     head = _git(["rev-parse", "--verify", "HEAD"], folder)
     if head is None or head.returncode != 0 or not head.stdout.strip():
         return None
-    tracked = _git(["ls-files", "--error-unmatch", "--", "."], folder)  # the folder holds tracked files
+    tracked = _git(["ls-files", "--error-unmatch", "--", "."], folder)  # folder has tracked files
     if tracked is None or tracked.returncode != 0:
         return None
     commit = head.stdout.strip()
@@ -75,10 +74,10 @@ def cpu_flags(path: str | Path | None = None) -> dict:
         key = key.strip().lower()
         if model is None and key in ("model name", "cpu model", "hardware"):
             model = value.strip() or None
-        elif flags is None and key in ("flags", "features"):       # x86 says flags, Arm says Features
+        elif flags is None and key in ("flags", "features"):   # x86 says flags, Arm Features
             flags = set(value.split())
         if model is not None and flags is not None:
-            break                                                # every core repeats the same lines
+            break                                            # every core repeats the same lines
     flags = flags or set()
     return {"model": model or platform.processor() or platform.machine() or None,
             "avx2": "avx2" in flags,
@@ -105,7 +104,7 @@ def package_version() -> str:
 
 
 def collect_env(device, precision: str) -> dict:
-    """The environment of a run on `device` (a torch.device or its name) at `precision`; keys as KEYS."""
+    """The environment of a run on `device` (a torch.device or name) at `precision`: KEYS."""
     device = torch.device(device)
     env = {"captioning": package_version(),
            "git_commit": git_commit(),
@@ -122,7 +121,7 @@ def collect_env(device, precision: str) -> dict:
 
 
 def write_env(path: str | Path, device, precision: str) -> dict:
-    """collect_env(device, precision), written to `path` as indented JSON, whole or not at all; returns it."""
+    """collect_env(device, precision), written atomically to `path` as indented JSON; returns it."""
     env = collect_env(device, precision)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

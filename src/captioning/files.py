@@ -1,4 +1,4 @@
-"""Files written whole or not at all: a kill or a power cut never leaves half of one behind."""
+"""Files written whole or not at all: a kill or a power cut never leaves half of one."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ from typing import IO
 
 def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> None:
     """Write `path` whole or not at all: `write(f)` into a temporary file in the same folder, fsync,
-    os.replace (atomic on POSIX), then fsync the folder so the rename itself survives a power cut."""
+    os.replace (atomic on POSIX), then fsync the folder so the rename survives a power cut."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -39,19 +39,20 @@ def spread(values: list[int]) -> dict[str, float]:
 
 
 def caption_stats(captions: dict[str, list[str]], max_words: int) -> dict:
-    """Captions per image, caption length in words (as the vocabulary counts them), duplicates per image."""
+    """Captions per image, caption length in words (as the vocabulary counts them), duplicates."""
     lengths = [len(tokenize(c)) for caps in captions.values() for c in caps]
     duplicates = sorted(name for name, caps in captions.items()
                         if len({" ".join(tokenize(c)) for c in caps}) < len(caps))
-    return {"captions": len(lengths), "captions_per_image": spread([len(c) for c in captions.values()]),
+    return {"captions": len(lengths),
+            "captions_per_image": spread([len(c) for c in captions.values()]),
             "caption_words": {**spread(lengths), "max_words": max_words,
                               "over_max_words": sum(n > max_words for n in lengths)},
             "duplicate_captions": duplicates}
 
 
 def vocabulary_stats(captions: dict[str, list[str]], train: list[str], min_freq: int) -> dict:
-    """The vocabulary training would build (words of the train split seen at least min_freq times) and the
-    share of the train split's words that become <unk> with it."""
+    """The vocabulary training would build (train words seen at least min_freq times) and the share
+    of the train split's words that become <unk> with it."""
     counts = Counter(w for name in (train or captions) for c in captions[name] for w in tokenize(c))
     kept = sum(n for n in counts.values() if n >= min_freq)
     total = sum(counts.values())
@@ -64,13 +65,17 @@ def summary_line(corpus: Corpus, cfg: Config) -> str:
     stats = caption_stats(corpus.captions, cfg.data.max_words)
     splits = make_splits(corpus, cfg)
     per, words = stats["captions_per_image"], stats["caption_words"]
-    return (f"data: {len(corpus.captions)} images ({corpus.missing} missing), {stats['captions']} captions "
-            f"({per['min']}/{per['median']:g}/{per['max']} per image), {corpus.skipped} row(s) skipped, "
-            f"{len(stats['duplicate_captions'])} image(s) with a duplicate caption; words per caption "
-            f"{words['median']:g} median, {words['p95']} at the 95th percentile, {words['max']} max "
+    split_by = ("from the file" if corpus.splits is not None
+                else f"by data.split_seed={cfg.data.split_seed}")
+    return (f"data: {len(corpus.captions)} images ({corpus.missing} missing), "
+            f"{stats['captions']} captions "
+            f"({per['min']}/{per['median']:g}/{per['max']} per image), "
+            f"{corpus.skipped} row(s) skipped, "
+            f"{len(stats['duplicate_captions'])} image(s) with a duplicate caption; "
+            f"words per caption {words['median']:g} median, "
+            f"{words['p95']} at the 95th percentile, {words['max']} max "
             f"({words['over_max_words']} longer than data.max_words={cfg.data.max_words}); split "
-            f"{' / '.join(f'{s} {len(n)}' for s, n in splits.items())} images "
-            f"({'from the file' if corpus.splits is not None else f'by data.split_seed={cfg.data.split_seed}'}). "
+            f"{' / '.join(f'{s} {len(n)}' for s, n in splits.items())} images ({split_by}). "
             f"`python -m captioning check-data` also opens every image.")
 
 
@@ -78,7 +83,7 @@ def _inspect(path: Path) -> tuple[int, int] | str:
     """The size of an image as training would see it, or why it cannot be opened."""
     try:
         return open_image(path).size
-    except Exception as e:  # noqa: BLE001 -- any failure is reported by name, the other images go on
+    except Exception as e:  # noqa: BLE001 -- any failure is reported by name, the others go on
         return str(e) or type(e).__name__
 
 
@@ -88,19 +93,20 @@ def open_images(images_dir: Path, names: list[str], *, workers: int | None = Non
     workers = workers or min(16, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(_inspect, [images_dir / n for n in names])
-        return dict(zip(names, tqdm(results, total=len(names), desc="opening images", disable=not progress)))
+        return dict(zip(names, tqdm(results, total=len(names), desc="opening images",
+                                    disable=not progress)))
 
 
 def require_folder(out: str | Path | None) -> None:
     """Refuse an --out whose folder does not exist, before the work rather than after it."""
     if out is not None and not Path(out).expanduser().resolve().parent.is_dir():
-        raise FileNotFoundError(f"--out {out}: folder {Path(out).expanduser().resolve().parent} does not exist; "
-                                "create it first")
+        raise FileNotFoundError(f"--out {out}: folder {Path(out).expanduser().resolve().parent} "
+                                "does not exist; create it first")
 
 
 def check_data(cfg: Config, *, workers: int | None = None, progress: bool = True,
                out: str | Path | None = None) -> dict:
-    """The data check as a JSON-ready dict (written to `out` too, whole or not at all); `usable` counts the
+    """The data check as a JSON-ready dict (written to `out` too, atomically); `usable` counts the
     images with a caption that exist and open: none means there is nothing to train on."""
     require_folder(out)
     d = cfg.data
@@ -110,14 +116,18 @@ def check_data(cfg: Config, *, workers: int | None = None, progress: bool = True
     captions, splits = without(found.captions, found.splits, set(missing))
     opened = open_images(images_dir, list(captions), workers=workers, progress=progress)
     unreadable = {n: why for n, why in opened.items() if isinstance(why, str)}
-    small = sorted(n for n, size in opened.items() if not isinstance(size, str) and min(size) < d.image_size)
+    small = sorted(n for n, size in opened.items()
+                   if not isinstance(size, str) and min(size) < d.image_size)
     corpus = Corpus(images_dir, captions, splits)
     split_names = make_splits(corpus, cfg)
-    report = {"format": found.format, "captions_file": str(captions_file), "images_dir": str(images_dir),
+    report = {"format": found.format, "captions_file": str(captions_file),
+              "images_dir": str(images_dir),
               "rows": found.rows, "skipped_rows": found.skipped, "images": len(found.captions),
               **caption_stats(found.captions, d.max_words),
-              "missing_images": missing, "unreadable_images": sorted(unreadable), "unreadable_reasons": unreadable,
-              "small_images": small, "image_size": d.image_size, "empty_captions": sorted(set(found.empty)),
+              "missing_images": missing, "unreadable_images": sorted(unreadable),
+              "unreadable_reasons": unreadable,
+              "small_images": small, "image_size": d.image_size,
+              "empty_captions": sorted(set(found.empty)),
               "vocabulary": vocabulary_stats(captions, split_names["train"], d.min_freq),
               "splits": {s: len(names) for s, names in split_names.items()},
               "splits_from": "file" if splits is not None else f"data.split_seed={d.split_seed}",
@@ -131,7 +141,8 @@ def check_data(cfg: Config, *, workers: int | None = None, progress: bool = True
 
 
 def _names(names: list[str]) -> str:
-    return ", ".join(names[:EXAMPLES]) + (f", ... ({len(names)} in all)" if len(names) > EXAMPLES else "")
+    return ", ".join(names[:EXAMPLES]) + (f", ... ({len(names)} in all)" if len(names) > EXAMPLES
+                                          else "")
 
 
 def format_report(report: dict) -> str:
@@ -139,23 +150,30 @@ def format_report(report: dict) -> str:
     per, words, vocab = report["captions_per_image"], report["caption_words"], report["vocabulary"]
     rows = [("captions", f"{report['captions_file']} (read as {report['format']})"),
             ("images folder", report["images_dir"]),
-            ("rows", f"{report['rows']} ({len(report['skipped_rows'])} skipped{': ' if report['skipped_rows'] else ''}"
-                     f"{_names(report['skipped_rows'])})"),
+            ("rows", f"{report['rows']} ({len(report['skipped_rows'])} skipped"
+                     f"{': ' if report['skipped_rows'] else ''}{_names(report['skipped_rows'])})"),
             ("images", f"{report['images']} captioned, {report['usable_images']} usable"),
             ("captions per image", f"min {per['min']}, median {per['median']:g}, max {per['max']}"),
-            ("missing images", f"{len(report['missing_images'])} {_names(report['missing_images'])}"),
-            ("unreadable images", f"{len(report['unreadable_images'])} {_names(report['unreadable_images'])}"),
+            ("missing images", f"{len(report['missing_images'])} "
+                               f"{_names(report['missing_images'])}"),
+            ("unreadable images", f"{len(report['unreadable_images'])} "
+                                  f"{_names(report['unreadable_images'])}"),
             (f"smaller than {report['image_size']} px", f"{len(report['small_images'])} "
                                                        f"{_names(report['small_images'])}"),
-            ("empty captions", f"{len(report['empty_captions'])} {_names(report['empty_captions'])}"),
+            ("empty captions", f"{len(report['empty_captions'])} "
+                               f"{_names(report['empty_captions'])}"),
             ("duplicate captions", f"{len(report['duplicate_captions'])} image(s) "
                                    f"{_names(report['duplicate_captions'])}"),
-            ("words per caption", f"median {words['median']:g}, 95th percentile {words['p95']}, max {words['max']}; "
-                                  f"{words['over_max_words']} longer than data.max_words={words['max_words']}"),
-            ("vocabulary", f"{vocab['size']} words seen >= {vocab['min_freq']} times (data.min_freq) in train; "
+            ("words per caption", f"median {words['median']:g}, 95th percentile {words['p95']}, "
+                                  f"max {words['max']}; "
+                                  f"{words['over_max_words']} longer than "
+                                  f"data.max_words={words['max_words']}"),
+            ("vocabulary", f"{vocab['size']} words seen >= {vocab['min_freq']} times "
+                           f"(data.min_freq) in train; "
                            f"{100 * vocab['unk_share']:.1f}% of train words become <unk>"),
             ("splits", ", ".join(f"{s} {n}" for s, n in report["splits"].items()) + " images "
-                       + ("(the file's own)" if report["splits_from"] == "file" else f"(by {report['splits_from']})"))]
+                       + ("(the file's own)" if report["splits_from"] == "file"
+                          else f"(by {report['splits_from']})"))]
     width = max(len(key) for key, _ in rows)
     lines = [f"{key:<{width}}  {value.rstrip()}" for key, value in rows]
     for name in report["unreadable_images"][:EXAMPLES]:

@@ -1,7 +1,7 @@
 """Image-level splits -> batches: the dataset, the batch, the epoch sampler and the loader.
 
-A batch holds B images and all of their captions; `image_index` says which image each caption belongs to,
-so the image side runs once per image, not once per caption.
+A batch holds B images and all of their captions; `image_index` says which image each caption
+belongs to, so the image side runs once per image, not once per caption.
 """
 from __future__ import annotations
 
@@ -39,14 +39,14 @@ def build_transform(image_size: int) -> transforms.Compose:
 
 
 class Item(NamedTuple):
-    """One image of a CaptionDataset: its preprocessed pixels, token ids of each caption, file name."""
+    """One image of a CaptionDataset: preprocessed pixels, token ids of each caption, file name."""
     image: torch.Tensor                 # (3, H, W)
     captions: list[torch.Tensor]
     name: str
 
 
 class FeatureItem(NamedTuple):
-    """One image of a FeatureDataset (features.py): its cached grid features instead of its pixels."""
+    """One image of a FeatureDataset (features.py): cached grid features instead of pixels."""
     features: torch.Tensor              # (L, C) float16
     captions: list[torch.Tensor]
     name: str
@@ -55,9 +55,9 @@ class FeatureItem(NamedTuple):
 class PackedStrings(Sequence):
     """A read-only list of str held as one UTF-8 buffer and its offsets.
 
-    A list of str is one Python object per string, and a forked DataLoader worker copies the memory
-    page of each one it reads (reading writes its reference count): over an epoch, all of them. Two
-    objects here, however many strings.
+    A list of str is one Python object per string, and a forked DataLoader worker copies the
+    memory page of each one it reads (reading writes its reference count): over an epoch, all of
+    them. Two objects here, however many strings.
     """
 
     def __init__(self, texts: Iterable[str]):
@@ -87,11 +87,12 @@ class _TokenRows(Sequence):
 
     def __getitem__(self, k: int) -> torch.Tensor:
         k = range(len(self))[k]
-        return torch.from_numpy(self._ids[self._ends[k - 1] if k else 0:self._ends[k]].astype(np.int64))
+        ids = self._ids[self._ends[k - 1] if k else 0:self._ends[k]]
+        return torch.from_numpy(ids.astype(np.int64))
 
 
 class PerImage(Sequence):
-    """Image i's captions as a list: rows first[i]..first[i+1]-1 of a flat sequence of all captions."""
+    """Image i's captions as a list: rows first[i]..first[i+1]-1 of a flat sequence of captions."""
 
     def __init__(self, rows: Sequence, counts: list[int]):
         self._rows = rows
@@ -110,12 +111,13 @@ class PerImage(Sequence):
 class CaptionDataset(Dataset):
     """One Item per image: (image tensor, [token id tensors of each caption], name).
 
-    `names[i]`, `references[i]` (the raw captions, for caption metrics) and `captions[i]` (their token
-    ids) read like lists, but are held in a few flat arrays (PackedStrings, PerImage), so that forked
-    DataLoader workers share them with the parent instead of copying them as the epoch goes by.
+    `names[i]`, `references[i]` (the raw captions, for caption metrics) and `captions[i]` (their
+    token ids) read like lists, but are held in a few flat arrays (PackedStrings, PerImage), so that
+    forked DataLoader workers share them with the parent instead of copying them.
     """
 
-    def __init__(self, corpus: Corpus, names: list[str], vocab: Vocabulary, image_size: int, max_words: int):
+    def __init__(self, corpus: Corpus, names: list[str], vocab: Vocabulary, image_size: int,
+                 max_words: int):
         self.images_dir = corpus.images_dir
         names = list(names)
         counts = [len(corpus.captions[n]) for n in names]
@@ -144,11 +146,13 @@ class Batch:
 
     def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)   # noqa: E731
-        return Batch(move(self.tokens), move(self.image_index), self.names, move(self.images), move(self.features))
+        return Batch(move(self.tokens), move(self.image_index), self.names, move(self.images),
+                     move(self.features))
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The image side as the model's keyword: {"images": ...} or {"features": ... in fp32}."""
-        return {"images": self.images} if self.features is None else {"features": self.features.float()}
+        return ({"images": self.images} if self.features is None
+                else {"features": self.features.float()})
 
 
 def collate(items: list[Item] | list[FeatureItem], pad_id: int = 0) -> Batch:
@@ -161,12 +165,13 @@ def collate(items: list[Item] | list[FeatureItem], pad_id: int = 0) -> Batch:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled order of an epoch, a function of (seed, epoch) alone: a resumed run sees the same one."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    """An epoch's shuffled order, a function of (seed, epoch) alone: a resumed run sees the same."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
 
 
 class EpochSampler(Sampler[int]):
-    """The indices one process reads in one epoch: the epoch's order, mid-epoch skip and DDP sharding.
+    """The indices one process reads in an epoch: the epoch's order, mid-epoch skip, DDP sharding.
 
     - order: `epoch_order(n, seed, epoch)` when shuffling (a function of seed and epoch alone, so a
       resumed run sees the same one), else 0..n-1;
@@ -182,7 +187,8 @@ class EpochSampler(Sampler[int]):
     def __init__(self, n: int, *, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
                  skip_batches: int = 0, rank: int = 0, world: int = 1):
         if batch_size < 1 or (world > 1 and shuffle and batch_size % world):
-            raise ValueError(f"batch_size={batch_size} must be >= 1 and divisible by the {world} processes")
+            raise ValueError(f"batch_size={batch_size} must be >= 1 and divisible by the "
+                             f"{world} processes")
         order = epoch_order(n, seed, epoch) if shuffle else list(range(n))
         order = order[skip_batches * batch_size:]
         self.batch_size = batch_size
@@ -202,15 +208,17 @@ class EpochSampler(Sampler[int]):
         return len(self.order)
 
 
-def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int, seed: int = 0,
-                 epoch: int = 0, pad_id: int = 0, skip_batches: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
-    """Batches of `dataset` in the order of an EpochSampler (see there for shuffling, skip and DDP)."""
-    sampler = EpochSampler(len(dataset), batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-                           skip_batches=skip_batches, rank=rank, world=world)
+def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int,
+                 seed: int = 0, epoch: int = 0, pad_id: int = 0, skip_batches: int = 0,
+                 rank: int = 0, world: int = 1) -> DataLoader:
+    """Batches of `dataset` in the order of an EpochSampler (see it for shuffling, skip and DDP)."""
+    sampler = EpochSampler(len(dataset), batch_size=batch_size, shuffle=shuffle, seed=seed,
+                           epoch=epoch, skip_batches=skip_batches, rank=rank, world=world)
     # a last training batch of one image would break BatchNorm in a trainable backbone
     drop_last = shuffle and world == 1 and len(dataset) % batch_size == 1
     # the loader's own generator seeds its workers, so building one never draws from the global RNG
     return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler,
-                      generator=torch.Generator().manual_seed(seed), drop_last=drop_last, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed), drop_last=drop_last,
+                      num_workers=num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       collate_fn=functools.partial(collate, pad_id=pad_id))

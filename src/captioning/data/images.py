@@ -42,11 +42,11 @@ class ImageLimits:
     after the deadline (one blocked read); DNS lookups are not bounded.
     """
 
-    max_bytes: int = 50 * 2**20        # encoded size, counted while reading (Content-Length is not trusted)
+    max_bytes: int = 50 * 2**20        # encoded size, counted while reading (not Content-Length)
     max_pixels: int = 90_000_000       # width * height, checked from the header before decoding
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
-    deadline: float = 30.0             # whole URL fetch; a trickling server never trips read_timeout
+    deadline: float = 30.0             # whole URL fetch; a trickling server never hits read_timeout
     max_redirects: int = 5
 
 
@@ -83,7 +83,8 @@ def open_image(source, limits: ImageLimits | None = None) -> Image.Image:
     elif isinstance(source, (str, os.PathLike)):
         data = _read_file(source, name, limits)
     else:
-        raise ImageLoadError(f"{name}: unsupported source type (expected a path, URL, bytes or PIL image)")
+        raise ImageLoadError(f"{name}: unsupported source type "
+                             "(expected a path, URL, bytes or PIL image)")
     return _decode(data, name, limits)
 
 
@@ -176,19 +177,20 @@ def _read_body(response: requests.Response, name: str, limits: ImageLimits, seco
 
 
 def _refuse_html(body: bytes, response: requests.Response, name: str) -> None:
-    """A web page where an image was expected (a login wall, a gallery page, an error page served as 200):
-    say so, with its content type and status, rather than only that the bytes are not an image."""
+    """A web page where an image was expected (a login wall, a gallery, an error page served as
+    200): say so, with its content type and status, not only that the bytes are not an image."""
     kind = response.headers.get("Content-Type", "")
     start = body[:512].lstrip().lower()
     if kind.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml") or \
             start.startswith((b"<!doctype html", b"<html")):
         try:
-            Image.open(io.BytesIO(body), formats=FORMATS)   # a server that labels an image text/html
+            Image.open(io.BytesIO(body), formats=FORMATS)   # an image labelled text/html
             return
         except Exception:
             pass
-        raise ImageLoadError(f"{name}: the server returned an HTML page, not an image (Content-Type: "
-                             f"{kind or 'none'}, HTTP {response.status_code}): use the image's own URL")
+        raise ImageLoadError(f"{name}: the server returned an HTML page, not an image "
+                             f"(Content-Type: {kind or 'none'}, HTTP {response.status_code}): "
+                             "use the image's own URL")
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -214,10 +216,12 @@ def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=FORMATS)
         except UnidentifiedImageError:
             raise ImageLoadError(
-                f"{name}: not an image file (cannot identify image format; supported: {', '.join(FORMATS)})"
+                f"{name}: not an image file (cannot identify image format; "
+                f"supported: {', '.join(FORMATS)})"
             ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageLoadError(f"{name}: image too large, refused as a decompression bomb ({e})") from None
+            raise ImageLoadError(f"{name}: image too large, refused as a decompression bomb "
+                                 f"({e})") from None
         except Exception as e:
             raise ImageLoadError(f"{name}: unreadable image header ({e})") from None
         return _to_rgb(image, name, limits)
@@ -228,7 +232,8 @@ def _to_rgb(image: Image.Image, name: str, limits: ImageLimits) -> Image.Image:
     width, height = image.size
     if width * height > limits.max_pixels:
         raise ImageLoadError(
-            f"{name}: image too large ({width}x{height} = {width * height} pixels > max_pixels={limits.max_pixels})"
+            f"{name}: image too large ({width}x{height} = {width * height} pixels "
+            f"> max_pixels={limits.max_pixels})"
         )
     try:
         image.load()
@@ -275,10 +280,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 def expand_inputs(items) -> list[str]:
     """Paths, URLs, folders and globs -> the inputs to caption, in order.
 
-    A folder gives its image files (by extension), recursively and sorted; a pattern with *, ? or [
-    that is not itself a file gives its matches, sorted (** spans folders), so a pattern a shell or a
-    notebook passed quoted still works. A folder or pattern that finds no image is kept as it is, so
-    that it gets an error naming it; paths and URLs pass through.
+    A folder gives its image files (by extension), recursively and sorted; a pattern with *, ?
+    or [ that is not itself a file gives its matches, sorted (** spans folders), so a pattern
+    passed quoted still works. A folder or pattern that finds no image is kept as it is, so that
+    it gets an error naming it; paths and URLs pass through.
     """
     out = []
     for item in map(str, items):
@@ -286,7 +291,8 @@ def expand_inputs(items) -> list[str]:
         if _is_url(item) or path.is_file():
             out.append(item)
         elif path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            found = sorted(str(p) for p in path.rglob("*")
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
             out += found or [item]
         elif any(c in item for c in "*?["):
             found = sorted(p for p in glob.glob(os.path.expanduser(item), recursive=True)

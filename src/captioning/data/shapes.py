@@ -47,7 +47,8 @@ def _place(rng: random.Random, n: int) -> list[dict]:
             r = SIZES[size]
             for _attempt in range(50):
                 x, y = rng.uniform(r, 1 - r), rng.uniform(r, 1 - r)
-                if all(math.hypot(x - o["x"], y - o["y"]) > r + SIZES[o["size"]] + 0.03 for o in objects):
+                if all(math.hypot(x - o["x"], y - o["y"]) > r + SIZES[o["size"]] + 0.03
+                       for o in objects):
                     break
             else:
                 break  # no room left: start the scene again
@@ -70,18 +71,21 @@ def draw_scene(objects: list[dict], rng: random.Random, side: int = CANVAS) -> I
             h = r * 0.85
             draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
         else:
-            draw.polygon([(cx, cy - r), (cx - r * 0.95, cy + r * 0.75), (cx + r * 0.95, cy + r * 0.75)], fill=fill)
+            draw.polygon([(cx, cy - r), (cx - r * 0.95, cy + r * 0.75),
+                          (cx + r * 0.95, cy + r * 0.75)], fill=fill)
     return image
 
 
 def _phrase(o: dict, with_size: bool) -> str:
-    return f"a {o['size']} {o['color']} {o['shape']}" if with_size else f"a {o['color']} {o['shape']}"
+    return (f"a {o['size']} {o['color']} {o['shape']}" if with_size
+            else f"a {o['color']} {o['shape']}")
 
 
 def _relation(a: dict, b: dict) -> tuple[str, str]:
     """How a sits relative to b, and b relative to a (image y grows downwards)."""
     if abs(a["x"] - b["x"]) >= abs(a["y"] - b["y"]):
-        return ("to the left of", "to the right of") if a["x"] < b["x"] else ("to the right of", "to the left of")
+        return (("to the left of", "to the right of") if a["x"] < b["x"]
+                else ("to the right of", "to the left of"))
     return ("above", "below") if a["y"] < b["y"] else ("below", "above")
 
 
@@ -90,12 +94,14 @@ def captions_for(objects: list[dict]) -> list[str]:
     full = [_phrase(o, True) for o in objects]
     short = [_phrase(o, False) for o in objects]
     if len(objects) == 1:
-        return [f"{full[0]}", f"there is {full[0]} in the picture", f"{short[0]} on a dark background",
-                f"a picture of {full[0]}", f"a single {short[0][2:]}"]
+        return [f"{full[0]}", f"there is {full[0]} in the picture",
+                f"{short[0]} on a dark background", f"a picture of {full[0]}",
+                f"a single {short[0][2:]}"]
     if len(objects) == 2:
         ab, ba = _relation(*objects)
-        return [f"{full[0]} {ab} {full[1]}", f"{full[1]} {ba} {full[0]}", f"{full[0]} and {full[1]}",
-                f"there is {short[0]} and {short[1]}", f"two shapes : {full[0]} and {full[1]}"]
+        return [f"{full[0]} {ab} {full[1]}", f"{full[1]} {ba} {full[0]}",
+                f"{full[0]} and {full[1]}", f"there is {short[0]} and {short[1]}",
+                f"two shapes : {full[0]} and {full[1]}"]
     ab, _ = _relation(objects[0], objects[1])
     listed = f"{full[0]} , {full[1]} and {full[2]}"
     return [listed, f"there is {short[0]} , {short[1]} and {short[2]}",
@@ -113,8 +119,8 @@ def build_shapes(out_dir: str | Path, n_images: int = 3000, seed: int = 0, side:
     if n_images < 1:
         raise ValueError(f"a Shapes data set needs at least 1 image, got {n_images}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} is not an empty folder: Shapes is generated only into a new or empty "
-                              "folder (choose another, or delete this one)")
+        raise FileExistsError(f"{out} is not an empty folder: Shapes is generated only into a "
+                              "new or empty folder (choose another, or delete this one)")
     images = out / "flickr30k_images"
     images.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -125,7 +131,7 @@ def build_shapes(out_dir: str | Path, n_images: int = 3000, seed: int = 0, side:
         draw_scene(objects, rng, side).save(images / name)
         truth[name] = objects
         for k, caption in enumerate(captions_for(objects)):
-            rows.append(f"{name}| {k}| {caption[0].upper()}{caption[1:]} .")  # as Kaggle writes them
+            rows.append(f"{name}| {k}| {caption[0].upper()}{caption[1:]} .")  # as Kaggle has it
     (out / "results.csv").write_text("\n".join(rows) + "\n")
     (out / GROUND_TRUTH).write_text(json.dumps(truth))
     return out
@@ -139,7 +145,7 @@ def load_ground_truth(data_dir: str | Path) -> dict[str, list[dict]]:
 
 
 def named_objects(caption: str) -> Counter:
-    """The (colour, shape) pairs a caption names; a shape with no colour counts as (None, shape)."""
+    """The (colour, shape) pairs a caption names; a bare shape counts as (None, shape)."""
     named, color = Counter(), None
     for word in tokenize(caption):
         if word in COLORS:
@@ -175,9 +181,9 @@ def _inside(x: float, y: float, boxes: list[tuple]) -> bool:
 def pointing_game(words: list[str], maps, objects: list[dict]) -> list[tuple[bool, float]]:
     """Does each colour or shape word that names a drawn object look at it?
 
-    For every such word: (is the peak of its map, a cell of the encoder's h x w grid, inside the box
-    of an object it names, the share of grid cells whose centre lies in those boxes: the chance of a
-    hit for a map that points at random). Words naming nothing drawn are not counted.
+    For every such word: (is the peak of its map, a cell of the encoder's h x w grid, inside the
+    box of an object it names, the share of grid cells whose centre lies in those boxes: the
+    chance of a hit for a map that points at random). Words naming nothing drawn are not counted.
     """
     out = []
     for word, grid in zip(words, maps):
@@ -188,5 +194,6 @@ def pointing_game(words: list[str], maps, objects: list[dict]) -> list[tuple[boo
         boxes = [_box(o) for o in named]
         centres = [((j + 0.5) / w, (i + 0.5) / h) for i in range(h) for j in range(w)]
         peak = int(grid.reshape(-1).argmax())
-        out.append((_inside(*centres[peak], boxes), sum(_inside(x, y, boxes) for x, y in centres) / len(centres)))
+        out.append((_inside(*centres[peak], boxes),
+                    sum(_inside(x, y, boxes) for x, y in centres) / len(centres)))
     return out

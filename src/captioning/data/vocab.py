@@ -33,12 +33,13 @@ class Vocabulary:
     def build(cls, captions: Iterable[str], min_freq: int = 5) -> Vocabulary:
         counts = Counter(w for c in captions for w in tokenize(c))
         # frequency first, then alphabetical: the same captions always give the same ids
-        words = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
+        words = sorted((w for w, n in counts.items() if n >= min_freq),
+                       key=lambda w: (-counts[w], w))
         return cls(list(SPECIALS) + words)
 
     def fingerprint(self) -> str:
-        """sha256 of the tokens in id order: what ties data built for one vocabulary (CIDEr-D's document
-        frequencies) to it."""
+        """sha256 of the tokens in id order: ties data built for one vocabulary (CIDEr-D's
+        document frequencies) to it."""
         return hashlib.sha256("\n".join(self.tokens).encode()).hexdigest()
 
     def to_list(self) -> list[str]:

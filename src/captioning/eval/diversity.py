@@ -3,8 +3,8 @@
     distinct_n      distinct n-grams / all n-grams over every prediction (Li et al. 2016)
     vocabulary      how many distinct words the predictions use
     copied_share    the share of predictions that appear word for word among the training captions
-    mbleu4          with several captions an image: BLEU-4 of each against the image's others, averaged
-                    (Shetty et al. 2017; lower = more diverse)
+    mbleu4          with several captions an image: BLEU-4 of each against the image's others,
+                    averaged (Shetty et al. 2017; lower = more diverse)
     mean_words      words per caption
     function_word_end   the share of captions that end on "a", "the", "of", ... (cut short)
 """
@@ -31,11 +31,12 @@ def vocabulary(captions: list[str]) -> int:
 
 def copied_share(captions: list[str], training: list[str]) -> float:
     seen = {" ".join(tokenize(c)) for c in training}
-    return sum(" ".join(tokenize(c)) in seen for c in captions) / len(captions) if captions else 0.0
+    return (sum(" ".join(tokenize(c)) in seen for c in captions) / len(captions)
+            if captions else 0.0)
 
 
 def mbleu4(captions_per_image: list[list[str]]) -> float | None:
-    """Mean BLEU-4 of each caption against the other captions of its image (None: fewer than 2 each)."""
+    """Mean BLEU-4 of each caption against its image's other captions (None: fewer than 2 each)."""
     gts, res = {}, {}
     for i, captions in enumerate(captions_per_image):
         if len(captions) < 2:
@@ -54,13 +55,16 @@ def mean_words(captions: list[str]) -> float:
 
 
 def function_word_end(captions: list[str]) -> float:
-    """The share of captions whose last word is a function word ("a", "the", "of", ...: decoding.FUNCTION_WORDS),
-    the mark of captions that learned to stop short (SCST without <eos> in its reward)."""
+    """The share of captions whose last word is a function word ("a", "the", "of", ...:
+    decoding.FUNCTION_WORDS), the mark of captions that learned to stop short (SCST without <eos> in
+    its reward)."""
     ends = [tokenize(c)[-1:] for c in captions]
-    return sum(bool(e) and e[0] in FUNCTION_WORDS for e in ends) / len(captions) if captions else 0.0
+    return (sum(bool(e) and e[0] in FUNCTION_WORDS for e in ends) / len(captions)
+            if captions else 0.0)
 
 
-def diversity(captions: list[str], training: list[str], captions_per_image: list[list[str]] | None = None) -> dict:
+def diversity(captions: list[str], training: list[str],
+              captions_per_image: list[list[str]] | None = None) -> dict:
     """The diversity figures `evaluate` reports beside the coco-caption metrics."""
     out = {"distinct_1": distinct_n(captions, 1), "distinct_2": distinct_n(captions, 2),
            "vocabulary": vocabulary(captions), "copied_share": copied_share(captions, training),

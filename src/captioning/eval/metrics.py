@@ -1,29 +1,22 @@
 """Corpus caption metrics as coco-caption computes them: the numbers captioning papers report.
 
-The scorers are pycocoevalcap's (the pip package of coco-caption): BLEU-1..4 (corpus BLEU, "closest"
+The scorers are pycocoevalcap's (coco-caption's pip package): BLEU-1..4 (corpus BLEU, "closest"
 reference length), METEOR 1.5 (a Java subprocess), ROUGE-L (beta 1.2, mean over images) and CIDEr,
-which there is CIDEr-D: tf-idf 1..4-gram vectors, the prediction's weights clipped to each
-reference's, a Gaussian length penalty (sigma=6), times 10; so 0..~3 on real data, and exactly 10
-for a perfect single-reference match. Captions are first PTB-tokenised and stripped of punctuation by
-coco-caption's PTBTokenizer (Stanford CoreNLP 3.4.1, also Java).
+which there is CIDEr-D (tf-idf 1..4-grams, clipped, Gaussian length penalty sigma=6, times 10: 0..~3
+on real data, exactly 10 for a perfect single-reference match). Captions are first PTB-tokenised
+and stripped of punctuation by coco-caption's PTBTokenizer (Stanford CoreNLP 3.4.1, also Java).
 
 Without Java (or with java=False) tokenisation falls back to `_tokenize_python`, a regex imitation
-of that pipeline, and METEOR is None. The imitation matches the Java tokenizer on ordinary caption
-text: case, commas, periods (abbreviations like "mr.", "u.s.", "p.m." keep theirs), ;:!?, clitics
-("don't" -> "do n't", "dog's" -> "dog 's", "cannot" -> "can not"), quotes, hyphens, dashes, ellipses,
-brackets (kept as "-lrb-" etc.: coco-caption lowercases before matching its upper-case punctuation
-list) and $ % & # * + = ~. Known residual differences: emoticons (";)"), a quote inside a token
-("5'10", "y'all", "rock'n'roll"), the odd clitic Stanford's quote heuristics misread, URLs and
-e-mails, and the less common abbreviations of Stanford's lists ("Sgt.", "Corp.", ...), which keep
-their period there. On 3,000 random mixes of the constructs above, 2 captions tokenised differently.
+that matches the Java tokenizer on ordinary caption text, and METEOR is None. Brackets stay as
+"-lrb-" etc. (coco-caption lowercases before matching its upper-case punctuation list). Known
+differences: emoticons, a quote inside a token ("5'10", "rock'n'roll"), clitics Stanford's quote
+heuristics misread, URLs and e-mails, and rarer abbreviations of Stanford's lists ("Sgt.", "Corp.").
 
-Quirks inherited from coco-caption, kept so the numbers match it: an empty prediction adds no
-matches and no length to corpus BLEU and scores 0 on METEOR, CIDEr and ROUGE-L, except ROUGE-L
-against a reference that is empty after tokenisation: "".split(" ") is [""], so the LCS is 1 and the
-image scores 1.0. CIDEr's idf is log(#images / df), so one image alone always scores CIDEr 0.
-Departures, where coco-caption would fail: CIDEr is 0 when no reference has a word left (its scorer
-takes max() of nothing), and line breaks inside a caption become spaces (its tokenizer reads one
-caption per line and only replaces "\n", so a "\r" would shift later captions onto other images).
+Quirks kept from coco-caption so the numbers match: an empty prediction adds nothing to corpus BLEU
+and scores 0 elsewhere, except ROUGE-L against a reference empty after tokenisation ("".split(" ")
+is [""], so the image scores 1.0); CIDEr's idf is log(#images / df), so one image alone scores 0.
+Departures where coco-caption would fail: CIDEr is 0 when no reference has a word left, and line
+breaks inside a caption become spaces (its tokenizer reads one caption per line).
 """
 from __future__ import annotations
 
@@ -59,31 +52,33 @@ def _use_java(java: bool | None) -> bool:
     if java is None:
         return java_available()
     if java and not java_available():
-        raise RuntimeError("java=True but `java -version` does not run; install Java or pass java=None/False")
+        raise RuntimeError("java=True but `java -version` does not run; "
+                           "install Java or pass java=None/False")
     return bool(java)
 
 
-_UNICODE = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2026": " ... ",
-                          "\u2013": " -- ", "\u2014": " -- "})
-_ABBREVIATIONS = {"mr.", "mrs.", "ms.", "dr.", "prof.", "st.", "mt.", "ave.", "jr.", "sr.", "vs.", "etc.",
-                  "inc.", "co.", "ltd.", "jan.", "feb.", "mar.", "apr.", "jun.", "jul.", "aug.", "sep.",
-                  "sept.", "oct.", "nov.", "dec."}
-_SPLIT_WORDS = {"cannot": "can not", "gonna": "gon na", "gotta": "got ta", "wanna": "wan na", "lemme": "lem me",
-                "gimme": "gim me", "'tis": "'t is", "'twas": "'t was"}
+_UNICODE = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
+                          "\u2026": " ... ", "\u2013": " -- ", "\u2014": " -- "})
+_ABBREVIATIONS = {"mr.", "mrs.", "ms.", "dr.", "prof.", "st.", "mt.", "ave.", "jr.", "sr.", "vs.",
+                  "etc.", "inc.", "co.", "ltd.", "jan.", "feb.", "mar.", "apr.", "jun.", "jul.",
+                  "aug.", "sep.", "sept.", "oct.", "nov.", "dec."}
+_SPLIT_WORDS = {"cannot": "can not", "gonna": "gon na", "gotta": "got ta", "wanna": "wan na",
+                "lemme": "lem me", "gimme": "gim me", "'tis": "'t is", "'twas": "'t was"}
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 # Applied in order to lowercased text: each either splits a token or blanks out punctuation that
 # coco-caption would drop after tokenising anyway.
 _RULES = [
-    (re.compile(r'"|``|\'\'|`'), " "),                              # double quotes, backticks: dropped
+    (re.compile(r'"|``|\'\'|`'), " "),                              # double quotes, backticks
     (re.compile(r"[()\[\]{}&$%#*=+~]"), r" \g<0> "),
     (re.compile(r"\.{2,}"), " "),                                    # ellipsis
     (re.compile(r"-{2,}"), " "),                                     # dash
-    (re.compile(r",(?!\d)|(?<!\d),|;|(?<!\d):(?!\d|//)"), " "),       # but 1,000 and 3:30 and http://
-    (re.compile(r"[!?]+"), r" \g<0> "),                              # "!" goes, "?!" stays (as in Stanford's)
+    (re.compile(r",(?!\d)|(?<!\d),|;|(?<!\d):(?!\d|//)"), " "),       # not 1,000 3:30 http://
+    (re.compile(r"[!?]+"), r" \g<0> "),                              # "!" goes, "?!" stays
     (re.compile(r"(?<=[a-z])n't\b"), " n't "),
     (re.compile(r"(?<=[a-z0-9])'(s|re|ve|ll|d|m)\b"), r" '\1 "),
-    (re.compile(r"(?<!\S)'(?!(?:s|re|ve|ll|d|m|em|n'?|cause|till?|tis|twas|[2-9]0s)(?:\s|$))"), " "),
-    (re.compile(r"(?<!\s'n)'(?=\.?(?:\s|$))"), " "),                 # closing quote, except rock 'n' roll
+    (re.compile(r"(?<!\S)'(?!(?:s|re|ve|ll|d|m|em|n'?|cause|till?|tis|twas|[2-9]0s)(?:\s|$))"),
+     " "),
+    (re.compile(r"(?<!\s'n)'(?=\.?(?:\s|$))"), " "),                 # closing quote (not rock 'n')
     (re.compile(r"(?<!\S)-(?=[a-z])|(?<=[a-z0-9])-(?!\S)"), " "),    # hyphen at a word's edge
 ]
 
@@ -104,10 +99,9 @@ def _tokenize_python(caption: str) -> str:
 
 
 def tokenize(captions: dict[str, list[str]], java: bool | None = None) -> dict[str, list[str]]:
-    """PTB tokenisation as coco-caption does it (pycocoevalcap's PTBTokenizer, via Java) when java is
-    True (None = when available); otherwise a pure-Python approximation: lowercase, PTB-style splits
-    (e.g. "don't" -> "do n't", "dog's" -> "dog 's"), and the punctuation coco-caption drops removed.
-    See the module docstring for where the approximation differs."""
+    """PTB tokenisation as coco-caption does it (its PTBTokenizer, via Java) when java is True
+    (None = when available); otherwise a pure-Python approximation: lowercase, PTB-style splits
+    ("don't" -> "do n't", "dog's" -> "dog 's"), and the punctuation coco-caption drops removed."""
     if not _use_java(java):
         return {image: [_tokenize_python(c) for c in caps] for image, caps in captions.items()}
     if not any(captions.values()):
@@ -118,7 +112,8 @@ def tokenize(captions: dict[str, list[str]], java: bool | None = None) -> dict[s
                                    for image, caps in captions.items()})
     result = {image: out.get(image, []) for image in captions}
     if any(len(result[image]) != len(caps) for image, caps in captions.items()):
-        raise RuntimeError("the Java PTBTokenizer returned a different number of captions than it was given")
+        raise RuntimeError("the Java PTBTokenizer returned a different number of captions "
+                           "than it was given")
     return result
 
 
@@ -150,7 +145,8 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
     0..1 scale (CIDEr usually 0..~3).
 
     The images scored are those in `predictions`; references of other images are not used.
-    java: True = require Java (RuntimeError without it), False = never use it, None = use it if present.
+    java: True = require Java (RuntimeError without it), False = never use it, None = use it if
+    present.
     """
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     unknown = [m for m in metrics if m not in METRICS]
@@ -164,16 +160,19 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
             raise ValueError(f"image {image!r} has a prediction but no entry in references")
         refs = references[image]
         if isinstance(refs, str) or not refs:
-            raise ValueError(f"image {image!r} has no references (need a non-empty list of strings, got {refs!r})")
+            raise ValueError(f"image {image!r} has no references "
+                             f"(need a non-empty list of strings, got {refs!r})")
         if not isinstance(caption, str) or not all(isinstance(r, str) for r in refs):
-            raise TypeError(f"image {image!r}: the prediction must be a str and its references a list of str")
+            raise TypeError(f"image {image!r}: the prediction must be a str "
+                            "and its references a list of str")
 
     use_java = _use_java(java)
     notes = []
     if not use_java:
         why = "java=False" if java is False else "Java is not available"
-        notes.append(f"{why}: captions were tokenised by the pure-Python approximation of coco-caption's "
-                     "PTB tokenizer, so scores may differ slightly from coco-caption's")
+        notes.append(f"{why}: captions were tokenised by the pure-Python approximation of "
+                     "coco-caption's PTB tokenizer, so scores may differ slightly from "
+                     "coco-caption's")
         if "METEOR" in metrics:
             notes.append(f"METEOR is None: it runs on Java ({why})")
     gts = tokenize({image: list(references[image]) for image in predictions}, java=use_java)

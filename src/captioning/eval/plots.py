@@ -8,9 +8,11 @@ import matplotlib.pyplot as plt
 
 def plot_history(history: list[dict], out_dir: str | Path) -> list[Path]:
     """loss.png (train and val cross-entropy) and lr.png, from history.csv's rows; cider.png too
-    when the run monitored validation CIDEr, and reward.png (the samples' mean reward and baseline) for SCST."""
+    when the run monitored validation CIDEr, and reward.png (the samples' mean reward and baseline)
+    for SCST."""
     out_dir = Path(out_dir)
-    scst = any(h.get("reward") not in (None, "") for h in history)   # its train_loss is not a cross-entropy
+    # SCST's train_loss is not a cross-entropy
+    scst = any(h.get("reward") not in (None, "") for h in history)
     figures = [("loss.png", ("val_loss",) if scst else ("train_loss", "val_loss"), "cross-entropy"),
                ("lr.png", ("lr",), "learning rate")]
     if any(h.get("val_cider") not in (None, "") for h in history):
@@ -41,8 +43,9 @@ def show_captions(images, captions, titles=None, cols: int = 4, width: float = 3
     cols = max(1, min(cols, n))
     rows = (n + cols - 1) // cols
     wrapped = ["\n".join(_wrap(caption, 34)) for caption in captions]
-    lines = max((w.count("\n") + 1 for w in wrapped), default=1)     # room under each row for the longest caption
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, (width + 0.2 * lines + 0.3) * rows), squeeze=False)
+    lines = max((w.count("\n") + 1 for w in wrapped), default=1)     # room for the longest caption
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, (width + 0.2 * lines + 0.3) * rows),
+                             squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, (ax, image, caption) in enumerate(zip(axes.flat, images, wrapped)):
@@ -65,12 +68,14 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + [line] if line else lines
 
 
-def show_attention(image, words: list[str], maps, cols: int = 5, size: float = 2.2, image_size: int | None = None):
-    """Where the decoder looked for each word: one panel per word, titled by it, its map upsampled smoothly
-    onto the image as the encoder saw it.
+def show_attention(image, words: list[str], maps, cols: int = 5, size: float = 2.2,
+                   image_size: int | None = None):
+    """Where the decoder looked for each word: one panel per word, titled by it, its map upsampled
+    smoothly onto the image as the encoder saw it.
 
-    `image`: a PIL image (resized to image_size x image_size when given: the encoder's square resize);
-    `maps`: (words, h, w), each summing to 1 over the encoder's grid (Captioner.caption(attention=True)).
+    `image`: a PIL image (resized to image_size x image_size when given, as the encoder does);
+    `maps`: (words, h, w), each summing to 1 over the encoder's grid
+    (Captioner.caption(attention=True)).
     """
     import numpy as np
     from PIL import Image
@@ -87,10 +92,12 @@ def show_attention(image, words: list[str], maps, cols: int = 5, size: float = 2
         ax.axis("off")
     for ax, word, grid in zip(axes.flat, words, maps):
         h, w = grid.shape
-        # bicubic upsampling of the h x w grid to the picture: each cell's weight lands on its own patch
-        overlay = np.asarray(Image.fromarray(grid / max(grid.max(), 1e-12)).resize(image.size, Image.BICUBIC))
+        # bicubic upsampling of the h x w grid to the picture: each cell's weight lands on its patch
+        overlay = np.asarray(Image.fromarray(grid / max(grid.max(), 1e-12))
+                             .resize(image.size, Image.BICUBIC))
         ax.imshow(pixels)
-        ax.imshow(overlay.clip(0, 1), cmap="jet", alpha=0.45, extent=(0, image.size[0], image.size[1], 0))
+        ax.imshow(overlay.clip(0, 1), cmap="jet", alpha=0.45,
+                  extent=(0, image.size[0], image.size[1], 0))
         ax.set_title(word, fontsize=10)
     fig.tight_layout()
     return fig

@@ -1,4 +1,4 @@
-"""Several processes, one run: the little that DistributedDataParallel needs around the training loop.
+"""Several processes, one run: the little DistributedDataParallel needs around the training loop.
 
 Under `torchrun --nproc_per_node=N -m captioning train ...` each process calls
 `init_distributed()`; with one process (a plain `python -m captioning train`)
@@ -16,12 +16,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); joins the process group when torchrun started several processes."""
+    """(rank, world size, local rank); joins the process group when torchrun started several
+    processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         # gloo reduces the CPU tensors (loss sums), NCCL the CUDA ones (DDP's gradients)
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))) if world > 1 else (0, 1, 0)
+    return ((dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))) if world > 1
+            else (0, 1, 0))
 
 
 def world_size() -> int:
@@ -56,10 +58,11 @@ def rank_zero_first(rank: int):
 
 
 def wrap(model: nn.Module, device: torch.device, local_rank: int) -> nn.Module:
-    """The model as the training steps should call it: DDP-wrapped with several processes, else itself.
+    """The model as the training steps call it: DDP-wrapped with several processes, else itself.
 
     Everything else (checkpoints, validation) uses the unwrapped model.
     """
     if world_size() == 1:
         return model
-    return DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    return DistributedDataParallel(model,
+                                   device_ids=[local_rank] if device.type == "cuda" else None)

@@ -4,8 +4,9 @@
     <root>/<key>/meta.json        key, names, shape, dtype and what went into the key
     <root>/<key>/progress.json    {"done": rows written}: an interrupted extraction resumes there
 
-The key (`cache_key`) covers everything that changes the features -- backbone, stages, weights, image size,
-preprocessing, the image files themselves -- so a change means a new folder, never a stale one.
+The key (`cache_key`) covers everything that changes the features -- backbone, stages, weights,
+image size, preprocessing, the image files themselves -- so a change means a new folder, never a
+stale one.
 `features.extract_features` writes a cache.
 """
 from __future__ import annotations
@@ -37,7 +38,8 @@ FEATURES_FILE, META_FILE, PROGRESS_FILE = "features.f16", "meta.json", "progress
 def key_parts(cfg: Config, names: list[str], images_dir: str | Path | None = None) -> dict:
     """What the features depend on, as plain values (stored in meta.json; hashed by `cache_key`)."""
     m = cfg.model
-    images_dir = Path(images_dir if images_dir is not None else cfg.data.images).expanduser().resolve()
+    images_dir = Path(images_dir if images_dir is not None
+                      else cfg.data.images).expanduser().resolve()
     weights = torchvision.models.get_model_weights(m.backbone).DEFAULT if m.pretrained else None
     files = hashlib.sha256()
     for name in names:
@@ -72,7 +74,8 @@ def digest(parts: dict) -> str:
 # ---------------------------------------------------------------- encoder
 
 def build_encoder(cfg: Config) -> Encoder:
-    """The frozen encoder that `build_model(cfg.model, ...)` makes right after `torch.manual_seed(cfg.seed)`.
+    """The frozen encoder `build_model(cfg.model, ...)` makes right after
+    `torch.manual_seed(cfg.seed)`.
 
     The encoder is the first module CaptionModel builds, so with random weights
     (pretrained=False) seeding first gives the training model's very weights.
@@ -80,12 +83,14 @@ def build_encoder(cfg: Config) -> Encoder:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        encoder = Encoder(cfg.model.backbone, cfg.model.pretrained, trainable=False, stages=cfg.model.backbone_stages)
+        encoder = Encoder(cfg.model.backbone, cfg.model.pretrained, trainable=False,
+                          stages=cfg.model.backbone_stages)
     return encoder.eval()
 
 
 def encoder_fingerprint(encoder: nn.Module) -> str:
-    """sha256 of the weights and buffers, as fp32: tells apart encoders the key cannot (seed, checkpoint)."""
+    """sha256 of the weights and buffers, as fp32: tells apart encoders the key cannot (seed,
+    checkpoint)."""
     digest = hashlib.sha256()
     for tensor in encoder.state_dict().values():
         t = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype)
@@ -96,7 +101,8 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
 # ---------------------------------------------------------------- reading
 
 class FeatureCache:
-    """A (complete or partial) cache folder, read-only: `cache[i]` or `cache.get(name)` -> fp16 (L, C)."""
+    """A (complete or partial) cache folder, read-only: `cache[i]` or `cache.get(name)` -> fp16
+    (L, C)."""
 
     def __init__(self, folder: Path, meta: dict, done: int):
         self.folder, self.meta, self.done = folder, meta, done
@@ -122,7 +128,8 @@ class FeatureCache:
     @property
     def data(self) -> np.memmap:
         if self._data is None:   # opened lazily, so a DataLoader worker maps the file itself
-            self._data = np.memmap(self.folder / FEATURES_FILE, dtype=np.float16, mode="r", shape=self.shape)
+            self._data = np.memmap(self.folder / FEATURES_FILE, dtype=np.float16, mode="r",
+                                   shape=self.shape)
         return self._data
 
     def __getstate__(self):
@@ -146,8 +153,9 @@ class FeatureCache:
             raise IndexError(f"row {i} out of range for a cache of {len(self)} images")
         i = i % len(self)
         if i >= self.done:
-            raise IndexError(f"row {i} of {self.folder} is not extracted yet ({self.done} of {len(self)} done)")
-        return torch.from_numpy(np.array(self.data[i]))     # (L, C) float16, a copy: the map is read-only
+            raise IndexError(f"row {i} of {self.folder} is not extracted yet "
+                             f"({self.done} of {len(self)} done)")
+        return torch.from_numpy(np.array(self.data[i]))     # (L, C) fp16, a copy: map is read-only
 
     def get(self, name: str) -> torch.Tensor:
         return self[self.index(name)]
@@ -169,7 +177,8 @@ def write_json_atomic(obj: dict, path: Path) -> None:
 # ---------------------------------------------------------------- training on features
 
 class FeatureDataset(Dataset):
-    """CaptionDataset's items with the image replaced by its cached features: FeatureItem(fp16 (L, C), captions, name).
+    """CaptionDataset's items with the image replaced by its cached features:
+    FeatureItem(fp16 (L, C), captions, name).
 
     `data.collate` stacks them into Batch.features of shape (B, L, C); the model
     takes them as `model(tokens, image_index, features=batch.features.float())`.
@@ -177,14 +186,18 @@ class FeatureDataset(Dataset):
 
     def __init__(self, cache: FeatureCache, dataset: CaptionDataset):
         if not cache.complete:
-            raise ValueError(f"feature cache {cache.folder} is incomplete ({cache.done} of {len(cache)}): "
+            raise ValueError(f"feature cache {cache.folder} is incomplete "
+                             f"({cache.done} of {len(cache)}): "
                              "run extract_features again to finish it")
         missing = [n for n in dataset.names if n not in cache]
         if missing:
-            raise KeyError(f"{len(missing)} image(s) are not in the feature cache {cache.folder} (e.g. {missing[0]})")
+            raise KeyError(f"{len(missing)} image(s) are not in the feature cache {cache.folder} "
+                           f"(e.g. {missing[0]})")
         self.cache = cache
-        self.names, self.captions, self.references = dataset.names, dataset.captions, dataset.references
-        self.rows = np.array([cache.index(n) for n in self.names], dtype=np.int64)   # no Python ints: see PackedStrings
+        self.names, self.captions, self.references = (dataset.names, dataset.captions,
+                                                      dataset.references)
+        # no Python ints: see PackedStrings
+        self.rows = np.array([cache.index(n) for n in self.names], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.names)

@@ -1,8 +1,8 @@
 """CIDEr-D from token ids, in-process: the reward of self-critical training.
 
-The same numbers as coco-caption's CIDEr-D (pycocoevalcap's `Cider`, which is CIDEr-D: n-grams 1..4,
-tf-idf vectors, the hypothesis's counts clipped at the reference's, a Gaussian length penalty with
-sigma 6, times 10), computed from word ids instead of tokenized strings, with the references'
+The same numbers as coco-caption's CIDEr-D (pycocoevalcap's `Cider`, which is CIDEr-D: n-grams
+1..4, tf-idf vectors, the hypothesis's counts clipped at the reference's, a Gaussian length penalty
+with sigma 6, times 10), computed from word ids instead of tokenized strings, with the references'
 vectors computed once per image:
 
     cider = CiderD.build(training_references)          # document frequencies of the training split
@@ -33,7 +33,8 @@ def ngram_counts(ids: list[int], n: int = N) -> Counter:
 
 
 class CiderD:
-    def __init__(self, document_frequency: dict[Ngram, float], images: int, references: dict | None = None):
+    def __init__(self, document_frequency: dict[Ngram, float], images: int,
+                 references: dict | None = None):
         self.df, self.images = document_frequency, images
         self.log_images = math.log(float(images))
         self.references = references or {}      # image key -> its references' token ids
@@ -41,8 +42,8 @@ class CiderD:
 
     @classmethod
     def build(cls, references: dict[str, list[list[int]]]) -> CiderD:
-        """Document frequencies from `references` (image key -> the token ids of its captions, without
-        <bos>/<eos>): in how many images' references each n-gram occurs."""
+        """Document frequencies from `references` (image key -> the token ids of its captions,
+        without <bos>/<eos>): in how many images' references each n-gram occurs."""
         df = defaultdict(float)
         for refs in references.values():
             for gram in {g for ref in refs for g in ngram_counts(ref)}:
@@ -77,12 +78,13 @@ class CiderD:
         return 10.0 * sum(self._similarity(hyp, ref) for ref in refs) / len(refs)
 
     def scores(self, candidates: list[list[int]], keys: list[str]) -> np.ndarray:
-        """CIDEr-D of each candidate against the references of its image (`keys`, as given to `build`);
+        """CIDEr-D of each candidate against its image's references (`keys`, as given to `build`);
         each image's reference vectors are computed once and kept."""
         out = np.zeros(len(candidates))
         for i, (candidate, key) in enumerate(zip(candidates, keys)):
             if key not in self._ref_vectors:
-                self._ref_vectors[key] = [self._vector(ngram_counts(r)) for r in self.references[key]]
+                self._ref_vectors[key] = [self._vector(ngram_counts(r))
+                                          for r in self.references[key]]
             refs = self._ref_vectors[key]
             hyp = self._vector(ngram_counts(candidate))
             out[i] = 10.0 * sum(self._similarity(hyp, ref) for ref in refs) / len(refs)
@@ -96,11 +98,13 @@ class CiderD:
         write_atomic(path, lambda f: json.dump(data, f), "w")
 
     @classmethod
-    def load(cls, path: str | Path, vocab_fingerprint: str, references: dict | None = None) -> CiderD:
+    def load(cls, path: str | Path, vocab_fingerprint: str,
+             references: dict | None = None) -> CiderD:
         data = json.loads(Path(path).read_text())
         if data.get("vocab_sha256") != vocab_fingerprint:
             raise ValueError(f"{path}: CIDEr-D document frequencies of another vocabulary (sha256 "
-                             f"{str(data.get('vocab_sha256'))[:12]}..., this one {vocab_fingerprint[:12]}...): delete "
+                             f"{str(data.get('vocab_sha256'))[:12]}..., "
+                             f"this one {vocab_fingerprint[:12]}...): delete "
                              "the file to build them again from this run's training captions")
         df = {tuple(g): float(c) for g, c in data["document_frequency"]}
         return cls(df, int(data["images"]), references)

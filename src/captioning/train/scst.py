@@ -1,4 +1,4 @@
-"""Self-critical sequence training (Rennie et al. 2017): the loss of one batch, CIDEr-D as the reward.
+"""Self-critical sequence training (Rennie et al. 2017): one batch's loss, CIDEr-D as the reward.
 
 For each image, `samples` captions are drawn from the model with the cached decoder (no gradient),
 each is rewarded with its CIDEr-D against all of that image's references (reward.py), and the
@@ -50,9 +50,10 @@ class Drawn:
     baseline: torch.Tensor        # (B*samples,)
 
 
-def advantages(rewards: torch.Tensor, samples: int, greedy: torch.Tensor | None = None) -> torch.Tensor:
-    """rewards (B*samples,), grouped by image -> reward minus baseline: the mean of the image's other
-    samples, or its greedy caption's reward (greedy (B,)) when given."""
+def advantages(rewards: torch.Tensor, samples: int,
+               greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """rewards (B*samples,), grouped by image -> reward minus baseline: the mean of the image's
+    other samples, or its greedy caption's reward (greedy (B,)) when given."""
     r = rewards.view(-1, samples)                                      # (B, samples)
     if greedy is not None:
         baseline = greedy[:, None].expand_as(r)
@@ -63,7 +64,8 @@ def advantages(rewards: torch.Tensor, samples: int, greedy: torch.Tensor | None 
     return (r - baseline).reshape(-1), baseline.reshape(-1)
 
 
-def caption_tokens(ids: list[list[int]], ended: list[bool], bos: int, eos: int, pad: int) -> torch.Tensor:
+def caption_tokens(ids: list[list[int]], ended: list[bool], bos: int, eos: int,
+                   pad: int) -> torch.Tensor:
     """(N, T) <bos> w1 ... wn [<eos>] <pad>...: the sampled captions as a teacher-forced batch."""
     rows = [[bos, *w, *([eos] if e else [])] for w, e in zip(ids, ended)]
     width = max(map(len, rows))
@@ -73,25 +75,31 @@ def caption_tokens(ids: list[list[int]], ended: list[bool], bos: int, eos: int, 
 @torch.no_grad()
 def draw(model: CaptionModel, memory: torch.Tensor, keys: list[str], cider: CiderD, rules: Rules,
          samples: int = 5, max_words: int = 20, baseline: str = "mean",
-         generator: torch.Generator | None = None, greedy_ids: list[list[int]] | None = None) -> Drawn:
+         generator: torch.Generator | None = None,
+         greedy_ids: list[list[int]] | None = None) -> Drawn:
     """Sample `samples` captions per image of memory (B, L, D), reward them, and set their baselines
-    (baseline greedy: the rewards of `greedy_ids`, each image's greedy caption, decoded here when not given)."""
+    (baseline greedy: the rewards of `greedy_ids`, each image's greedy caption, decoded here when
+    not given)."""
     B, device = memory.size(0), memory.device
     drawn = sample_or_greedy(model, memory.repeat_interleave(samples, 0), rules, max_words,
                              Sampling(generator=generator))
-    rewards = torch.tensor(cider.scores([h.ids for h in drawn], [k for k in keys for _ in range(samples)]),
+    rewards = torch.tensor(cider.scores([h.ids for h in drawn],
+                                        [k for k in keys for _ in range(samples)]),
                            dtype=torch.float32)
     greedy = None
     if baseline == "greedy":
-        greedy_ids = greedy_ids or [h.ids for h in sample_or_greedy(model, memory, rules, max_words)]
+        greedy_ids = greedy_ids or [h.ids for h in sample_or_greedy(model, memory, rules,
+                                                                    max_words)]
         greedy = torch.tensor(cider.scores(greedy_ids, keys), dtype=torch.float32)
     advantage, base = advantages(rewards, samples, greedy)
-    tokens = caption_tokens([h.ids for h in drawn], [h.ended for h in drawn], rules.bos, rules.eos, model.pad_id)
+    tokens = caption_tokens([h.ids for h in drawn], [h.ended for h in drawn], rules.bos, rules.eos,
+                            model.pad_id)
     index = torch.arange(B, device=device).repeat_interleave(samples)
     return Drawn(tokens.to(device), index, advantage.to(device), rewards, base)
 
 
-def _picked(logits: torch.Tensor, targets: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _picked(logits: torch.Tensor, targets: torch.Tensor,
+            pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """log p of each target word (N, T), 0 at <pad>; and the real words' mask."""
     real = targets != pad
     logp = F.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -100,7 +108,8 @@ def _picked(logits: torch.Tensor, targets: torch.Tensor, pad: int) -> tuple[torc
 
 def policy_loss(logits: torch.Tensor, tokens: torch.Tensor, advantage: torch.Tensor,
                 pad: int) -> tuple[torch.Tensor, int]:
-    """The SCST loss from the teacher-forced logits (N, T-1, V) of tokens (N, T); and the words it averages over."""
+    """The SCST loss from the teacher-forced logits (N, T-1, V) of tokens (N, T); and the words it
+    averages over."""
     picked, real = _picked(logits, tokens[:, 1:], pad)
     words = int(real.sum())
     return -(advantage * picked.sum(1)).sum() / max(words, 1), words
@@ -108,72 +117,81 @@ def policy_loss(logits: torch.Tensor, tokens: torch.Tensor, advantage: torch.Ten
 
 def sequence_logprobs(model: CaptionModel, memory: torch.Tensor, tokens: torch.Tensor,
                       image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each caption's words and <eos>, (N,); their count, (N,)), with gradient."""
-    picked, real = _picked(model.decode(memory, tokens[:, :-1], image_index), tokens[:, 1:], model.pad_id)
+    """(summed log-probability of each caption's words and <eos>, (N,); their count, (N,)), with
+    gradient."""
+    picked, real = _picked(model.decode(memory, tokens[:, :-1], image_index), tokens[:, 1:],
+                           model.pad_id)
     return picked.sum(1), real.sum(1)
 
 
-def scst_loss(model: CaptionModel, memory: torch.Tensor, keys: list[str], cider: CiderD, rules: Rules,
-              samples: int = 5, max_words: int = 20, baseline: str = "mean",
+def scst_loss(model: CaptionModel, memory: torch.Tensor, keys: list[str], cider: CiderD,
+              rules: Rules, samples: int = 5, max_words: int = 20, baseline: str = "mean",
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, ScstStats]:
-    """The SCST loss of B images (memory (B, L, D), with gradient; keys: each image's key in `cider`)."""
-    drawn = draw(model, memory.detach(), keys, cider, rules, samples, max_words, baseline, generator)
+    """The SCST loss of B images (memory (B, L, D), with gradient; keys: each image's key in
+    `cider`)."""
+    drawn = draw(model, memory.detach(), keys, cider, rules, samples, max_words, baseline,
+                 generator)
     logits = model.decode(memory, drawn.tokens[:, :-1], drawn.image_index)
     loss, words = policy_loss(logits, drawn.tokens, drawn.advantage, model.pad_id)
     return loss, ScstStats(float(drawn.reward.mean()), float(drawn.baseline.mean()), words)
 
 
 class ScstObjective:
-    """train.objective=scst: `objective(net, batch)` -> (loss, words, sums of the batch's rewards and baselines).
+    """train.objective=scst: `objective(net, batch)` -> (loss, words, sums of the batch's rewards
+    and baselines).
 
-    The samples are drawn without gradient through the cached decoder, from the policy the loss then
-    differentiates: the model as it trains (dropout on, a trained backbone's BatchNorm on the batch),
-    with a generator seeded by (`seed`, the step `step()` gives), so a resumed run draws the same.
-    Rennie et al.'s greedy baseline is the caption at test time: decoded in eval mode. The loss's
-    teacher-forced pass goes through `net` (DistributedDataParallel with several processes, so
-    gradients are averaged over them), as cross-entropy's does.
+    Samples are drawn without gradient from the policy the loss differentiates: the model in train
+    mode (dropout on, a trained backbone's BatchNorm on the batch), with a generator seeded by
+    (`seed`, `step()`) so a resumed run draws the same. The greedy baseline is the test-time
+    caption, so it is decoded in eval mode. The teacher-forced pass goes through `net` (DDP with
+    several processes, so gradients are averaged over them).
     """
 
-    def __init__(self, model: CaptionModel, cider: CiderD, rules: Rules, samples: int, max_words: int,
-                 baseline: str, precision: str, device: torch.device, seed: int = 0, step=None):
+    def __init__(self, model: CaptionModel, cider: CiderD, rules: Rules, samples: int,
+                 max_words: int, baseline: str, precision: str, device: torch.device, seed: int = 0,
+                 step=None):
         self.model, self.cider, self.rules = model, cider, rules
         self.samples, self.max_words, self.baseline = samples, max_words, baseline
         self.precision, self.device, self.seed, self.step = precision, device, seed, step
 
     def _memory(self, batch) -> torch.Tensor:
         inputs = batch.model_inputs()
-        return self.model.memory(inputs["features"]) if "features" in inputs else self.model.encode(inputs["images"])
+        return (self.model.memory(inputs["features"]) if "features" in inputs
+                else self.model.encode(inputs["images"]))
 
     def _greedy(self, batch) -> list[list[int]]:
         was_training = self.model.training
         self.model.eval()
         try:
-            return [h.ids for h in sample_or_greedy(self.model, self._memory(batch), self.rules, self.max_words)]
+            return [h.ids for h in sample_or_greedy(self.model, self._memory(batch), self.rules,
+                                                    self.max_words)]
         finally:
             self.model.train(was_training)
 
     def _sample(self, batch) -> Drawn:
         generator = None
         if self.step is not None:
-            generator = torch.Generator(self.device).manual_seed((self.seed * 1_000_033 + self.step()) % 2 ** 62)
+            generator = torch.Generator(self.device).manual_seed(
+                (self.seed * 1_000_033 + self.step()) % 2 ** 62)
         with torch.no_grad(), autocast(self.precision, self.device):
             greedy = self._greedy(batch) if self.baseline == "greedy" else None
-            return draw(self.model, self._memory(batch), batch.names, self.cider, self.rules, self.samples,
-                        self.max_words, self.baseline, generator, greedy)
+            return draw(self.model, self._memory(batch), batch.names, self.cider, self.rules,
+                        self.samples, self.max_words, self.baseline, generator, greedy)
 
     def __call__(self, net: torch.nn.Module, batch) -> tuple[torch.Tensor, int, dict]:
         drawn = self._sample(batch)
         with autocast(self.precision, self.device):
             logits = net(drawn.tokens[:, :-1], drawn.image_index, **batch.model_inputs())
         loss, words = policy_loss(logits, drawn.tokens, drawn.advantage, self.model.pad_id)
-        return loss, words, {"reward": float(drawn.reward.sum()), "baseline": float(drawn.baseline.sum()),
+        return loss, words, {"reward": float(drawn.reward.sum()),
+                             "baseline": float(drawn.baseline.sum()),
                              "samples": drawn.reward.numel()}
 
 
 def reference_ids(dataset, vocab) -> dict[str, list[list[int]]]:
     """image name -> the token ids of its captions (no <bos>/<eos>), as CiderD.build takes them.
 
-    A word the vocabulary lacks gets an id of its own below 0, which no sample can have: a sampled <unk>
+    A word the vocabulary lacks gets its own id below 0, which no sample can have: a sampled <unk>
     matches nothing, as coco-caption's CIDEr-D (on the words themselves) would score it.
     """
     unknown: dict[str, int] = {}

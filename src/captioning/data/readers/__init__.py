@@ -1,4 +1,4 @@
-"""Captions files -> `Captions`: one reader a format, one `read_captions`, format detection in one place.
+"""Captions files -> `Captions`: one reader a format, one `read_captions`, one format detection.
 
 A new format is one module here with a `read(path) -> Captions` and one entry in `READERS`.
 """
@@ -16,8 +16,8 @@ from .common import FORMAT_HINT, Captions, load_json
 log = logging.getLogger(__name__)
 
 # data.format -> the reader; coco reads a folder (annotations/) or a file, the others a file
-READERS = {"flickr30k": flickr30k.read, "shapes": flickr30k.read, "karpathy": karpathy.read, "coco": coco.read,
-           "csv": table.read_csv_file, "jsonl": table.read_jsonl_file}
+READERS = {"flickr30k": flickr30k.read, "shapes": flickr30k.read, "karpathy": karpathy.read,
+           "coco": coco.read, "csv": table.read_csv_file, "jsonl": table.read_jsonl_file}
 
 
 def _detect_json(path: Path, head: str, first: str) -> tuple[str, str]:
@@ -37,13 +37,14 @@ def _detect_json(path: Path, head: str, first: str) -> tuple[str, str]:
         return "coco", "JSON with COCO's 'images' and 'annotations'"
     if isinstance(images, list):
         return "karpathy", "JSON with an 'images' list"
-    raise ValueError(f"{path}: cannot tell what this JSON holds (neither Karpathy's 'images' with 'sentences' nor "
-                     f"COCO's 'images' and 'annotations'); {FORMAT_HINT}")
+    raise ValueError(f"{path}: cannot tell what this JSON holds (neither Karpathy's 'images' with "
+                     f"'sentences' nor COCO's 'images' and 'annotations'); {FORMAT_HINT}")
 
 
 def detect_format(captions_file: str | Path) -> tuple[str, str]:
-    """(format, why) of a captions file, told from the file: a folder -> coco (its annotations/); .jsonl -> jsonl;
-    JSON by its keys; the Kaggle results.csv by its '|'; a CSV by its header naming image and caption."""
+    """(format, why) of a captions file, told from the file: a folder -> coco (its annotations/);
+    .jsonl -> jsonl; JSON by its keys; the Kaggle results.csv by its '|'; a CSV by its header naming
+    image and caption."""
     path = Path(captions_file)
     if path.is_dir():
         return "coco", "a folder: COCO's annotations/"
@@ -59,8 +60,9 @@ def detect_format(captions_file: str | Path) -> tuple[str, str]:
         return "csv", "a CSV header naming image and caption"
     if "|" in first:
         return "flickr30k", "'|'-separated rows, as in the Kaggle results.csv"
-    raise ValueError(f"{path}: cannot tell its format from its first line {first[:80]!r} (expected a CSV header "
-                     f"naming image and caption, the Kaggle 'image_name| comment_number| comment', or JSON); "
+    raise ValueError(f"{path}: cannot tell its format from its first line {first[:80]!r} "
+                     f"(expected a CSV header naming image and caption, "
+                     f"the Kaggle 'image_name| comment_number| comment', or JSON); "
                      f"{FORMAT_HINT}")
 
 
@@ -74,10 +76,11 @@ def read_captions(captions_file: str | Path, fmt: str = "auto", *, split_seed: i
         fmt, why = detect_format(path)
         log.info("%s: read as data.format %s (%s)", path, fmt, why)
     if fmt not in READERS:
-        raise ConfigError(f"config key 'data.format': unknown format {fmt!r}; {FORMAT_HINT}, or auto")
+        raise ConfigError(f"config key 'data.format': unknown format {fmt!r}; "
+                          f"{FORMAT_HINT}, or auto")
     if path.is_dir() and fmt != "coco":
-        raise ValueError(f"{path} is a folder: data.format {fmt} reads a file (a folder is COCO's annotations/, "
-                         "data.format coco)")
+        raise ValueError(f"{path} is a folder: data.format {fmt} reads a file "
+                         "(a folder is COCO's annotations/, data.format coco)")
     found = READERS[fmt](path, split_seed=split_seed) if fmt == "coco" else READERS[fmt](path)
     found.format = fmt
     return found

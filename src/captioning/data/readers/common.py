@@ -15,10 +15,10 @@ class Captions:
     """What a reader found in a captions file (or COCO's annotations folder)."""
     captions: dict[str, list[str]]                    # image name -> its captions, in file order
     splits: dict[str, list[str]] | None = None        # the file's own split, if it has one
-    skipped: list[str] = field(default_factory=list)  # where rows were left out ("line 7", "images[3]"), file order
-    empty: list[str] = field(default_factory=list)    # the image of each left-out row whose caption was empty
-    ids: dict[int, str] = field(default_factory=dict)  # COCO image id -> image name, where the file has ids
-    rows: int = 0                                     # caption rows read, those left out included
+    skipped: list[str] = field(default_factory=list)  # where rows were left out ("line 7", ...)
+    empty: list[str] = field(default_factory=list)    # the image of each left-out empty caption
+    ids: dict[int, str] = field(default_factory=dict)  # COCO image id -> name, if the file has ids
+    rows: int = 0                                     # caption rows read, left-out ones included
     format: str = ""
 
 
@@ -29,31 +29,35 @@ def load_json(path: Path):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                         f"a JSON Lines file (one object a line) needs data.format jsonl or the .jsonl extension") \
-            from None
+                         f"a JSON Lines file (one object a line) needs data.format jsonl "
+                         f"or the .jsonl extension") from None
 
 
 def split_of(value, path: Path, where: str) -> str | None:
-    """A split name as a file gives it: train/val/test ('restval' joins train); '' or None = none given."""
+    """A split name as a file gives it: train/val/test ('restval' joins train); '' or None: none."""
     text = str(value or "").strip().lower()
     if not text:
         return None
     if text not in (*SPLITS, "restval"):
-        raise ValueError(f"{path}: {where}: split {value!r} is not train, val or test (restval counts as train); "
-                         "fix the value or leave the split out to let data.split_seed split by image")
+        raise ValueError(f"{path}: {where}: split {value!r} is not train, val or test "
+                         "(restval counts as train); fix the value or leave the split out "
+                         "to let data.split_seed split by image")
     return "train" if text == "restval" else text
 
 
-def assign(assigned: dict[str, tuple[str, str]], name: str, split: str, path: Path, where: str) -> None:
+def assign(assigned: dict[str, tuple[str, str]], name: str, split: str, path: Path,
+           where: str) -> None:
     """Put `name` in `split`, refusing an image that an earlier row put in another split."""
     first = assigned.setdefault(name, (split, where))
     if first[0] != split:
-        raise ValueError(f"{path}: image {name!r} is in two splits: {first[0]} ({first[1]}) and {split} ({where}); "
-                         "an image belongs to one split (else it leaks from training into the scores): "
+        raise ValueError(f"{path}: image {name!r} is in two splits: {first[0]} ({first[1]}) "
+                         f"and {split} ({where}); an image belongs to one split "
+                         "(else it leaks from training into the scores): "
                          "give all of its rows the same split")
 
 
-def splits_from(assigned: dict[str, tuple[str, str]], captions: dict[str, list[str]]) -> dict[str, list[str]]:
+def splits_from(assigned: dict[str, tuple[str, str]],
+                captions: dict[str, list[str]]) -> dict[str, list[str]]:
     splits = {s: [] for s in SPLITS}
     for name in captions:          # in file order; an image whose captions were all empty has none
         splits[assigned[name][0]].append(name)
@@ -61,7 +65,8 @@ def splits_from(assigned: dict[str, tuple[str, str]], captions: dict[str, list[s
 
 
 
-def split_images(names: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+def split_images(names: list[str], val_fraction: float, test_fraction: float,
+                 seed: int) -> dict[str, list[str]]:
     """Image-level split, deterministic from the seed and independent of file order."""
     names = sorted(set(names))
     random.Random(seed).shuffle(names)

@@ -1,4 +1,4 @@
-"""The Kaggle Flickr30k `results.csv`: `image_name| comment_number| comment` (also Shapes' captions)."""
+"""The Kaggle Flickr30k `results.csv`: `image_name| comment_number| comment` (also Shapes')."""
 from __future__ import annotations
 
 import re
@@ -14,7 +14,8 @@ def read(captions_file: Path) -> Captions:
     with open(captions_file, encoding="utf-8-sig", errors="replace") as f:
         lines = f.read().splitlines()
     for number, line in enumerate(lines, start=1):
-        if not line.strip() or (number == 1 and line.replace(" ", "").lower().startswith("image_name|")):
+        if not line.strip() or (number == 1
+                                and line.replace(" ", "").lower().startswith("image_name|")):
             continue
         out.rows += 1
         parts = line.split("|", 2)

@@ -7,19 +7,23 @@ from .common import FORMAT_HINT, Captions, assign, load_json, split_of, splits_f
 
 
 def read(captions_file: Path) -> Captions:
-    """Karpathy's dataset_{flickr8k,flickr30k,coco}.json; COCO's images lie under `filepath/filename`."""
+    """Karpathy's dataset_{flickr8k,flickr30k,coco}.json; COCO's images are `filepath/filename`."""
     data = load_json(captions_file)
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, list):
-        raise ValueError(f"{captions_file}: not one of Karpathy's dataset_*.json (no 'images' list); {FORMAT_HINT}")
+        raise ValueError(f"{captions_file}: not one of Karpathy's dataset_*.json "
+                         f"(no 'images' list); {FORMAT_HINT}")
     out, assigned = Captions({}), {}
     for i, entry in enumerate(entries):
         where = f"images[{i}]"
-        if not isinstance(entry, dict) or not entry.get("filename") or not isinstance(entry.get("sentences"), list):
-            raise ValueError(f"{captions_file}: {where} has no 'filename' and 'sentences' list, as Karpathy's "
-                             f"entries have; {FORMAT_HINT}")
-        name = "/".join(p for p in (str(entry.get("filepath") or "").strip("/"), entry["filename"]) if p)
-        assign(assigned, name, split_of(entry.get("split"), captions_file, where) or "train", captions_file, where)
+        if (not isinstance(entry, dict) or not entry.get("filename")
+                or not isinstance(entry.get("sentences"), list)):
+            raise ValueError(f"{captions_file}: {where} has no 'filename' and 'sentences' list, "
+                             f"as Karpathy's entries have; {FORMAT_HINT}")
+        name = "/".join(p for p in (str(entry.get("filepath") or "").strip("/"), entry["filename"])
+                        if p)
+        assign(assigned, name, split_of(entry.get("split"), captions_file, where) or "train",
+               captions_file, where)
         if isinstance(entry.get("cocoid"), int):
             out.ids[entry["cocoid"]] = name
         for k, sentence in enumerate(entry["sentences"]):
@@ -36,6 +40,7 @@ def read(captions_file: Path) -> Captions:
 
 
 def read_karpathy(captions_file: str | Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Karpathy's `dataset_flickr30k.json` (or dataset_coco.json), with its own split (restval joins train)."""
+    """Karpathy's `dataset_flickr30k.json` (or dataset_coco.json), with its own split (restval
+    joins train)."""
     found = read(Path(captions_file))
     return found.captions, found.splits

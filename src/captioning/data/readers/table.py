@@ -10,8 +10,8 @@ from .common import FORMAT_HINT, Captions, assign, split_of, splits_from
 
 
 def csv_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
-    """(where, row) of a CSV with a header naming 'image' and 'caption' (any case; ',' ';' or tab-separated);
-    'input' stands for 'image' (as `caption --out FILE.csv` writes)."""
+    """(where, row) of a CSV with a header naming 'image' and 'caption' (any case; ',' ';' or
+    tab-separated); 'input' stands for 'image' (as `caption --out FILE.csv` writes)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = f.readline()
         delimiter = next((d for d in (",", "\t", ";") if d in header), ",")
@@ -21,7 +21,8 @@ def csv_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
         if "image" not in fields and "input" in fields:
             fields = ["image" if n == "input" else n for n in fields]
         if not {"image", "caption"} <= set(fields):
-            raise ValueError(f"{path}: expected a header with 'image' and 'caption' columns (and optionally 'split'), "
+            raise ValueError(f"{path}: expected a header with 'image' and 'caption' columns "
+                             f"(and optionally 'split'), "
                              f"got {reader.fieldnames}: name the columns so, or {FORMAT_HINT}")
         reader.fieldnames = fields
         line = 2
@@ -31,8 +32,8 @@ def csv_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
-    """(where, object) of each non-blank line of a JSON Lines file; None for a line that is no JSON object.
-    'input' stands for 'image' (as `caption --json` writes)."""
+    """(where, object) of each non-blank line of a JSON Lines file; None for a line that is no JSON
+    object. 'input' stands for 'image' (as `caption --json` writes)."""
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -53,7 +54,7 @@ def _read_rows(path: Path, rows: Iterable[tuple[str, dict | None]]) -> Captions:
         out.rows += 1
         name = str((row or {}).get("image") or "").strip()
         text = (row or {}).get("caption") or ""
-        text = text.strip() if isinstance(text, str) else ""     # a list or number is no caption: reported
+        text = text.strip() if isinstance(text, str) else ""  # a list or number: no caption
         if not name or not text:
             out.skipped.append(where)
             out.empty.extend([name] if name else [])
@@ -63,14 +64,15 @@ def _read_rows(path: Path, rows: Iterable[tuple[str, dict | None]]) -> Captions:
             assign(assigned, name, split, path, where)
     if assigned:
         if unsplit := [n for n in out.captions if n not in assigned]:
-            raise ValueError(f"{path}: image {unsplit[0]!r} has no split while others have one ({len(unsplit)} such "
-                             "image(s)): give every row a split (train, val or test), or drop the split column")
+            raise ValueError(f"{path}: image {unsplit[0]!r} has no split while others have one "
+                             f"({len(unsplit)} such image(s)): give every row a split "
+                             "(train, val or test), or drop the split column")
         out.splits = splits_from(assigned, out.captions)
     return out
 
 
 def read_csv(captions_file: str | Path) -> tuple[dict[str, list[str]], int]:
-    """A plain CSV with `image,caption` columns (standard quoting) and an optional `split` column."""
+    """A plain CSV with `image,caption` columns (standard quoting) and an optional `split`."""
     found = _read_rows(Path(captions_file), csv_rows(Path(captions_file)))
     return found.captions, len(found.skipped)
 
