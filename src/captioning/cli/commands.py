@@ -1,5 +1,5 @@
-"""One handler a command: `handler(args) -> exit status`. Each imports what its command needs when it runs, so
-`python -m captioning --help` and a command that needs no torch start fast."""
+"""One handler a command: `handler(args) -> exit status`. Each imports what its command needs when
+it runs, so `python -m captioning --help` and a command that needs no torch start fast."""
 from __future__ import annotations
 
 import json
@@ -21,9 +21,10 @@ def train(args) -> int:
     from ..train.run import resume, train, train_or_resume
 
     if args.resume and args.resume != "auto" and args.config:
-        raise ConfigError(f"--resume {args.resume} continues that run with the config saved in it, so --config "
-                          f"{args.config} would be ignored: drop --config (--set still changes keys), or use "
-                          "--config FILE --resume auto to continue the config's own run_dir")
+        raise ConfigError(f"--resume {args.resume} continues that run with the config saved in it, "
+                          f"so --config {args.config} would be ignored: drop --config (--set still "
+                          "changes keys), or use --config FILE --resume auto to continue the "
+                          "config's own run_dir")
     if not args.config and args.resume in (None, "auto"):
         raise ConfigError(f"train {'--resume auto ' if args.resume else ''}needs --config FILE "
                           "(e.g. configs/shapes.yaml), or --resume RUN_DIR to continue a run")
@@ -41,8 +42,8 @@ def train(args) -> int:
         if last.is_file():
             raise Interrupted(f"interrupted: the last checkpoint is {last}; continue with: "
                               f"python -m captioning train --resume {run_dir}") from None
-        raise Interrupted(f"interrupted before the first checkpoint of {run_dir}: nothing to resume; "
-                          f"start again with --resume auto") from None
+        raise Interrupted(f"interrupted before the first checkpoint of {run_dir}: "
+                          f"nothing to resume; start again with --resume auto") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {run_dir}")
     return 0
@@ -60,14 +61,16 @@ def caption(args) -> int:
     todo = [x for x in inputs if out is None or x not in out.done]
     if args.model:
         if args.device not in (None, "cpu") or args.precision != "auto":
-            raise ConfigError(f"--model {args.model} runs on the CPU in the export's own precision: drop --device "
-                              "and --precision (or caption with --checkpoint)")
+            raise ConfigError(f"--model {args.model} runs on the CPU in the export's own "
+                              "precision: drop --device and --precision (or caption with "
+                              "--checkpoint)")
         captioner = Captioner.from_export(args.model)
     else:
-        captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
+        captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device,
+                                              precision=args.precision)
     failed = False
-    bar = tqdm(total=len(inputs), initial=len(inputs) - len(todo), desc="captioning", unit="img", file=sys.stderr,
-               disable=len(inputs) < 2 * args.batch_size and not out)
+    bar = tqdm(total=len(inputs), initial=len(inputs) - len(todo), desc="captioning", unit="img",
+               file=sys.stderr, disable=len(inputs) < 2 * args.batch_size and not out)
     try:
         results = captioner.caption_iter(todo, beam_size=args.beam, batch_size=args.batch_size,
                                          **_decode_options(args))
@@ -103,9 +106,11 @@ def evaluate(args) -> int:
     from ..eval.evaluate import evaluate
 
     report = evaluate(args.checkpoint, split=args.split, beam_size=args.beam, out=args.out,
-                      device=args.device, precision=args.precision, overrides=args.set, **_decode_options(args))
+                      device=args.device, precision=args.precision, overrides=args.set,
+                      **_decode_options(args))
     for key, value in report["metrics"].items():
-        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {'n/a' if value is None else value}")
+        print(f"{key}: {value:.4f}" if isinstance(value, float)
+              else f"{key}: {'n/a' if value is None else value}")
     for note in report["notes"]:
         print(f"note: {note}", file=sys.stderr)
     return 0
@@ -114,7 +119,8 @@ def evaluate(args) -> int:
 def _decode_options(args) -> dict:
     """The decoding flags as Captioner.caption's keyword arguments (DecodeOptions)."""
     keys = ("num_captions", "max_words", "length_penalty", "temperature", "top_k", "top_p", "seed",
-            "no_repeat_ngram_size", "min_words", "allow_function_word_end", "attention_layer", "attention_head")
+            "no_repeat_ngram_size", "min_words", "allow_function_word_end", "attention_layer",
+            "attention_head")
     options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "attention", None):
         options["attention"] = True
@@ -138,8 +144,8 @@ def export(args) -> int:
     meta = export(args.checkpoint, args.out, args.quantize)
     check = meta["check"][args.quantize or "fp32"]
     print(f"exported {meta['checkpoint']} to {args.out} ({args.quantize or 'fp32'}): logits within "
-          f"{check['relative']:.2g} of the checkpoint's (tolerance {check['tolerance']}); caption with: "
-          f"python -m captioning caption --model {args.out} IMAGE ...")
+          f"{check['relative']:.2g} of the checkpoint's (tolerance {check['tolerance']}); "
+          f"caption with: python -m captioning caption --model {args.out} IMAGE ...")
     return 0
 
 
@@ -151,12 +157,13 @@ def extract_features(args) -> int:
     cfg = load_config(args.config, args.set)
     corpus = read_corpus(cfg)
     try:
-        cache = extract_features(cfg, sorted(corpus.captions), corpus.images_dir, cfg.data.features_dir,
-                                 batch_size=args.batch_size, device=args.device, precision=cfg.train.precision,
+        cache = extract_features(cfg, sorted(corpus.captions), corpus.images_dir,
+                                 cfg.data.features_dir, batch_size=args.batch_size,
+                                 device=args.device, precision=cfg.train.precision,
                                  engine=args.engine)
     except KeyboardInterrupt:
-        raise Interrupted("interrupted: the rows written so far are kept; the same command goes on from there") \
-            from None
+        raise Interrupted("interrupted: the rows written so far are kept; "
+                          "the same command goes on from there") from None
     engine = cache.meta.get("engine", {})
     print(f"{len(cache)} images, features {tuple(cache.shape[1:])} fp16 in {cache.folder}"
           + (f" (extracted by {engine['engine']}, {engine['precision']})" if engine else ""))
@@ -178,8 +185,8 @@ def check_data(args) -> int:
     report = check_data(load_config(args.config, args.set), workers=args.workers, out=args.out)
     print(format_report(report))
     if not report["usable_images"]:
-        print(f"error: no usable image left in {report['images_dir']} (every captioned image is missing or "
-              "unreadable): check data.images and data.captions", file=sys.stderr)
+        print(f"error: no usable image left in {report['images_dir']} (every captioned image is "
+              "missing or unreadable): check data.images and data.captions", file=sys.stderr)
         return 1
     return 0
 
@@ -187,8 +194,8 @@ def check_data(args) -> int:
 def score(args) -> int:
     from ..eval.evaluate import format_scores, score
 
-    report = score(args.predictions, args.references, fmt=args.format, split=args.split, splits_file=args.splits,
-                   split_seed=args.split_seed, out=args.out)
+    report = score(args.predictions, args.references, fmt=args.format, split=args.split,
+                   splits_file=args.splits, split_seed=args.split_seed, out=args.out)
     print(format_scores(report))
     for note in report["notes"]:
         if note not in report["warnings"]:      # the warnings were logged as they came

@@ -1,4 +1,5 @@
-"""An image captioner: a frozen ResNet encoder and a torch.nn.Transformer decoder, trained and used from here.
+"""An image captioner: a frozen ResNet encoder and a torch.nn.Transformer decoder, trained and \
+used from here.
 
 examples:
   python -m captioning shapes data/shapes --images 3000          # the synthetic demo data set
@@ -58,132 +59,176 @@ def _common(p: argparse.ArgumentParser, *, config: bool = False, device: bool = 
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model from a YAML config", description="Train a model from a YAML "
-                       "config; every file of the run goes to the config's run_dir.")
+    p = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train a model from a YAML config; every file of the run goes "
+                                   "to the config's run_dir.")
     p.add_argument("--config", help="YAML config, e.g. configs/shapes.yaml")
     _common(p, config=True, device=False)
     p.add_argument("--resume", metavar="RUN_DIR|auto",
-                   help="continue the run in RUN_DIR, or with 'auto' the config's run_dir if it holds a last.pt")
+                   help="continue the run in RUN_DIR, or with 'auto' the config's run_dir if it "
+                        "holds a last.pt")
     p.set_defaults(func=commands.train)
 
 
 def _add_caption(sub) -> None:
     p = sub.add_parser("caption", help="caption images: files, folders, globs, http(s) URLs",
-                       description="Caption images given as files, folders, globs or http(s) URLs; a bad input gets "
-                                   "an error line and the others still get captions (exit 1 if any failed).")
+                       description="Caption images given as files, folders, globs or http(s) URLs; "
+                                   "a bad input gets an error line and the others still get "
+                                   "captions (exit 1 if any failed).")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="a checkpoint file (a run directory means its best.pt)")
-    model.add_argument("--model", metavar="EXPORT_DIR", help="a folder `export` wrote, run on ONNX Runtime")
+    model.add_argument("--model", metavar="EXPORT_DIR",
+                       help="a folder `export` wrote, run on ONNX Runtime")
     p.add_argument("--beam", type=positive_int, default=1, help="beam size (1 = greedy)")
-    p.add_argument("--json", action="store_true", help="one JSON object a line per input, in input order")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object a line per input, in input order")
     p.add_argument("--out", metavar="FILE.jsonl|FILE.csv",
                    help="append the results to this file, skipping the inputs already in it")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images captioned at a time")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="images captioned at a time")
     _common(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 where the GPU or CPU has bf16 units, else fp32 (fp16: CUDA only)")
+                   help="auto: bf16 where the GPU or CPU has bf16 units, else fp32 "
+                        "(fp16: CUDA only)")
     _decoding_flags(p)
-    p.add_argument("--attention", metavar="DIR", help="also draw each caption's attention maps, a PNG per input")
+    p.add_argument("--attention", metavar="DIR",
+                   help="also draw each caption's attention maps, a PNG per input")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image files, folders (their images, recursively), globs ('photos/**/*.jpg') and http(s) URLs")
+                   help="image files, folders (their images, recursively), globs "
+                        "('photos/**/*.jpg') and http(s) URLs")
     p.set_defaults(func=commands.caption)
 
 
 def _decoding_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding", "how captions are chosen (Captioner.caption's keyword arguments)")
-    g.add_argument("--num-captions", type=positive_int, help="the n best captions of beam search (or n samples)")
-    g.add_argument("--max-words", type=positive_int, help="longest caption (default: the run's data.max_words)")
-    g.add_argument("--length-penalty", type=float, help="beam score = sum of log-probs / len ** this (default 1)")
-    g.add_argument("--temperature", type=float, help="sample instead of searching, at this temperature")
+    g = p.add_argument_group("decoding",
+                             "how captions are chosen (Captioner.caption's keyword arguments)")
+    g.add_argument("--num-captions", type=positive_int,
+                   help="the n best captions of beam search (or n samples)")
+    g.add_argument("--max-words", type=positive_int,
+                   help="longest caption (default: the run's data.max_words)")
+    g.add_argument("--length-penalty", type=float,
+                   help="beam score = sum of log-probs / len ** this (default 1)")
+    g.add_argument("--temperature", type=float,
+                   help="sample instead of searching, at this temperature")
     g.add_argument("--top-k", type=int, help="sample from the k likeliest words only")
-    g.add_argument("--top-p", type=float, help="sample from the likeliest words whose probability reaches p")
+    g.add_argument("--top-p", type=float,
+                   help="sample from the likeliest words whose probability reaches p")
     g.add_argument("--seed", type=int, help="sampling: the same seed gives the same captions")
     g.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size")
     g.add_argument("--min-words", type=int, help="no caption shorter than this")
     g.add_argument("--allow-function-word-end", action="store_true", default=None,
                    help="let a caption end on a function word (a, an, the, of, on, in, with, and)")
-    g.add_argument("--attention-layer", type=int, help="attention maps of this decoder layer (default: mean of all)")
-    g.add_argument("--attention-head", type=int, help="attention maps of this head (default: mean of all)")
+    g.add_argument("--attention-layer", type=int,
+                   help="attention maps of this decoder layer (default: mean of all)")
+    g.add_argument("--attention-head", type=int,
+                   help="attention maps of this head (default: mean of all)")
 
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="score a checkpoint on a held-out split",
-                       description="Caption every image of a held-out split and score the captions (BLEU-1..4, "
-                                   "METEOR, ROUGE-L, CIDEr). The split's image names come from the run's "
-                                   "splits.json beside the checkpoint; the data paths from the config saved in "
-                                   "the checkpoint: if the data moved, --set data.images=... --set data.captions=...")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file (a run directory means its best.pt)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split (default test)")
+                       description="Caption every image of a held-out split and score the captions "
+                                   "(BLEU-1..4, METEOR, ROUGE-L, CIDEr). The split's image names "
+                                   "come from the run's splits.json beside the checkpoint; the "
+                                   "data paths from the config saved in the checkpoint: if the "
+                                   "data moved, --set data.images=... --set data.captions=...")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file (a run directory means its best.pt)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="which split (default test)")
     p.add_argument("--beam", type=positive_int, default=1, help="beam size (1 = greedy)")
-    p.add_argument("--out", help="write metrics, predictions, references and env.json's facts to this JSON file")
+    p.add_argument("--out", help="write metrics, predictions, references and env.json's facts to "
+                                 "this JSON file")
     p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
-                   help="where the data is now, e.g. --set data.images=/new/images (data keys only; repeatable)")
+                   help="where the data is now, e.g. --set data.images=/new/images "
+                        "(data keys only; repeatable)")
     _common(p)
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
-                   help="default: the run's train.precision, as its validation scores were computed")
+                   help="default: the run's train.precision, as its validation scores were "
+                        "computed")
     _decoding_flags(p)
     p.set_defaults(func=commands.evaluate)
 
 
 def _add_other(sub) -> None:
-    p = sub.add_parser("extract-features", help="cache the frozen encoder's features of every image (fp16)",
-                       description="Run the frozen encoder once over every image of a config's data set into a "
-                                   "fp16 feature cache under data.features_dir; an interrupted run goes on.")
-    p.add_argument("--config", required=True, help="the training config (its model.backbone, data.*)")
+    p = sub.add_parser("extract-features",
+                       help="cache the frozen encoder's features of every image (fp16)",
+                       description="Run the frozen encoder once over every image of a config's "
+                                   "data set into a fp16 feature cache under data.features_dir; "
+                                   "an interrupted run goes on.")
+    p.add_argument("--config", required=True,
+                   help="the training config (its model.backbone, data.*)")
     _common(p, config=True)
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images through the encoder at a time")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="images through the encoder at a time")
     p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
-                   help="what runs the ResNet; auto times PyTorch and ONNX Runtime on the first batch")
+                   help="what runs the ResNet; auto times PyTorch and ONNX Runtime on the "
+                        "first batch")
     p.set_defaults(func=commands.extract_features)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX for fast CPU captioning (caption --model)",
-                       description="Write the encoder, the decoder's start and its step as ONNX graphs, with the "
-                                   "vocabulary, preprocessing and config as JSON, into a new folder, after checking "
-                                   "that the graphs give the checkpoint's logits (else nothing is written). Needs "
+    p = sub.add_parser("export",
+                       help="export a checkpoint to ONNX for fast CPU captioning (caption --model)",
+                       description="Write the encoder, the decoder's start and its step as ONNX "
+                                   "graphs, with the vocabulary, preprocessing and config as JSON, "
+                                   "into a new folder, after checking that the graphs give the "
+                                   "checkpoint's logits (else nothing is written). Needs "
                                    "pip install -e '.[export]'.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file (a run directory means its best.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file (a run directory means its best.pt)")
     p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights in the decoder's matrix products")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="int8 weights in the decoder's matrix products")
     p.set_defaults(func=commands.export)
 
-    p = sub.add_parser("shapes", help="generate the synthetic Shapes data set (Kaggle Flickr30k layout)",
-                       description="Generate the synthetic Shapes data set into a new or empty folder: "
-                                   "OUT_DIR/flickr30k_images/*.png, OUT_DIR/results.csv and its ground truth.")
+    p = sub.add_parser("shapes",
+                       help="generate the synthetic Shapes data set (Kaggle Flickr30k layout)",
+                       description="Generate the synthetic Shapes data set into a new or empty "
+                                   "folder: OUT_DIR/flickr30k_images/*.png, OUT_DIR/results.csv "
+                                   "and its ground truth.")
     p.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
-    p.add_argument("--images", type=positive_int, default=3000, help="how many images (default 3000)")
+    p.add_argument("--images", type=positive_int, default=3000,
+                   help="how many images (default 3000)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same data set")
     p.set_defaults(func=commands.shapes)
 
 
 def _add_data_commands(sub) -> None:
-    p = sub.add_parser("check-data", help="check a data set before training: captions, every image, splits",
-                       description="Read a config's captions and open every image (in parallel), then report "
-                                   "missing, unreadable and small images, empty and duplicate captions, caption "
-                                   "lengths, the vocabulary and <unk> share, and the split sizes. Exit 1 when no "
-                                   "usable image is left.")
+    p = sub.add_parser("check-data",
+                       help="check a data set before training: captions, every image, splits",
+                       description="Read a config's captions and open every image (in parallel), "
+                                   "then report missing, unreadable and small images, empty and "
+                                   "duplicate captions, caption lengths, the vocabulary and <unk> "
+                                   "share, and the split sizes. Exit 1 when no usable image is "
+                                   "left.")
     p.add_argument("--config", required=True, help="the training config (its data.* keys)")
     _common(p, config=True, device=False)
     p.add_argument("--out", help="also write the report to this JSON file")
-    p.add_argument("--workers", type=positive_int, default=None, help="threads opening images (default 2 per CPU)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="threads opening images (default 2 per CPU)")
     p.set_defaults(func=commands.check_data)
 
-    p = sub.add_parser("score", help="score any model's predictions against references (BLEU, METEOR, ROUGE-L, "
-                                     "CIDEr-D)",
-                       description="Score predictions (JSON Lines of image/caption or input/caption as caption "
-                                   "--json writes, CSV image,caption, or COCO's results format [{image_id, "
-                                   "caption}]) against references in any format the training data may have, as "
-                                   "evaluate scores a checkpoint. Images with a prediction and no references (or "
-                                   "the reverse) are named and left out.")
+    p = sub.add_parser("score", help="score any model's predictions against references (BLEU, "
+                                     "METEOR, ROUGE-L, CIDEr-D)",
+                       description="Score predictions (JSON Lines of image/caption or "
+                                   "input/caption as caption --json writes, CSV image,caption, or "
+                                   "COCO's results format [{image_id, caption}]) against "
+                                   "references in any format the training data may have, as "
+                                   "evaluate scores a checkpoint. Images with a prediction and no "
+                                   "references (or the reverse) are named and left out.")
     p.add_argument("--predictions", required=True, help="the predictions file")
     p.add_argument("--references", required=True,
-                   help="a captions file (results.csv, dataset_coco.json, a CSV or JSON Lines) or COCO's annotations/")
-    p.add_argument("--format", default="auto", choices=["auto", "flickr30k", "karpathy", "coco", "csv", "jsonl"],
+                   help="a captions file (results.csv, dataset_coco.json, a CSV or JSON Lines) or "
+                        "COCO's annotations/")
+    p.add_argument("--format", default="auto",
+                   choices=["auto", "flickr30k", "karpathy", "coco", "csv", "jsonl"],
                    help="the references' format (default: told from the file)")
     p.add_argument("--split", choices=["train", "val", "test"],
                    help="score only this split of the references (their own split, or --splits)")
-    p.add_argument("--splits", metavar="SPLITS_JSON", help="the split to pick from: a run's splits.json")
-    p.add_argument("--split-seed", type=int, default=0, help="the seed that halves COCO val2017 into val and test")
-    p.add_argument("--out", help="write metrics, predictions, references and notes to this JSON file")
+    p.add_argument("--splits", metavar="SPLITS_JSON",
+                   help="the split to pick from: a run's splits.json")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="the seed that halves COCO val2017 into val and test")
+    p.add_argument("--out",
+                   help="write metrics, predictions, references and notes to this JSON file")
     p.set_defaults(func=commands.score)
 
 
@@ -197,7 +242,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m captioning", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks (also CAPTIONING_DEBUG=1)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks (also CAPTIONING_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_caption(sub)
@@ -220,10 +266,11 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (EnvironmentProblem, FloatingPointError) as e:   # FloatingPointError: a NaN loss stopped training
+    except (EnvironmentProblem, FloatingPointError) as e:   # FloatingPointError: a NaN loss
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 -- the user gets one line; --debug gives the traceback
-        print(f"error: {e or type(e).__name__} ({type(e).__name__}; --debug shows the traceback)", file=sys.stderr)
+        print(f"error: {e or type(e).__name__} ({type(e).__name__}; --debug shows the traceback)",
+              file=sys.stderr)
         return 1
 

@@ -9,15 +9,17 @@ from ..captioner import CaptionResult
 
 
 class ResultsFile:
-    """`caption --out FILE`: results appended as JSON Lines (`--json`'s objects) or CSV (input,caption,error),
-    by extension, a whole line at a time; the inputs already in it are skipped by a run that goes on."""
+    """`caption --out FILE`: results appended as JSON Lines (`--json`'s objects) or CSV
+    (input,caption,error), by extension, a whole line at a time; a run that goes on skips the inputs
+    already in it."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if self.path.suffix.lower() not in (".jsonl", ".csv"):
             raise ValueError(f"--out {self.path}: expected a .jsonl or .csv file")
         if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"--out {self.path}: folder {self.path.parent} does not exist")
+            raise FileNotFoundError(f"--out {self.path}: "
+                                    f"folder {self.path.parent} does not exist")
         self.csv = self.path.suffix.lower() == ".csv"
         self._drop_partial_line()
         self.done = self._read_done()
@@ -28,7 +30,7 @@ class ResultsFile:
             self.writer.writerow(["input", "caption", "error"])
 
     def _drop_partial_line(self) -> None:
-        """A run killed mid-write leaves at most a partial last line: cut it, so the file reads whole."""
+        """A run killed mid-write leaves at most a partial last line: cut it."""
         if self.path.is_file() and self.path.stat().st_size:
             data = self.path.read_bytes()
             if not data.endswith(b"\n"):
@@ -39,7 +41,8 @@ class ResultsFile:
         if not self.path.is_file():
             return set()
         with open(self.path, newline="", encoding="utf-8") as f:
-            rows = csv.DictReader(f) if self.csv else (json.loads(line) for line in f if line.strip())
+            rows = csv.DictReader(f) if self.csv else \
+                (json.loads(line) for line in f if line.strip())
             last = {row["input"]: bool(row.get("caption")) for row in rows if row.get("input")}
         return {name for name, captioned in last.items() if captioned}
 

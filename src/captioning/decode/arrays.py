@@ -1,8 +1,8 @@
 """The few array operations the search needs beyond what torch tensors and numpy arrays share.
 
-`ArrayOps` names them; `NumpyOps` here works on numpy arrays (the ONNX Runtime engine's), `torch_ops.TorchOps`
-on tensors. The search is written once against `array_ops(x)`, and a process that captions from an export never
-imports torch.
+`ArrayOps` names them; `NumpyOps` here works on numpy arrays (the ONNX Runtime engine's),
+`torch_ops.TorchOps` on tensors. The search is written once against `array_ops(x)`, and a process
+that captions from an export never imports torch.
 """
 from __future__ import annotations
 
@@ -16,37 +16,37 @@ Array = Any     # a torch.Tensor or a numpy.ndarray
 
 
 class ArrayOps(Protocol):
-    """What the search does to its engine's arrays beyond what tensors and numpy arrays share (indexing,
-    arithmetic, argmax, cumsum, tolist, ...).
+    """What the search does to its engine's arrays beyond what tensors and numpy arrays share
+    (indexing, arithmetic, argmax, cumsum, tolist, ...).
 
-    A dtype is named: "int64", "float32" or "float64". Every operation on rows works along the last axis.
+    A dtype is named: "int64", "float32" or "float64". Operations on rows work along the last axis.
     """
 
     def asarray(self, values, dtype: str) -> Array: ...
 
-    def cast(self, x: Array, dtype: str) -> Array: ...          # always a new array: the search writes into it
+    def cast(self, x: Array, dtype: str) -> Array: ...  # a new array: the search writes into it
 
     def log_softmax(self, x: Array) -> Array: ...
 
     def softmax(self, x: Array) -> Array: ...
 
-    def topk(self, x: Array, k: int) -> tuple[Array, Array]: ...          # values and indices, largest first
+    def topk(self, x: Array, k: int) -> tuple[Array, Array]: ...  # values, indices; largest first
 
     def sort_descending(self, x: Array) -> tuple[Array, Array]: ...
 
-    def scatter(self, x: Array, index: Array, values: Array) -> Array: ...  # a copy of x, values put at index
+    def scatter(self, x: Array, index: Array, values: Array) -> Array: ...  # copy, values at index
 
-    def where(self, mask: Array, value: float, x: Array) -> Array: ...     # value where mask, else x
+    def where(self, mask: Array, value: float, x: Array) -> Array: ...  # value where mask, else x
 
     def stack(self, xs: list[Array]) -> Array: ...
 
-    def concat(self, xs: list[Array]) -> Array: ...                        # along the first axis
+    def concat(self, xs: list[Array]) -> Array: ...  # along the first axis
 
-    def repeat_rows(self, x: Array, n: int) -> Array: ...                  # each row n times, side by side
+    def repeat_rows(self, x: Array, n: int) -> Array: ...  # each row n times, side by side
 
-    def pick(self, x: Array, index: Array) -> Array: ...                   # x[i, index[i]] of each row i
+    def pick(self, x: Array, index: Array) -> Array: ...  # x[i, index[i]] of each row i
 
-    def multinomial(self, probs: Array, generator) -> Array: ...          # one word per row, drawn ~ probs
+    def multinomial(self, probs: Array, generator) -> Array: ...  # one word per row, drawn ~ probs
 
 
 class NumpyOps:
@@ -73,7 +73,8 @@ class NumpyOps:
     @staticmethod
     def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = np.argpartition(-x, k - 1, axis=-1)[..., :k]
-        index = np.take_along_axis(index, np.argsort(-np.take_along_axis(x, index, -1), -1, kind="stable"), -1)
+        index = np.take_along_axis(index, np.argsort(-np.take_along_axis(x, index, -1), -1,
+                                                     kind="stable"), -1)
         return np.take_along_axis(x, index, -1), index
 
     @staticmethod
@@ -109,9 +110,10 @@ class NumpyOps:
 
     def multinomial(self, probs: np.ndarray, generator: np.random.Generator | None) -> np.ndarray:
         if generator is not None and not isinstance(generator, np.random.Generator):
-            raise TypeError(f"sampling on numpy arrays (an export) takes a numpy Generator, not {type(generator)}: "
-                            "np.random.default_rng(seed)")
-        return inverse_cdf(self, probs, generator if generator is not None else np.random.default_rng())
+            raise TypeError("sampling on numpy arrays (an export) takes a numpy Generator, "
+                            f"not {type(generator)}: np.random.default_rng(seed)")
+        return inverse_cdf(self, probs,
+                           generator if generator is not None else np.random.default_rng())
 
 
 

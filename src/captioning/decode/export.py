@@ -1,19 +1,21 @@
-"""Export a checkpoint for ONNX Runtime: three graphs and three JSON files in one folder, checked before it is kept.
+"""Export a checkpoint for ONNX Runtime: three graphs and three JSON files in one folder, checked
+before it is kept.
 
-    encoder.onnx     images (B, 3, S, S), preprocessed -> memory (B, L, D)          CaptionModel.encode
+    encoder.onnx     CaptionModel.encode: images (B, 3, S, S), preprocessed -> memory (B, L, D)
                      (its weights in encoder.onnx.data)
-    start.onnx       memory (M, L, D) -> cross_k_i, cross_v_i (M, H, L, hd)         CaptionModel.init_cache
-    step.onnx        tokens (N,), position (), self_k_i, self_v_i (N, H, T, hd),     CaptionModel.step
+    start.onnx       CaptionModel.init_cache: memory (M, L, D)
+                     -> cross_k_i, cross_v_i (M, H, L, hd)
+    step.onnx        CaptionModel.step: tokens (N,), position (), self_k_i, self_v_i (N, H, T, hd),
                      cross_k_i, cross_v_i (M, H, L, hd), N = M * group
                      -> logits (N, V), next_self_k_i, next_self_v_i (N, H, T+1, hd),
                         attention (layers, N, H, L): each layer's cross-attention weights
     vocab.json       the vocabulary, a list of tokens
     preprocess.json  the square bilinear resize and normalisation of data.build_transform
-    config.json      format version, the checkpoint's resolved config, the quantization, the check's figures
+    config.json      format version, the resolved config, the quantization, the check's figures
 
 for each decoder layer i. The graphs are traced from the very functions the PyTorch path runs
-(`CaptionModel.encode`, `model.cross_keys_values`, `CaptionModel.decoder_hidden`), so the search code in
-search.py drives either engine. `quantize="int8"` stores the weights of start.onnx's and
+(`CaptionModel.encode`, `model.cross_keys_values`, `CaptionModel.decoder_hidden`), so the search
+code in search.py drives either engine. `quantize="int8"` stores the weights of start.onnx's and
 step.onnx's matrix products, the output layer's included, as 8-bit blocks (onnxruntime's
 MatMulNBits), and step.onnx rescores the 16 best words of each step with the output layer's fp32
 weights; the encoder stays fp32 (docs/design.md says why).
@@ -47,15 +49,16 @@ from .onnx_engine import EXPORT_FORMAT, OrtEngine, load_session, require_onnx
 
 log = logging.getLogger(__name__)
 OPSET = 17
-# the check: the largest |logit difference| over a few images and words, relative to the largest |logit|
+# the check: the largest |logit difference| over a few images and words, relative to the
+# largest |logit|
 TOLERANCE = {None: 1e-3, "int8": 0.1}
-INT8_BLOCK = 128   # int8: input rows per weight scale (docs/design.md: 32 and 64 were slower and kept no more captions)
+INT8_BLOCK = 128   # int8: input rows per weight scale (docs/design.md says why not 32 or 64)
 SHORTLIST = 16     # int8: the output layer's best words per step, rescored with its fp32 weights
 
 
 class ExportCheckError(EnvironmentProblem):
-    """The exported graphs do not give the checkpoint's logits (an exporter or runtime version that does not fit):
-    nothing was written."""
+    """The exported graphs do not give the checkpoint's logits (an exporter or runtime version that
+    does not fit): nothing was written."""
 
 
 class _Start(nn.Module):
@@ -69,28 +72,32 @@ class _Start(nn.Module):
 
 
 class _Step(nn.Module):
-    """CaptionModel.step as a graph. With a `shortlist` k, the output layer's k best words of each row are rescored
-    with its fp32 weights (a Gather of k rows, which the quantizer leaves alone): the int8 product then only
-    shortlists, and the logits of the words a search picks from come from fp32 weights (the softmax's
-    normaliser still sums the int8 logits of the others). The graph holds the output layer twice."""
+    """CaptionModel.step as a graph. With a `shortlist` k, the output layer's k best words of each
+    row are rescored with its fp32 weights (a Gather of k rows, which the quantizer leaves alone):
+    the int8 product only shortlists, and the logits a search picks from come from fp32 weights
+    (the softmax's normaliser still sums the int8 logits of the others). The graph holds the output
+    layer twice."""
 
     def __init__(self, model: CaptionModel, shortlist: int = 0):
         super().__init__()
-        self.model, self.layers, self.shortlist = model, len(model.transformer.decoder.layers), shortlist
+        self.model, self.layers, self.shortlist = (model, len(model.transformer.decoder.layers),
+                                                   shortlist)
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, *past: torch.Tensor):
         n = self.layers
-        cache = DecoderCache(list(past[:n]), list(past[n:2 * n]), list(past[2 * n:3 * n]), list(past[3 * n:]))
-        # model.embed_tokens at a position given as a tensor (a Python int would be traced as a constant)
+        cache = DecoderCache(list(past[:n]), list(past[n:2 * n]), list(past[2 * n:3 * n]),
+                             list(past[3 * n:]))
+        # model.embed_tokens at a tensor position (a Python int would be traced as a constant)
         x = self.model.embed(tokens[:, None]) * math.sqrt(self.model.cfg.d_model) \
-            + self.model.positions.pe.index_select(0, position.reshape(1))                   # (N, 1, D)
+            + self.model.positions.pe.index_select(0, position.reshape(1))     # (N, 1, D)
         weights = []
-        hidden = self.model.decoder_hidden(x, cache, weights)                               # (N, 1, D)
+        hidden = self.model.decoder_hidden(x, cache, weights)                 # (N, 1, D)
         head = self.model.head
-        logits = head(hidden)[:, 0]                                                          # (N, V)
+        logits = head(hidden)[:, 0]                                           # (N, V)
         if self.shortlist:
-            top = logits.topk(min(self.shortlist, head.out_features), dim=-1).indices            # (N, k)
-            logits = logits.scatter(1, top, (head.weight[top] @ hidden.transpose(1, 2))[..., 0] + head.bias[top])
+            top = logits.topk(min(self.shortlist, head.out_features), dim=-1).indices  # (N, k)
+            logits = logits.scatter(1, top, (head.weight[top] @ hidden.transpose(1, 2))[..., 0]
+                                    + head.bias[top])
         return (logits, *cache.self_k, *cache.self_v, torch.stack(weights))
 
 
@@ -98,35 +105,39 @@ def cache_names(layers: int, prefix: str = "") -> list[str]:
     return [f"{prefix}{kind}_{i}" for kind in ("self_k", "self_v") for i in range(layers)]
 
 
-def to_onnx(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
-    """torch.onnx.export's TorchScript exporter (the dynamo one needs onnxscript); nn.TransformerEncoder's fused
-    fast path, which has no ONNX form, off while tracing."""
+def to_onnx(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            axes: dict) -> None:
+    """torch.onnx.export's TorchScript exporter (the dynamo one needs onnxscript), with
+    nn.TransformerEncoder's fused fast path, which has no ONNX form, off while tracing."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
-    module.eval()           # a new wrapper is in training mode, and the exporter puts it (and the model) back so
+    module.eval()   # a new wrapper is in training mode (the exporter puts it and the model back)
     try:
         torch.backends.mha.set_fastpath_enabled(False)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")          # the TorchScript exporter's deprecation and tracer warnings
-            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
-                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
+            # the TorchScript exporter's deprecation and tracer warnings
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                              do_constant_folding=True)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 @torch.no_grad()
 def export_graphs(model: CaptionModel, image_size: int, folder: Path, shortlist: int = 0) -> None:
-    """encoder.onnx, start.onnx and step.onnx of `model` (fp32, eval mode) into `folder`; `shortlist`: _Step's."""
+    """encoder.onnx, start.onnx and step.onnx of `model` (fp32, eval mode) into `folder`;
+    `shortlist`: _Step's."""
     n, cfg = len(model.transformer.decoder.layers), model.cfg
     images = torch.randn(2, 3, image_size, image_size)
-    to_onnx(_Encode(model), (images,),
-            folder / "encoder.onnx", ["images"], ["memory"], {"images": {0: "B"}, "memory": {0: "B"}})
+    to_onnx(_Encode(model), (images,), folder / "encoder.onnx", ["images"], ["memory"],
+            {"images": {0: "B"}, "memory": {0: "B"}})
     weights_beside(folder / "encoder.onnx")
     memory = model.encode(images)
     kv_names = [f"cross_{kind}_{i}" for kind in ("k", "v") for i in range(n)]
     to_onnx(_Start(model), (memory,), folder / "start.onnx", ["memory"], kv_names,
             {"memory": {0: "M"}, **{name: {0: "M"} for name in kv_names}})
     cache = model.init_cache(memory, group=2)
-    model.step(cache, torch.tensor([1, 2, 3, 4]))                 # one word in the cache: T = 1 when traced
+    model.step(cache, torch.tensor([1, 2, 3, 4]))       # one word in the cache: T = 1 when traced
     past = (*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v)
     inputs = ["tokens", "position", *cache_names(n), *kv_names]
     outputs = ["logits", *cache_names(n, "next_"), "attention"]
@@ -134,14 +145,15 @@ def export_graphs(model: CaptionModel, image_size: int, folder: Path, shortlist:
             **{name: {0: "N", 2: "T"} for name in cache_names(n)},
             **{name: {0: "N", 2: "T+1"} for name in cache_names(n, "next_")},
             **{name: {0: "M"} for name in kv_names}}
-    to_onnx(_Step(model, shortlist), (torch.tensor([5, 6, 7, 8]), torch.tensor(1), *past), folder / "step.onnx",
-            inputs, outputs, axes)
-    log.info("exported d_model %d, %d decoder layers, %d words", cfg.d_model, n, model.head.out_features)
+    to_onnx(_Step(model, shortlist), (torch.tensor([5, 6, 7, 8]), torch.tensor(1), *past),
+            folder / "step.onnx", inputs, outputs, axes)
+    log.info("exported d_model %d, %d decoder layers, %d words", cfg.d_model, n,
+             model.head.out_features)
 
 
 def weights_beside(path: Path) -> None:
-    """The graph's weights moved into path.data: ONNX Runtime maps them from there instead of holding the whole
-    file in memory while it loads (a smaller peak RSS for ResNet-152's 240 MB)."""
+    """The graph's weights moved into path.data: ONNX Runtime maps them from there instead of
+    holding the whole file in memory while it loads (a smaller peak RSS)."""
     import onnx
 
     onnx.save_model(onnx.load(path), path, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -160,24 +172,25 @@ class _Encode(nn.Module):
 def quantize_int8(folder: Path) -> None:
     """start.onnx and step.onnx with 8-bit weights in their matrix products, the output layer's too.
 
-    ONNX Runtime's MatMulNBits: symmetric, a scale per INT8_BLOCK input rows of each output column, and
-    int8 compute (accuracy level 4: activations quantized per block on the fly). Only products with a
-    constant weight (never q @ k^T or w @ v); the word embedding (a Gather) stays fp32. docs/design.md
-    compares it with the per-channel dynamic quantization (DynamicQuantizeMatMul) it replaced.
+    ONNX Runtime's MatMulNBits: symmetric, a scale per INT8_BLOCK input rows of each output column,
+    and int8 compute (accuracy level 4: activations quantized per block on the fly). Only products
+    with a constant weight (never q @ k^T or w @ v); the word embedding (a Gather) stays fp32.
     """
     require_onnx("export --quantize int8", "onnx", "onnxruntime", "onnx_ir")
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    import onnxruntime.quantization.matmul_nbits_quantizer as nbits
 
     root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)                                 # the quantizer logs each node it packs
-    block = INT8_BLOCK                      # read when called: benchmarks/export_agreement.py compares others
+    root.setLevel(logging.ERROR)              # the quantizer logs each node it packs
+    block = INT8_BLOCK      # read when called: benchmarks/export_agreement.py compares others
     try:
         for name in ("start.onnx", "step.onnx"):
-            config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=8,
-                                                  op_types_to_quantize=("MatMul",))
-            quantizer = MatMulNBitsQuantizer(onnx.load(folder / name), bits=8, block_size=block, is_symmetric=True,
-                                             accuracy_level=4, algo_config=config)
+            config = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True,
+                                                        accuracy_level=4, bits=8,
+                                                        op_types_to_quantize=("MatMul",))
+            quantizer = nbits.MatMulNBitsQuantizer(onnx.load(folder / name), bits=8,
+                                                   block_size=block, is_symmetric=True,
+                                                   accuracy_level=4, algo_config=config)
             quantizer.process()
             if not any(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node):
                 raise ExportCheckError(f"{name}: the quantizer left no matrix product in 8 bits")
@@ -189,11 +202,13 @@ def quantize_int8(folder: Path) -> None:
 @torch.no_grad()
 def check_export(model: CaptionModel, folder: Path, image_size: int, quantize: str | None = None,
                  words: int = 6, group: int = 2) -> dict:
-    """The largest logit difference between the exported graphs and `model` on two random images, `group` rows an
-    image, over `words` random words, relative to the largest |logit|; ExportCheckError above TOLERANCE."""
+    """The largest logit difference between the exported graphs and `model` on two random images,
+    `group` rows an image, over `words` random words, relative to the largest |logit|;
+    ExportCheckError above TOLERANCE."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, image_size, image_size, generator=generator)
-    engine = OrtEngine(load_session(folder / "start.onnx"), load_session(folder / "step.onnx"), model.pad_id)
+    engine = OrtEngine(load_session(folder / "start.onnx"), load_session(folder / "step.onnx"),
+                       model.pad_id)
     memory = model.encode(images)
     onnx_memory = load_session(folder / "encoder.onnx").run(None, {"images": images.numpy()})[0]
     caches = model.init_cache(memory, group), engine.init_cache(onnx_memory, group)
@@ -210,12 +225,12 @@ def check_export(model: CaptionModel, folder: Path, image_size: int, quantize: s
         worst_attention = max(worst_attention, attention_diff.abs().max().item())
     relative = worst / max(scale, 1e-6)
     report = {"max_abs_logit_diff": worst, "max_abs_logit": scale, "relative": relative,
-              "max_abs_attention_diff": worst_attention, "tolerance": TOLERANCE[quantize], "words": words,
-              "images": 2, "group": group}
+              "max_abs_attention_diff": worst_attention, "tolerance": TOLERANCE[quantize],
+              "words": words, "images": 2, "group": group}
     if not relative <= TOLERANCE[quantize]:
-        raise ExportCheckError(f"the exported graphs' logits differ from the checkpoint's by up to {worst:.4g} "
-                               f"({relative:.3g} of the largest |logit| {scale:.4g}; tolerance "
-                               f"{TOLERANCE[quantize]}): nothing was written")
+        raise ExportCheckError(f"the exported graphs' logits differ from the checkpoint's by up to "
+                               f"{worst:.4g} ({relative:.3g} of the largest |logit| {scale:.4g}; "
+                               f"tolerance {TOLERANCE[quantize]}): nothing was written")
     return report
 
 
@@ -227,7 +242,8 @@ def _write_json(path: Path, obj) -> None:
 
 
 def export(checkpoint: str | Path, out: str | Path, quantize: str | None = None) -> dict:
-    """Export `checkpoint` into the new folder `out` (see the module's docstring); returns config.json's dict."""
+    """Export `checkpoint` into the new folder `out` (see the module's docstring); returns
+    config.json's dict."""
     if quantize not in TOLERANCE:
         raise ValueError(f"--quantize {quantize}: expected int8 (or nothing, for fp32)")
     require_onnx("export", "onnx", "onnxruntime", *(["onnx_ir"] if quantize else []))
@@ -247,8 +263,10 @@ def _new_folder(out: str | Path) -> Path:
     return out
 
 
-def export_model(model: CaptionModel, vocab, cfg, out: str | Path, quantize: str | None, source: str | Path) -> dict:
-    """`export` of a model in memory (fp32, eval mode) into the new folder `out`; `source`: where it came from."""
+def export_model(model: CaptionModel, vocab, cfg, out: str | Path, quantize: str | None,
+                 source: str | Path) -> dict:
+    """`export` of a model in memory (fp32, eval mode) into the new folder `out`; `source`: where
+    it came from."""
     out = _new_folder(out)
     folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -258,8 +276,8 @@ def export_model(model: CaptionModel, vocab, cfg, out: str | Path, quantize: str
             quantize_int8(folder)
             check[quantize] = check_export(model, folder, cfg.data.image_size, quantize)
         meta = _metadata(cfg, vocab.to_list(), source, quantize, check)
-        for name, obj in (("vocab.json", vocab.to_list()), ("preprocess.json", meta.pop("preprocess")),
-                          ("config.json", meta)):
+        for name, obj in (("vocab.json", vocab.to_list()),
+                          ("preprocess.json", meta.pop("preprocess")), ("config.json", meta)):
             _write_json(folder / name, obj)
         if out.exists():
             out.rmdir()                        # empty (checked above): rename needs it gone
@@ -275,7 +293,8 @@ def _metadata(cfg, tokens: list[str], checkpoint: Path, quantize: str | None, ch
         raise ConfigError(f"{checkpoint}: its vocabulary repeats a token")
     return {"format_version": EXPORT_FORMAT, "config": to_dict(cfg), "checkpoint": str(checkpoint),
             "quantize": quantize, "opset": OPSET, "torch": torch.__version__, "check": check,
-            "int8": {"weights": "MatMulNBits, 8 bits, symmetric", "block": INT8_BLOCK, "shortlist": SHORTLIST}
-            if quantize else None,
-            "preprocess": {"image_size": cfg.data.image_size, "resize": "bilinear, square (no crop)",
+            "int8": {"weights": "MatMulNBits, 8 bits, symmetric", "block": INT8_BLOCK,
+                     "shortlist": SHORTLIST} if quantize else None,
+            "preprocess": {"image_size": cfg.data.image_size,
+                           "resize": "bilinear, square (no crop)",
                            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}

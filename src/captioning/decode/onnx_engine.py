@@ -1,13 +1,13 @@
-"""Captioning from an export (see export.py) on ONNX Runtime: the same Captioner, another engine behind it.
+"""Captioning from an export (see export.py) on ONNX Runtime: the same Captioner, another engine.
 
-    captioner = Captioner.from_export("exports/shapes")      # the folder `python -m captioning export` wrote
+    captioner = Captioner.from_export("exports/shapes")   # what `python -m captioning export` wrote
     captioner.caption(["photo.jpg"], beam_size=3)
 
-`OrtEngine` is a `search.Engine`: its `init_cache` runs start.onnx, its `step` runs step.onnx, and the
-cache is the model's own `DecoderCache` (of the numpy arrays ONNX Runtime returns), so greedy, beam and
-sampling search, n-best and attention maps are search.py's code whichever engine runs. `OrtEncoder` runs
-encoder.onnx in place of the PyTorch encoder, with the preprocessing done by PIL and numpy: this path
-imports neither torch nor torchvision nor pandas nor matplotlib.
+`OrtEngine` is a `search.Engine`: its `init_cache` runs start.onnx, its `step` runs step.onnx, and
+the cache is the model's own `DecoderCache` (of the numpy arrays ONNX Runtime returns), so all of
+search.py runs on either engine. `OrtEncoder` runs encoder.onnx in place of the PyTorch encoder,
+with the preprocessing done by PIL and numpy: this path imports neither torch nor torchvision nor
+pandas nor matplotlib.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from ..data.vocab import Vocabulary
 from ..model.kv_cache import DecoderCache
 
 EXPORT_FORMAT = 1
-FILES = ("encoder.onnx", "encoder.onnx.data", "start.onnx", "step.onnx", "vocab.json", "preprocess.json", "config.json")
+FILES = ("encoder.onnx", "encoder.onnx.data", "start.onnx", "step.onnx", "vocab.json",
+         "preprocess.json", "config.json")
 
 
 class MissingExtra(EnvironmentProblem):
@@ -37,7 +38,8 @@ class ExportError(ValueError):
 
 
 def require_onnx(what: str, *modules: str) -> None:
-    """MissingExtra naming what to install when a module of `modules` (default onnxruntime) is missing."""
+    """MissingExtra naming what to install when a module of `modules` (default onnxruntime) is
+    missing."""
     missing = [m for m in modules or ("onnxruntime",) if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingExtra(f"{what} needs {' and '.join(missing)}, which is not installed: "
@@ -45,14 +47,13 @@ def require_onnx(what: str, *modules: str) -> None:
 
 
 def load_session(path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session of one graph, all graph optimisations on; `threads` None: one a core."""
+    """An ONNX Runtime CPU session of one graph, all optimisations on; threads None: one a core."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # three sessions take turns on the same cores: threads that spin after a run starve the next session's
-    # (one image took twice as long with spinning on, docs/benchmarks.md); no arena, and initializers outside
-    # it, for a smaller peak RSS
+    # three sessions take turns on the same cores: threads that spin after a run starve the next
+    # session's (docs/benchmarks.md); no arena, and initializers outside it, for a smaller peak RSS
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
     options.enable_cpu_mem_arena = False
@@ -74,19 +75,22 @@ class OrtEngine:
         self.layers = sum(1 for i in start.get_outputs() if i.name.startswith("cross_k_"))
 
     def init_cache(self, memory: np.ndarray, group: int = 1) -> DecoderCache:
-        """An empty cache for len(memory) * group sequences, `group` per image of memory (M, L, D)."""
+        """An empty cache for M * group sequences, `group` per image of memory (M, L, D)."""
         kv = self.start.run(None, {"memory": _array(memory).astype(np.float32, copy=False)})
         M, H, _, hd = kv[0].shape
         empty = np.zeros((M * group, H, 0, hd), np.float32)
         n = self.layers
         return DecoderCache([empty] * n, [empty] * n, kv[:n], kv[n:])
 
-    def step(self, cache: DecoderCache, tokens: np.ndarray, attention: list | None = None) -> np.ndarray:
-        """torch_engine.step on step.onnx: tokens (N,) at position cache.length -> logits (N, V); the cache grows."""
+    def step(self, cache: DecoderCache, tokens: np.ndarray,
+             attention: list | None = None) -> np.ndarray:
+        """CaptionModel.step on step.onnx: tokens (N,) at position cache.length -> logits (N, V);
+        the cache grows."""
         n = self.layers
-        feeds = {"tokens": _array(tokens).astype(np.int64, copy=False), "position": np.array(cache.length, np.int64)}
-        for name, ts in (("self_k", cache.self_k), ("self_v", cache.self_v), ("cross_k", cache.cross_k),
-                         ("cross_v", cache.cross_v)):
+        feeds = {"tokens": _array(tokens).astype(np.int64, copy=False),
+                 "position": np.array(cache.length, np.int64)}
+        for name, ts in (("self_k", cache.self_k), ("self_v", cache.self_v),
+                         ("cross_k", cache.cross_k), ("cross_v", cache.cross_v)):
             feeds.update({f"{name}_{i}": _array(t) for i, t in enumerate(ts)})
         out = self.step_session.run(None, feeds)
         cache.self_k[:], cache.self_v[:] = out[1:1 + n], out[1 + n:1 + 2 * n]
@@ -99,61 +103,68 @@ def _read_json(folder: Path, name: str):
     try:
         return json.loads((folder / name).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"{folder / name}: not readable JSON ({e}); export the checkpoint again") from None
+        raise ExportError(f"{folder / name}: not readable JSON ({e}); "
+                          "export the checkpoint again") from None
 
 
 def read_export(folder: str | Path) -> dict:
-    """The export's JSON files, checked: {"config": Config, "vocab": Vocabulary, "preprocess", "quantize", ...}."""
+    """The export's JSON files, checked: {"config": Config, "vocab": Vocabulary, "preprocess",
+    "quantize", ...}."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"--model {folder}: not a folder; make one with "
                                 "python -m captioning export --checkpoint CKPT --out DIR")
     missing = [name for name in FILES if not (folder / name).is_file()]
     if missing:
-        raise ExportError(f"{folder}: not a complete export, missing {', '.join(missing)}; make one with "
-                          "python -m captioning export --checkpoint CKPT --out DIR")
+        raise ExportError(f"{folder}: not a complete export, missing {', '.join(missing)}; "
+                          "make one with python -m captioning export --checkpoint CKPT --out DIR")
     meta = _read_json(folder, "config.json")
     if not isinstance(meta, dict) or meta.get("format_version") != EXPORT_FORMAT:
         version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ExportError(f"{folder / 'config.json'}: export format {version!r}, this version reads "
-                          f"{EXPORT_FORMAT}; export the checkpoint again")
+        raise ExportError(f"{folder / 'config.json'}: export format {version!r}, "
+                          f"this version reads {EXPORT_FORMAT}; export the checkpoint again")
     tokens, pre = _read_json(folder, "vocab.json"), _read_json(folder, "preprocess.json")
     if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
         raise ExportError(f"{folder / 'vocab.json'}: expected a list of tokens")
     if not (isinstance(pre, dict) and {"image_size", "mean", "std"} <= pre.keys()):
         raise ExportError(f"{folder / 'preprocess.json'}: expected image_size, mean and std")
     cfg = from_dict(meta["config"], check_paths=False, source=str(folder / "config.json"))
-    return {**meta, "config": cfg, "vocab": Vocabulary.from_list(tokens), "preprocess": pre, "folder": folder}
+    return {**meta, "config": cfg, "vocab": Vocabulary.from_list(tokens), "preprocess": pre,
+            "folder": folder}
 
 
 def _check_runtime(export: dict) -> None:
-    """An int8 export's graphs run MatMulNBits with 8 bits, which ONNX Runtime has on x86 from 1.22."""
+    """An int8 export's graphs run 8-bit MatMulNBits, which ONNX Runtime has on x86 from 1.22."""
     import onnxruntime
 
     version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
     if export.get("int8") and version < (1, 22):
-        raise ExportError(f"{export['folder']}: its int8 graphs need onnxruntime 1.22 or newer (8-bit MatMulNBits), "
-                          f"this is {onnxruntime.__version__}: pip install -U onnxruntime")
+        raise ExportError(f"{export['folder']}: its int8 graphs need onnxruntime 1.22 or newer "
+                          f"(8-bit MatMulNBits), this is {onnxruntime.__version__}: "
+                          "pip install -U onnxruntime")
 
 
 def preprocess(image: Image.Image, image_size: int, mean, std) -> np.ndarray:
-    """data.build_transform with PIL and numpy: square bilinear resize, [0, 1], normalise -> (3, S, S)."""
+    """data.build_transform with PIL and numpy: square bilinear resize, [0, 1], normalise ->
+    (3, S, S)."""
     image = image if image.mode == "RGB" else image.convert("RGB")
-    x = np.asarray(image.resize((image_size, image_size), Image.BILINEAR), dtype=np.float32) / np.float32(255)
+    x = np.asarray(image.resize((image_size, image_size), Image.BILINEAR),
+                   dtype=np.float32) / np.float32(255)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 class OrtEncoder:
-    """encoder.onnx as the Captioner's encoder: preprocessed images (B, 3, S, S) -> memory (B, L, d_model), fp32,
-    with the preprocessing done by PIL and numpy. Its grid features are not exposed (one graph makes memory)."""
+    """encoder.onnx as the Captioner's encoder: preprocessed images (B, 3, S, S) -> memory
+    (B, L, d_model), fp32, with the preprocessing done by PIL and numpy. Its grid features are not
+    exposed (one graph makes memory)."""
 
     device = "cpu"
 
     def __init__(self, session, pre: dict, precision: str):
-        self.session, self.precision = session, precision        # the decoder's precision; this graph is fp32
-        self.transform = functools.partial(preprocess, image_size=pre["image_size"], mean=pre["mean"],
-                                           std=pre["std"])
+        self.session, self.precision = session, precision   # the decoder's; this graph is fp32
+        self.transform = functools.partial(preprocess, image_size=pre["image_size"],
+                                           mean=pre["mean"], std=pre["std"])
 
     def inference(self):
         return contextlib.nullcontext()
@@ -163,20 +174,24 @@ class OrtEncoder:
         """Memory as the engine reads it: a numpy array (a CPU tensor handed in is converted)."""
         return _array(x)
 
-    def memory(self, *, images: np.ndarray | None = None, features: np.ndarray | None = None) -> np.ndarray:
+    def memory(self, *, images: np.ndarray | None = None,
+               features: np.ndarray | None = None) -> np.ndarray:
         if features is not None or images is None:
-            raise ValueError("an export's memory() takes images= only (cached features need the checkpoint)")
+            raise ValueError("an export's memory() takes images= only "
+                             "(cached features need the checkpoint)")
         return self.session.run(None, {"images": _array(images).astype(np.float32, copy=False)})[0]
 
 
-def load_export(folder: str | Path, threads: int | None = None) -> tuple[OrtEncoder, OrtEngine, dict]:
-    """The encoder and the engine of an export, and its JSON files (read_export); `threads` None: one a core."""
+def load_export(folder: str | Path,
+                threads: int | None = None) -> tuple[OrtEncoder, OrtEngine, dict]:
+    """The encoder and the engine of an export, and its JSON files (read_export); `threads` None:
+    one a core."""
     require_onnx("captioning from an export")
     export = read_export(folder)
     _check_runtime(export)
     folder = export["folder"]
     encoder = OrtEncoder(load_session(folder / "encoder.onnx", threads), export["preprocess"],
                          export.get("quantize") or "fp32")
-    engine = OrtEngine(load_session(folder / "start.onnx", threads), load_session(folder / "step.onnx", threads),
-                       export["vocab"].pad)
+    engine = OrtEngine(load_session(folder / "start.onnx", threads),
+                       load_session(folder / "step.onnx", threads), export["vocab"].pad)
     return encoder, engine, export

@@ -1,7 +1,7 @@
-"""The PyTorch side of captioning: `TorchEncoder`, images or cached features -> memory at a precision.
+"""The PyTorch side of captioning: `TorchEncoder`, images or features -> memory at a precision.
 
-The `CaptionModel` itself is the search's engine (`init_cache`, `step`). `greedy_reference` keeps the
-re-run-everything path that tests hold the cached decoder to, and that the decode benchmark times.
+The `CaptionModel` itself is the search's engine (`init_cache`, `step`). `greedy_reference` keeps
+the re-run-everything path that tests hold the cached decoder to (the decode benchmark times it).
 """
 from __future__ import annotations
 
@@ -16,32 +16,31 @@ from .rules import Rules
 
 
 class TorchEncoder:
-    """A CaptionModel's image side: preprocessed images (B, 3, H, W) or cached grid features (B, L, C) -> memory
-    (B, L, d_model), fp32.
+    """A CaptionModel's image side: preprocessed images (B, 3, H, W) or cached grid features
+    (B, L, C) -> memory (B, L, d_model), fp32.
 
-    A model handed in is left as it is (its dtype, its training flag): the ResNet runs under autocast
-    at reduced precision. With `own_model=True` (a model built for captioning only) its weights are cast
-    once instead, which is faster. The transformer runs in fp32 either way, so captions barely move with
-    the precision.
+    A model handed in is left as it is (dtype, training flag): the ResNet runs under autocast at
+    reduced precision. With `own_model=True` (a model built for captioning only) its weights are
+    cast once instead, which is faster. The transformer runs in fp32 either way.
     """
 
     def __init__(self, model: CaptionModel, image_size: int, device=None, precision: str = "auto",
                  own_model: bool = False):
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.transform = build_transform(image_size)       # the preprocessing the model was trained with
+        self.transform = build_transform(image_size)   # the preprocessing it was trained with
         self.model = model.to(self.device)
         self.image_dtype, self.encoder_precision = torch.float32, self.precision
         if own_model and self.precision != "fp32":
-            # the ResNet is most of the work: cast its weights once (autocast would re-cast them on every
-            # call) and use channels_last
+            # the ResNet is most of the work: cast its weights once (autocast re-casts them on
+            # every call) and use channels_last
             self.image_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             self.encoder_precision = "fp32"
             model.encoder.to(self.image_dtype, memory_format=torch.channels_last)
 
     @contextlib.contextmanager
     def inference(self):
-        """Eval mode and no gradients for the duration; the model's training flag is put back afterwards."""
+        """Eval mode and no gradients for the duration; the model's training flag is put back."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -51,16 +50,19 @@ class TorchEncoder:
             self.model.train(was_training)
 
     def as_memory(self, x) -> torch.Tensor:
-        """Memory as the engine reads it: a tensor on the model's device (a numpy array handed in is converted)."""
+        """Memory as the engine reads it: a tensor on the model's device (numpy is converted)."""
         return torch.as_tensor(x, device=self.device)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images (B, 3, H, W) -> grid features (B, L, C), in the encoder's precision."""
+        """Preprocessed images (B, 3, H, W) -> grid features (B, L, C), in encoder precision."""
         with self.inference(), autocast(self.encoder_precision, self.device):
-            return self.model.encoder(x.to(self.device, self.image_dtype, memory_format=torch.channels_last))
+            return self.model.encoder(x.to(self.device, self.image_dtype,
+                                           memory_format=torch.channels_last))
 
-    def memory(self, *, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
-        """Preprocessed images (B, 3, H, W) or cached grid features (B, L, C) -> memory (B, L, d_model), fp32."""
+    def memory(self, *, images: torch.Tensor | None = None,
+               features: torch.Tensor | None = None) -> torch.Tensor:
+        """Preprocessed images (B, 3, H, W) or cached grid features (B, L, C) -> memory
+        (B, L, d_model), fp32."""
         if (images is None) == (features is None):
             raise ValueError("memory() takes images= or features=, exactly one of them")
         if features is None:
@@ -70,8 +72,9 @@ class TorchEncoder:
 
 
 @torch.no_grad()
-def greedy_reference(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int, max_words: int) -> list[list[int]]:
-    """`greedy` the slow way: the training path (`model.decode`) over the whole prefix at every step."""
+def greedy_reference(model: CaptionModel, memory: torch.Tensor, bos: int, eos: int,
+                     max_words: int) -> list[list[int]]:
+    """`greedy` the slow way: the training path (`model.decode`) over the whole prefix each step."""
     B = memory.size(0)
     rules = Rules(model.pad_id, bos, eos)
     tokens = torch.full((B, 1), bos, dtype=torch.long, device=memory.device)

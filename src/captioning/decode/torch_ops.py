@@ -1,4 +1,4 @@
-"""The search's array operations on torch tensors (`arrays.NumpyOps`' twin): new tensors go on one device."""
+"""The search's array operations on torch tensors (`arrays.NumpyOps`' twin), on one device."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +14,8 @@ class TorchOps:
         self.device = device
 
     def _dtype(self, name: str) -> torch.dtype:
-        return torch.float32 if name == "float64" and self.device.type == "mps" else getattr(torch, name)  # no fp64
+        return (torch.float32 if name == "float64" and self.device.type == "mps"  # no fp64
+                else getattr(torch, name))
 
     def asarray(self, values, dtype: str) -> torch.Tensor:
         return torch.tensor(values, dtype=self._dtype(dtype), device=self.device)
@@ -36,7 +37,7 @@ class TorchOps:
 
     @staticmethod
     def sort_descending(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(x.sort(dim=-1, descending=True, stable=True))    # ties in index order, as NumpyOps
+        return tuple(x.sort(dim=-1, descending=True, stable=True))    # ties in index order
 
     @staticmethod
     def scatter(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -63,9 +64,10 @@ class TorchOps:
         return x.gather(-1, index[:, None])[:, 0]
 
     def multinomial(self, probs: torch.Tensor, generator) -> torch.Tensor:
-        """One word per row of probs (N, V): torch's own draw with a torch.Generator (or torch's global one,
-        None), the search's inverse transform with a numpy Generator (Captioner's: either engine draws alike)."""
+        """One word per row of probs (N, V): torch's own draw with a torch.Generator (None: torch's
+        global one); with a numpy Generator, the inverse transform both engines draw alike."""
         if isinstance(generator, np.random.Generator):
             return inverse_cdf(self, probs, generator)
-        return torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu"
-                                 else probs, 1, generator=generator).squeeze(1).to(probs.device)
+        return torch.multinomial(
+            probs.cpu() if generator is not None and generator.device.type == "cpu" else probs, 1,
+            generator=generator).squeeze(1).to(probs.device)

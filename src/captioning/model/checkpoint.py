@@ -46,26 +46,30 @@ def checkpoint_path(path: str | Path) -> Path:
             log.warning("%s is a run directory: using %s", path, path / "best.pt")
             return path / "best.pt"
         raise FileNotFoundError(f"{path} is a directory, not a checkpoint, and holds no best.pt: "
-                                "pass a checkpoint file, e.g. RUN_DIR/best.pt or RUN_DIR/last.pt")
+                                "pass a checkpoint file, e.g. RUN_DIR/best.pt or "
+                                "RUN_DIR/last.pt")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     return path
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """The checkpoint's dict; CheckpointError naming the file when it is not one (empty, truncated, other data)."""
+    """The checkpoint's dict; CheckpointError naming the file when it is not one (empty, truncated,
+    other data)."""
     path = checkpoint_path(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"not a captioning checkpoint: {path} (an empty file)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:   # torch's own message would advise weights_only=False: unsafe, never repeated here
-        raise CheckpointError(f"not a captioning checkpoint: {path} ({_why_unreadable(path, e)})") from None
+    except Exception as e:   # torch's own message would advise weights_only=False: unsafe
+        raise CheckpointError(f"not a captioning checkpoint: {path} "
+                              f"({_why_unreadable(path, e)})") from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
-        raise CheckpointError(f"not a captioning checkpoint: {path} (a PyTorch file without this project's keys)")
+        raise CheckpointError(f"not a captioning checkpoint: {path} "
+                              "(a PyTorch file without this project's keys)")
     if ckpt["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: a captioning checkpoint of format version {ckpt['format_version']}; "
-                              f"this version reads {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: a captioning checkpoint of format version "
+                              f"{ckpt['format_version']}; this version reads {FORMAT_VERSION}")
     return ckpt
 
 
@@ -75,7 +79,8 @@ def _why_unreadable(path: Path, error: Exception) -> str:
     if not zipfile.is_zipfile(path):       # torch.save writes a zip archive
         return "not a file torch.save wrote: a CSV, an image or a truncated download?"
     if "weights only load failed" in str(error).lower():
-        return "it holds objects other than tensors, lists, dicts and numbers, which could run code when loaded"
+        return ("it holds objects other than tensors, lists, dicts and numbers, "
+                "which could run code when loaded")
     return "a damaged or truncated PyTorch file, or a zip archive of something else"
 
 
@@ -96,8 +101,8 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
     state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
              "python": {"version": version, "state": list(py_state), "gauss": py_gauss}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -107,7 +112,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():

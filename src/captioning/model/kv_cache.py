@@ -1,7 +1,7 @@
 """The decoder's key/value cache: what a search keeps between steps, whichever engine fills it.
 
-Its arrays are torch tensors (the PyTorch model) or numpy arrays (ONNX Runtime); this module imports neither
-engine, so captioning from an export never loads torch.
+Its arrays are torch tensors (the PyTorch model) or numpy arrays (ONNX Runtime); this module imports
+neither engine, so captioning from an export never loads torch.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ Array = Any     # a torch.Tensor or a numpy.ndarray
 
 @dataclass
 class DecoderCache:
-    """Keys and values of every decoder layer for N sequences decoded side by side (tensors or arrays).
+    """Keys and values of every decoder layer for N sequences decoded side by side.
 
     The N rows are grouped `group` at a time per image (beam search: the K
     beams of one image), and rows of one group share their image's
@@ -45,5 +45,6 @@ class DecoderCache:
         cross_k, cross_v = (self.cross_k, self.cross_v) if images is None else \
             (pick(self.cross_k, images), pick(self.cross_v, images))
         cache = DecoderCache(pick(self.self_k, rows), pick(self.self_v, rows), cross_k, cross_v)
-        assert cache.self_k[0].shape[0] % cache.cross_k[0].shape[0] == 0, "rows must be whole groups per image"
+        assert cache.self_k[0].shape[0] % cache.cross_k[0].shape[0] == 0, \
+            "rows must be whole groups per image"
         return cache

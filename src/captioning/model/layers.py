@@ -1,7 +1,8 @@
 """The transformer's pieces as plain functions: positions, masks, attention with a key/value cache.
 
-The decoder layer is run here as nn.TransformerDecoderLayer.forward runs it (both norm_first settings), so
-the training path (whole captions) and the cached path (a word at a time) share one implementation.
+The decoder layer is run here as nn.TransformerDecoderLayer.forward runs it (both norm_first
+settings), so the training path (whole captions) and the cached path (a word at a time) share one
+implementation.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def grid_encoding(h: int, w: int, dim: int) -> torch.Tensor:
-    """2-D position of each cell of an h x w grid, row-major -> (h*w, dim): half rows, half columns."""
+    """2-D position of each cell of an h x w grid, row-major -> (h*w, dim): half rows, half cols."""
     rows = sinusoid(torch.arange(h), dim // 2)                # (h, dim/2)
     cols = sinusoid(torch.arange(w), dim // 2)                # (w, dim/2)
-    return torch.cat([rows[:, None, :].expand(h, w, -1), cols[None, :, :].expand(h, w, -1)], dim=-1).reshape(h * w, dim)
+    return torch.cat([rows[:, None, :].expand(h, w, -1), cols[None, :, :].expand(h, w, -1)],
+                     dim=-1).reshape(h * w, dim)
 
 
 class PositionalEncoding(nn.Module):
@@ -31,7 +33,8 @@ class PositionalEncoding(nn.Module):
 
     def __init__(self, d_model: int, max_tokens: int):
         super().__init__()
-        self.register_buffer("pe", sinusoid(torch.arange(max_tokens), d_model), persistent=False)  # (max_tokens, D)
+        self.register_buffer("pe", sinusoid(torch.arange(max_tokens), d_model),
+                             persistent=False)                          # (max_tokens, D)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         # x: (B, T, D); position t of every sequence gets pe[offset + t]
@@ -50,7 +53,7 @@ def causal_mask(size: int, device=None) -> torch.Tensor:
 
 
 class _OnnxReshape(torch.autograd.Function):
-    """`reshape` inside an ONNX export: one Reshape node with a constant shape (0 keeps that size)."""
+    """`reshape` inside an ONNX export: one Reshape node of a constant shape (0 keeps that size)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -73,11 +76,11 @@ def reshape(x: torch.Tensor, *shape: int) -> torch.Tensor:
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    return reshape(x, 0, 0, num_heads, -1).transpose(1, 2)            # (N, T, D) -> (N, H, T, hd)
+    return reshape(x, 0, 0, num_heads, -1).transpose(1, 2)    # (N, T, D) -> (N, H, T, hd)
 
 
 def merge_heads(y: torch.Tensor) -> torch.Tensor:
-    return reshape(y.transpose(1, 2), 0, 0, -1)                       # (N, H, T, hd) -> (N, T, D)
+    return reshape(y.transpose(1, 2), 0, 0, -1)               # (N, H, T, hd) -> (N, T, D)
 
 
 def in_proj(attn: nn.MultiheadAttention, part: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -86,18 +89,22 @@ def in_proj(attn: nn.MultiheadAttention, part: slice) -> tuple[torch.Tensor, tor
     return attn.in_proj_weight[part], bias
 
 
-def attention(attn: nn.MultiheadAttention, q, k, v, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    # (.., Tq, hd) x (.., Tk, hd) -> (.., Tq, hd), with the attention dropout of `attn` while training;
-    # allowed (.., Tq, Tk) bool: True where a query may see a key (None: everywhere)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=attn.dropout if attn.training else 0.0,
-                                          scale=1.0 / math.sqrt(attn.head_dim))     # its default, as a constant
+def attention(attn: nn.MultiheadAttention, q, k, v,
+              allowed: torch.Tensor | None = None) -> torch.Tensor:
+    # (.., Tq, hd) x (.., Tk, hd) -> (.., Tq, hd), with the attention dropout of `attn` while
+    # training; allowed (.., Tq, Tk) bool: True where a query may see a key (None: everywhere).
+    # scale: its default, as a constant
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                          dropout_p=attn.dropout if attn.training else 0.0,
+                                          scale=1.0 / math.sqrt(attn.head_dim))
 
 
 def feed_forward(layer: nn.TransformerDecoderLayer, x: torch.Tensor) -> torch.Tensor:
     return layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
 
 
-def decoder_layer(layer: nn.TransformerDecoderLayer, x: torch.Tensor, self_attention, cross_attention) -> torch.Tensor:
+def decoder_layer(layer: nn.TransformerDecoderLayer, x: torch.Tensor, self_attention,
+                  cross_attention) -> torch.Tensor:
     """nn.TransformerDecoderLayer.forward (both norm_first settings), its two attention blocks given
     as functions of their input: whole captions in training, one cached position in decoding."""
     if layer.norm_first:
@@ -110,53 +117,61 @@ def decoder_layer(layer: nn.TransformerDecoderLayer, x: torch.Tensor, self_atten
 
 
 def self_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, past=None, allowed=None):
-    """The layer's self-attention block of x (N, T, D) -> (output (N, T, D), keys, values (N, H, T', hd)).
+    """The layer's self-attention block: x (N, T, D) -> (output (N, T, D), keys, values
+    (N, H, T', hd)).
 
-    `past`: the (keys, values) of the positions before x (the decoding cache), prepended to x's own;
-    `allowed` (N, 1, T, T'): True where a query may see a key (None: every key, as one new word may).
+    `past`: the (keys, values) of the positions before x (the decoding cache), prepended to x's
+    own; `allowed` (N, 1, T, T'): True where a query may see a key (None: every key, as one new
+    word may).
     """
     attn = layer.self_attn
-    # the whole parameter, not a slice of it: autocast caches the bf16 copy of a parameter, not of a view
+    # the whole parameter, not a slice: autocast caches the bf16 copy of a parameter, not of a view
     qkv, D = F.linear(x, attn.in_proj_weight, attn.in_proj_bias), attn.embed_dim    # (N, T, 3D)
-    # slices at constant offsets (chunk() would be traced as a chain of shape nodes run at every step)
-    q, k, v = (split_heads(qkv[..., i * D:(i + 1) * D], attn.num_heads) for i in range(3))  # (N, H, T, hd)
+    # q, k, v (N, H, T, hd): slices at constant offsets (chunk() would be traced as a chain of
+    # shape nodes run at every step)
+    q, k, v = (split_heads(qkv[..., i * D:(i + 1) * D], attn.num_heads) for i in range(3))
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (N, H, T', hd)
     y = attention(attn, q, k, v, allowed)
     return layer.dropout1(attn.out_proj(merge_heads(y))), k, v
 
 
-def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    weights: list | None = None):
+def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, weights: list | None = None):
     """The layer's cross-attention block: x (N, T, D) reads keys/values (M, H, L, hd) of M images.
 
     N = M * G: rows G*m .. G*m+G-1 of x read image m (G = 1 in training, whose keys are already
     picked per caption; G = the beams of one image when decoding). The G rows of one image are
     lined up on its query axis rather than copying its keys G times. With a `weights` list, the
-    attention weights (N, H, T, L) are appended to it (computed as softmax(q k^T / sqrt(hd)) instead
-    of by the fused kernel, which does not return them; no attention dropout).
+    attention weights (N, H, T, L) are appended to it (computed as softmax(q k^T / sqrt(hd)): the
+    fused kernel does not return them; no attention dropout).
     """
     attn = layer.multihead_attn
-    T = int(x.size(1))      # int(): a constant where the export traces it (its step graph feeds one word a row)
-    # slices bounded by embed_dim, not by x's shape: a constant where the ONNX export traces it, so the weights
-    # stay initializers (folded once, quantizable) rather than sliced at every step
-    q = F.linear(x, *in_proj(attn, slice(0, attn.embed_dim)))                          # (N, T, D)
-    q = split_heads(q.reshape(k.shape[:1] + (-1, attn.embed_dim)), attn.num_heads)     # (M, H, G*T, hd)
+    # int(): a constant where the export traces it (its step graph feeds one word a row)
+    T = int(x.size(1))
+    # slices bounded by embed_dim, not by x's shape: a constant where the ONNX export traces it, so
+    # the weights stay initializers (folded once, quantizable) rather than sliced at every step
+    q = F.linear(x, *in_proj(attn, slice(0, attn.embed_dim)))                   # (N, T, D)
+    q = split_heads(q.reshape(k.shape[:1] + (-1, attn.embed_dim)),
+                    attn.num_heads)                                             # (M, H, G*T, hd)
     if weights is None:
-        y = attention(attn, q, k, v)                                    # (M, H, G*T, hd)
+        y = attention(attn, q, k, v)                                            # (M, H, G*T, hd)
     else:
-        w = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.head_dim ** -0.5, dim=-1)   # (M, H, G*T, L)
-        w = w.transpose(1, 2)                                                                 # (M, G*T, H, L)
-        weights.append(reshape(w, -1, T, 0, 0).transpose(1, 2))                              # (N, H, T, L)
+        w = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.head_dim ** -0.5,
+                          dim=-1)                                               # (M, H, G*T, L)
+        w = w.transpose(1, 2)                                                   # (M, G*T, H, L)
+        weights.append(reshape(w, -1, T, 0, 0).transpose(1, 2))                 # (N, H, T, L)
         y = w.transpose(1, 2).to(v.dtype) @ v
-    return layer.dropout2(attn.out_proj(reshape(merge_heads(y), -1, T, 0)))                # (N, T, D)
+    return layer.dropout2(attn.out_proj(reshape(merge_heads(y), -1, T, 0)))     # (N, T, D)
 
 
-def cross_keys_values(layer: nn.TransformerDecoderLayer, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_keys_values(layer: nn.TransformerDecoderLayer,
+                      memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's cross-attention keys and values of memory (B, L, D) -> two (B, H, L, hd)."""
-    attn, D = layer.multihead_attn, layer.multihead_attn.embed_dim     # a constant when traced (cross_attention)
+    attn, D = layer.multihead_attn, layer.multihead_attn.embed_dim    # D: a constant when traced
     if attn.in_proj_weight is None:
-        raise NotImplementedError("the decoder reads packed q/k/v weights (kdim == vdim == d_model)")
+        raise NotImplementedError("the decoder reads packed q/k/v weights "
+                                  "(kdim == vdim == d_model)")
     kv = F.linear(memory, *in_proj(attn, slice(D, 3 * D)))              # (B, L, 2D)
     k, v = kv.chunk(2, dim=-1)
     return split_heads(k, attn.num_heads), split_heads(v, attn.num_heads)
