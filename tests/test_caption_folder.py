@@ -75,7 +75,7 @@ def test_caption_iter_gives_caption_s_results_in_order_across_batches(tiny_run, 
     assert streamed[-1].error and all(r.ok for r in streamed[:-1])
 
 
-def test_results_file_retries_failures_and_matches_long_inputs(tmp_path):
+def test_results_file_retries_failures_when_asked_and_matches_long_inputs(tmp_path):
     from captioning.captioner import CaptionResult
     from captioning.cli.results import ResultsFile
 
@@ -87,4 +87,9 @@ def test_results_file_retries_failures_and_matches_long_inputs(tmp_path):
         out.write(CaptionResult("c.jpg", error="timed out"))
         out.write(CaptionResult("c.jpg", caption="a cat"))            # a later run got it
         out.close()
-        assert ResultsFile(tmp_path / f"r{suffix}").done == {long_url, "c.jpg"}   # b.jpg is tried again
+        again = ResultsFile(tmp_path / f"r{suffix}")
+        assert again.done == {long_url, "b.jpg", "c.jpg"} and again.failed == {"b.jpg"}
+        again.close()
+        retry = ResultsFile(tmp_path / f"r{suffix}", retry_errors=True)    # b.jpg is tried again
+        assert retry.done == {long_url, "c.jpg"} and retry.failed == {"b.jpg"}
+        retry.close()

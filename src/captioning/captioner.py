@@ -219,10 +219,14 @@ class Captioner:
             yield [(i, future.result()) for i, future in current]
 
     def _open(self, source) -> Image.Image | ImageLoadError:
+        """The image at the model's input size (the preprocessing's own square bilinear resize, done
+        now): memory follows the batch, not the size of the source images."""
         try:
-            return open_image(source, self.limits)
+            image = open_image(source, self.limits)
         except ImageLoadError as e:
             return e
+        size = (self.cfg.data.image_size,) * 2
+        return image if image.size == size else image.resize(size, Image.BILINEAR)
 
     def _fill(self, result: CaptionResult, hyps: list[Hypothesis], options: DecodeOptions,
               cells: int) -> None:

@@ -26,6 +26,7 @@ SCHEDULERS = ("exponential", "cosine", "constant", "plateau")
 OBJECTIVES = ("xe", "scst")
 BASELINES = ("mean", "greedy")
 # old key -> new key: configs and checkpoints written with the old name still load, with a warning
+MAX_TOKENS = 4096     # the word positions' table holds max_tokens x d_model numbers
 RENAMED = {"data.max_len": "data.max_words", "model.max_len": "model.max_tokens"}
 
 
@@ -181,8 +182,9 @@ def _validate_data_model(cfg: Config, need) -> None:
          f"must be at least 32 (the ResNet stride), got {d.image_size}")
     need(d.min_freq >= 1, "data.min_freq", f"must be >= 1, got {d.min_freq}")
     need(d.max_words >= 1, "data.max_words", f"must be >= 1, got {d.max_words}")
-    need(m.max_tokens >= d.max_words + 2, "model.max_tokens",
-         f"must be >= data.max_words + 2 ({d.max_words + 2}: <bos> and <eos>), got {m.max_tokens}")
+    need(d.max_words + 2 <= m.max_tokens <= MAX_TOKENS, "model.max_tokens",
+         f"must be data.max_words + 2 ({d.max_words + 2}: <bos> and <eos>) to {MAX_TOKENS}, "
+         f"got {m.max_tokens}")
     for key in ("val_fraction", "test_fraction"):
         need(0.0 <= getattr(d, key) < 0.5, f"data.{key}",
              f"must be in [0, 0.5), got {getattr(d, key)}")

@@ -28,7 +28,9 @@ def train(args) -> int:
     if not args.config and args.resume in (None, "auto"):
         raise ConfigError(f"train {'--resume auto ' if args.resume else ''}needs --config FILE "
                           "(e.g. configs/shapes.yaml), or --resume RUN_DIR to continue a run")
-    cfg = load_config(args.config, args.set) if args.config else None
+    # --resume auto: the paths are checked once it is known the run has not finished
+    auto = args.resume == "auto"
+    cfg = load_config(args.config, args.set, check_paths=not auto) if args.config else None
     run_dir = Path(args.resume if args.resume and args.resume != "auto" else cfg.run_dir)
     try:
         if cfg is None:
@@ -53,12 +55,17 @@ def caption(args) -> int:
     from tqdm.auto import tqdm
 
     from ..captioner import Captioner
-    from ..data.images import expand_inputs
+    from ..data.images import expand_inputs, redact
     from .results import ResultsFile
 
-    out = ResultsFile(args.out) if args.out else None
+    out = ResultsFile(args.out, retry_errors=args.retry_errors) if args.out else None
     inputs = expand_inputs(args.inputs)
-    todo = [x for x in inputs if out is None or x not in out.done]
+    todo = [x for x in inputs if out is None or redact(x) not in out.done]
+    if out is not None and len(todo) < len(inputs):
+        retry = "" if args.retry_errors or not out.failed else \
+            f"; {len(out.failed)} of them failed: --retry-errors captions those again"
+        print(f"{len(inputs) - len(todo)} input(s) already in {out.path}: skipped{retry}",
+              file=sys.stderr)
     if args.model:
         if args.device not in (None, "cpu") or args.precision != "auto":
             raise ConfigError(f"--model {args.model} runs on the CPU in the export's own "

@@ -84,6 +84,8 @@ def _add_caption(sub) -> None:
                    help="one JSON object a line per input, in input order")
     p.add_argument("--out", metavar="FILE.jsonl|FILE.csv",
                    help="append the results to this file, skipping the inputs already in it")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="with --out: caption again the inputs whose row is an error")
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images captioned at a time")
     _common(p)

@@ -8,11 +8,12 @@ log or report the failing input as is.
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import io
 import os
 import re
 import time
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,16 @@ class ImageLimits:
     max_redirects: int = 5
 
 
+def redact(name):
+    """A URL without the user name and password it may carry (`http://user:secret@host/x.jpg`):
+    nothing printed or written shows them. Anything else as it is."""
+    if isinstance(name, str) and "@" in name and _is_url(name):
+        parts = urllib.parse.urlsplit(name)
+        if parts.username is not None or parts.password is not None:
+            return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return name
+
+
 def describe(source) -> str:
     """A short printable name for `source`, used in error messages and reports."""
     if isinstance(source, Image.Image):
@@ -57,7 +68,7 @@ def describe(source) -> str:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<bytes: {memoryview(source).nbytes}>"
     if isinstance(source, (str, os.PathLike)):
-        name = os.fsdecode(source)
+        name = redact(os.fsdecode(source))
         return name if len(name) <= 200 else name[:197] + "..."
     return f"<{type(source).__name__}>"
 
@@ -278,26 +289,69 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 
 
 def expand_inputs(items) -> list[str]:
-    """Paths, URLs, folders and globs -> the inputs to caption, in order.
+    """Paths, URLs, folders and globs -> the inputs to caption, in order, each file once.
 
     A folder gives its image files (by extension), recursively and sorted; a pattern with *, ?
     or [ that is not itself a file gives its matches, sorted (** spans folders), so a pattern
-    passed quoted still works. A folder or pattern that finds no image is kept as it is, so that
-    it gets an error naming it; paths and URLs pass through.
+    passed quoted still works. Symlinked folders are followed, none twice (a loop ends), and a
+    file reached twice (by its real path) is kept once. A folder or pattern that finds no image is
+    kept as it is, so that it gets an error naming it; paths and URLs pass through.
     """
-    out = []
+    out, seen = [], set()
     for item in map(str, items):
         path = Path(item).expanduser()
         if _is_url(item) or path.is_file():
-            out.append(item)
+            found = [item]
         elif path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*")
-                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            out += found or [item]
+            found = sorted(str(p) for p in _files_under(path) if _is_image_name(p.name)) or [item]
         elif any(c in item for c in "*?["):
-            found = sorted(p for p in glob.glob(os.path.expanduser(item), recursive=True)
-                           if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
-            out += found or [item]
+            found = _glob(os.path.expanduser(item)) or [item]
         else:
-            out.append(item)
+            found = [item]
+        for name in found:
+            key = name if _is_url(name) or not os.path.exists(name) else os.path.realpath(name)
+            if key not in seen:
+                seen.add(key)
+                out.append(name)
     return out
+
+
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _files_under(root: Path):
+    """Every file under `root`, symlinked folders followed but no folder (by real path) twice."""
+    folders = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in folders:
+            subfolders[:] = []
+            continue
+        folders.add(real)
+        yield from (Path(folder, name) for name in files)
+
+
+def _glob(pattern: str) -> list[str]:
+    """glob.glob(pattern, recursive=True)'s image files, sorted, without following a folder twice:
+    the folders before the first wildcard are walked, and each file's path below them matched part
+    by part (`**`: any number of folders; a name starting with '.' only by a part that does)."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, p in enumerate(parts + ("*",)) if any(c in p for c in "*?["))
+    root, rest = Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:]
+    found = []
+    for file in _files_under(root) if root.is_dir() else ():
+        relative = file.relative_to(root).parts
+        if _is_image_name(file.name) and _matches(relative, rest) and file.is_file():
+            found.append(str(file) if fixed else str(file.relative_to(".")))
+    return sorted(found)
+
+
+def _matches(names: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    if not pattern:
+        return not names
+    if pattern[0] == "**":
+        return any(_matches(names[i:], pattern[1:]) for i in range(len(names) + 1)
+                   if not any(n.startswith(".") for n in names[:i]))
+    return bool(names) and (names[0].startswith(".") == pattern[0].startswith(".")) \
+        and fnmatch.fnmatchcase(names[0], pattern[0]) and _matches(names[1:], pattern[1:])

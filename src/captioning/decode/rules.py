@@ -152,6 +152,7 @@ def rules_for(options: DecodeOptions, pad: int, bos: int, eos: int,
     """The Rules of `options` for a vocabulary (word -> id)."""
     endings = frozenset() if options.allow_function_word_end else \
         frozenset(word_ids[w] for w in FUNCTION_WORDS if w in word_ids)
-    return Rules(pad, bos, eos, options.min_words, options.no_repeat_ngram_size, endings)
+    # at least one word: a caption is never empty, whatever the model's first choice
+    return Rules(pad, bos, eos, max(options.min_words, 1), options.no_repeat_ngram_size, endings)
 
 

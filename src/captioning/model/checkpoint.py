@@ -91,7 +91,12 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[CaptionModel, Vocab
     cfg.model.pretrained = False  # the weights come from the file: never download
     vocab = Vocabulary.from_list(ckpt["vocab"])
     model = build_model(cfg.model, len(vocab), vocab.pad)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:                 # torch's message: a line per mismatched tensor
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ValueError(f"{path}: its weights do not fit the model its config describes "
+                         f"({first}); was the file edited, or written elsewhere?") from None
     return model.to(device).eval(), vocab, cfg
 
 

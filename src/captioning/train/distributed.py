@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..files import Locked, hold, remove_temporary
+
 
 def init_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank); joins the process group when torchrun started several
@@ -66,3 +68,25 @@ def wrap(model: nn.Module, device: torch.device, local_rank: int) -> nn.Module:
         return model
     return DistributedDataParallel(model,
                                    device_ids=[local_rank] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def holding(run_dir):
+    """One job at a time on a run directory: rank 0 holds its lock (files.hold) for the duration,
+    and the other ranks start only once it has it. A kill's half-written checkpoints go."""
+    rank, world, _ = init_distributed()
+    lock, error = contextlib.ExitStack(), None
+    if rank == 0:
+        try:
+            lock.enter_context(hold(run_dir, "run directory"))
+        except Locked as e:
+            error = e
+    if world > 1 and not all_sum(1.0 if error is None else 0.0)[0] >= world:
+        raise error or Locked(f"run directory {run_dir}: rank 0 could not take its lock")
+    if error is not None:
+        raise error
+    with lock:
+        if rank == 0:
+            for name in ("last.pt", "best.pt"):
+                remove_temporary(run_dir, name)
+        yield

@@ -302,7 +302,7 @@ def build_objective(cfg: Config, run_dir: Path, model: CaptionModel, vocab: Voca
         if rank == 0:
             cider.save(path, vocab.fingerprint())
     s = cfg.scst
-    return ScstObjective(model, cider, Rules(vocab.pad, vocab.bos, vocab.eos), s.samples,
-                         s.max_words, s.baseline, precision, device,
+    rules = Rules(vocab.pad, vocab.bos, vocab.eos, min_words=1)     # no sample is an empty caption
+    return ScstObjective(model, cider, rules, s.samples, s.max_words, s.baseline, precision, device,
                          seed=cfg.seed * 1_000_003 + rank,
                          step=(lambda: state.step) if state is not None else None)

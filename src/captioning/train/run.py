@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from ..config import (
     read_yaml_config,
     save_config,
     to_dict,
+    validate,
 )
 from ..data.check import summary_line
 from ..data.corpus import load_splits, make_splits, read_corpus, save_splits
@@ -34,9 +35,8 @@ from ..data.dataset import CaptionDataset, build_loader
 from ..data.vocab import Vocabulary
 from ..device import resolve_device, resolve_precision
 from ..env import write_env
-from ..model.caption_model import CaptionModel, build_model, count_parameters
+from ..model.caption_model import CaptionModel, count_parameters
 from ..model.checkpoint import (
-    checkpoint_path,
     model_checkpoint,
     read_checkpoint,
     rng_state,
@@ -46,6 +46,7 @@ from ..model.checkpoint import (
 from . import distributed
 from .feature_cache import FeatureDataset
 from .features import extract_features
+from .init_from import build_run_model, read_init
 from .loop import (
     TrainState,
     build_objective,
@@ -148,47 +149,6 @@ def _cached(cfg: Config, corpus, datasets: dict, model: CaptionModel, device, pr
     return {s: FeatureDataset(cache, d) for s, d in datasets.items()}
 
 
-# model keys a run started from a checkpoint may change: its weights come from the checkpoint
-INIT_FREE_MODEL_KEYS = ("pretrained", "dropout", "train_backbone")
-
-
-def read_init(cfg: Config) -> tuple[dict, Vocabulary, dict | None]:
-    """train.init_from (a checkpoint, or a run directory: its best.pt): its checkpoint, vocabulary
-    and run's splits (None, with a warning, without a splits.json beside it: splits are made anew).
-    The config's model and image size must be the checkpoint's: a differing key is an error."""
-    try:
-        path = checkpoint_path(cfg.train.init_from)
-    except FileNotFoundError as e:
-        raise ConfigError(f"config key 'train.init_from': {e}") from None
-    ckpt = read_checkpoint(path)
-    saved = from_dict(ckpt["config"], check_paths=False, source=str(path))
-    pairs = ([(f"model.{k}", getattr(cfg.model, k), v) for k, v in to_dict(saved.model).items()
-              if k not in INIT_FREE_MODEL_KEYS]
-             + [("data.image_size", cfg.data.image_size, saved.data.image_size)])
-    for key, ours, theirs in pairs:
-        if ours != theirs:
-            raise ConfigError(f"config key '{key}': {ours!r}, but train.init_from={path} "
-                              f"was trained with {theirs!r}: the model starts from its weights, "
-                              f"so set {key}={theirs}")
-    if not (path.parent / "splits.json").is_file():
-        log.warning("no splits.json beside %s: the splits are made from data.split_seed; "
-                    "if that run split its images otherwise, this run's val and test images "
-                    "may be some it trained on", path)
-        return ckpt, Vocabulary.from_list(ckpt["vocab"]), None
-    return ckpt, Vocabulary.from_list(ckpt["vocab"]), load_splits(path.parent / "splits.json")
-
-
-def _model(cfg: Config, vocab: Vocabulary, weights: dict | None,
-           device: torch.device) -> CaptionModel:
-    """The run's model, with a checkpoint's weights when given (resume, train.init_from): loaded
-    before the feature cache checks the encoder's, and built without torchvision's (no download)."""
-    model = build_model(replace(cfg.model, pretrained=cfg.model.pretrained and weights is None),
-                        len(vocab), vocab.pad)
-    if weights is not None:
-        model.load_state_dict(weights["model"])
-    return model.to(device)
-
-
 def _start(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool) -> Run:
     """A run's processes, data, model, optimizer and schedule, from `ckpt` (last.pt) to resume."""
     cfg, given = absolute_paths(cfg)
@@ -214,7 +174,7 @@ def _start(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool) -> Run
         # env.json is the run's start; a resume elsewhere logs its own device
         if not (run_dir / "env.json").is_file():
             write_env(run_dir / "env.json", device, precision)
-    model = _model(cfg, vocab, ckpt or init, device)
+    model = build_run_model(cfg, vocab, ckpt or init, device)
     if init is not None:
         log.info("starting from %s (epoch %s)", cfg.train.init_from, init.get("epoch"))
     if cfg.train.cache_features:
@@ -314,10 +274,11 @@ def _fit(run: Run, progress: bool) -> Path:
 def train(cfg: Config, progress: bool = True) -> Path:
     """Train a new run in cfg.run_dir; returns the run directory."""
     run_dir = Path(cfg.run_dir)
-    if (run_dir / "last.pt").exists():
-        raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume {run_dir} "
-                              "(or --resume auto), or choose another run_dir")
-    return _fit(_start(cfg, run_dir, None, progress), progress)
+    with distributed.holding(run_dir):
+        if (run_dir / "last.pt").exists():
+            raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume "
+                                  f"{run_dir} (or --resume auto), or choose another run_dir")
+        return _fit(_start(cfg, run_dir, None, progress), progress)
 
 
 def resume(run_dir: str | Path, overrides: list[str] = (), progress: bool = True) -> Path:
@@ -332,16 +293,18 @@ def _resume(run_dir: str | Path, overrides: list[str], progress: bool) -> Path:
     run_dir = Path(run_dir)
     ckpt = read_checkpoint(run_dir / "last.pt")
     _check_resume_overrides(overrides, run_dir)
-    cfg = from_dict(ckpt["config"], [*overrides, f"run_dir={run_dir}"],
-                    source=str(run_dir / "last.pt"))
+    settings = ([*overrides, f"run_dir={run_dir}"], str(run_dir / "last.pt"))
+    cfg = from_dict(ckpt["config"], settings[0], check_paths=False, source=settings[1])
     state = TrainState()
     state.load_state_dict(ckpt)
-    if state.finished(cfg):
+    if state.finished(cfg):        # a finished run needs no data: its folders may be gone
         log.info("%s finished at epoch %d of %d; to train longer: --resume %s "
                  "--set train.epochs=%d", run_dir, state.epoch, cfg.train.epochs, run_dir,
                  cfg.train.epochs + 10)
         return run_dir
-    return _fit(_start(cfg, run_dir, ckpt, progress), progress)
+    cfg = from_dict(ckpt["config"], settings[0], source=settings[1])
+    with distributed.holding(run_dir):
+        return _fit(_start(cfg, run_dir, ckpt, progress), progress)
 
 
 # what --set may change when a run goes on: the rest (sizes, schedule, optimizer, data preparation)
@@ -370,7 +333,7 @@ def train_or_resume(cfg: Config, overrides: list[str] = (), progress: bool = Tru
     """
     run_dir = Path(cfg.run_dir)
     if not (run_dir / "last.pt").is_file():
-        return train(cfg, progress)
+        return train(validate(cfg), progress)     # now the data must be there
     overrides = [item for item in overrides if item.partition("=")[0].strip() in RESUME_KEYS]
     if (run_dir / "config.yaml").is_file():
         saved = absolute_paths(from_dict(read_yaml_config(run_dir / "config.yaml"), overrides,

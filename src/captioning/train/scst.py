@@ -98,19 +98,24 @@ def draw(model: CaptionModel, memory: torch.Tensor, keys: list[str], cider: Cide
     return Drawn(tokens.to(device), index, advantage.to(device), rewards, base)
 
 
-def _picked(logits: torch.Tensor, targets: torch.Tensor,
-            pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p of each target word (N, T), 0 at <pad>; and the real words' mask."""
+def _picked(logits: torch.Tensor, targets: torch.Tensor, pad: int,
+            rules: Rules | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of each target word (N, T), 0 at <pad>; and the real words' mask. With `rules`, <eos>
+    is out of the first rules.min_words positions' distributions, as it was when they were drawn."""
     real = targets != pad
-    logp = F.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logits = logits.float()
+    if rules is not None and rules.min_words:
+        logits = logits.clone()
+        logits[:, :rules.min_words, rules.eos] = float("-inf")
+    logp = F.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return logp * real, real
 
 
 def policy_loss(logits: torch.Tensor, tokens: torch.Tensor, advantage: torch.Tensor,
-                pad: int) -> tuple[torch.Tensor, int]:
+                pad: int, rules: Rules | None = None) -> tuple[torch.Tensor, int]:
     """The SCST loss from the teacher-forced logits (N, T-1, V) of tokens (N, T); and the words it
     averages over."""
-    picked, real = _picked(logits, tokens[:, 1:], pad)
+    picked, real = _picked(logits, tokens[:, 1:], pad, rules)
     words = int(real.sum())
     return -(advantage * picked.sum(1)).sum() / max(words, 1), words
 
@@ -132,7 +137,7 @@ def scst_loss(model: CaptionModel, memory: torch.Tensor, keys: list[str], cider:
     drawn = draw(model, memory.detach(), keys, cider, rules, samples, max_words, baseline,
                  generator)
     logits = model.decode(memory, drawn.tokens[:, :-1], drawn.image_index)
-    loss, words = policy_loss(logits, drawn.tokens, drawn.advantage, model.pad_id)
+    loss, words = policy_loss(logits, drawn.tokens, drawn.advantage, model.pad_id, rules)
     return loss, ScstStats(float(drawn.reward.mean()), float(drawn.baseline.mean()), words)
 
 
