@@ -255,3 +255,63 @@ def test_a_glob_through_symlinked_folders_finds_each_image_once_and_loops_end(sh
     found = expand_inputs([f"{folder}/**/*.png"]) + expand_inputs([folder])
     assert sorted({os.path.realpath(p) for p in found}) == sorted(os.path.realpath(p) for p in found[:2])
     assert len(expand_inputs([f"{folder}/**/*.png"])) == 2 and len(expand_inputs([folder])) == 2
+
+
+def test_text_that_is_not_utf8_is_refused_with_its_file_and_line(tmp_path):
+    from captioning.config import ConfigError, load_config
+    from captioning.data.readers import read_captions
+    kaggle = tmp_path / "results.csv"
+    kaggle.write_bytes(b"image_name| comment_number| comment\n1.jpg| 0| a dog\n2.jpg| 0| caf\xe9 noir\n")
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_bytes(b'{"image": "1.jpg", "caption": "caf\xe9"}\n')
+    for path, fmt, line in ((kaggle, "flickr30k", 3), (jsonl, "jsonl", 1)):
+        with pytest.raises(ValueError, match=f"{path}: line {line}: not UTF-8"):
+            read_captions(path, fmt)
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_bytes(b"seed: 0\nrun_dir: caf\xe9\n")
+    with pytest.raises(ConfigError, match=f"{yaml_file}: line 2: not UTF-8"):
+        load_config(yaml_file)
+
+
+RSS_OF_READING = """
+import re, sys
+from captioning.data.readers import read_captions
+found = read_captions(sys.argv[1], sys.argv[2])
+peak = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)  # since exec
+print(len(found.captions), found.skipped, int(peak) // 1024)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["flickr30k", "csv", "jsonl"])
+def test_a_captions_file_with_one_enormous_line_is_read_in_little_memory(tmp_path, fmt):
+    """A lost quote swallowed the rest of a 200 MB file into one row: the row is reported by its
+    number and skipped, the others are read, and the reader never holds the file (peak RSS, MB)."""
+    rows = {"flickr30k": ("image_name| comment_number| comment\n", "{}| 0| {}\n"),
+            "csv": ("image,caption\n", "{},{}\n"), "jsonl": ("", '{{"image": "{}", "caption": "{}"}}\n')}
+    header, row = rows[fmt]
+    path = tmp_path / f"captions.{'jsonl' if fmt == 'jsonl' else 'csv'}"
+    with open(path, "w") as f:
+        f.write(header + row.format("1.jpg", "a dog"))
+        start, end = row.format("2.jpg", "\0").split("\0")
+        f.write(start)
+        for _ in range(200):
+            f.write("very " * 200_000)                                   # 200 MB of one caption
+        f.write(end)
+        f.write(row.format("3.jpg", "a cat"))
+    size_mb = path.stat().st_size >> 20
+    out = subprocess.run([sys.executable, "-c", RSS_OF_READING, str(path), fmt], capture_output=True,
+                         text=True, check=True).stdout.split(maxsplit=1)
+    images, rest = int(out[0]), out[1]
+    skipped, rss_mb = rest.rsplit(maxsplit=1)
+    assert images == 2 and "over 65536 bytes" in skipped and ("line 3" in skipped or "line 2" in skipped)
+    assert size_mb >= 190 and int(rss_mb) < 3 * size_mb, (rss_mb, size_mb)
+
+
+def test_images_shrink_to_the_models_input_as_they_open(tiny_run, tmp_path):
+    from PIL import Image
+    big = tmp_path / "big.png"
+    Image.new("I;16", (1200, 900), 30000).save(big)
+    captioner = Captioner.from_checkpoint(tiny_run / "best.pt", precision="fp32")
+    side = captioner.cfg.data.image_size
+    assert captioner._open(big).size == (side, side)
+    assert captioner.caption([big])[0].caption == captioner.caption([Image.open(big)])[0].caption

@@ -331,8 +331,12 @@ def read_yaml_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in _seen:
         cycle = " -> ".join(map(str, _seen + (path.resolve(),)))
         raise ConfigError(f"{path}: 'base' files form a cycle: {cycle}")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 ({e.reason})") from None
+    raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
     raw = rename_old_keys(raw, str(path))

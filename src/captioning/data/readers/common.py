@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+MAX_LINE_BYTES = 1 << 16     # a longer row is broken (a lost quote swallowed the file): skipped
 FORMAT_HINT = "set data.format (or --format) to one of flickr30k, karpathy, coco, csv, jsonl"
 
 
@@ -73,3 +75,25 @@ def split_images(names: list[str], val_fraction: float, test_fraction: float,
     n_val, n_test = round(len(names) * val_fraction), round(len(names) * test_fraction)
     return {"train": sorted(names[n_val + n_test:]), "val": sorted(names[:n_val]),
             "test": sorted(names[n_val:n_val + n_test])}
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """(number, line) of a UTF-8 text file, a line at a time (a BOM dropped, the newline kept); None
+    for a line over MAX_LINE_BYTES, which is read past without being held. Bytes that are not UTF-8
+    are a ValueError naming the file and the line."""
+    with open(path, "rb") as f:
+        for number in range(1, 1 << 62):
+            data = f.readline(MAX_LINE_BYTES + 1)
+            if not data:
+                return
+            if len(data) > MAX_LINE_BYTES and not data.endswith(b"\n"):
+                while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass
+                yield number, None
+                continue
+            try:
+                text = data.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {number}: not UTF-8 text ({e.reason} at byte "
+                                 f"{e.start}); save the file as UTF-8") from None
+            yield number, text

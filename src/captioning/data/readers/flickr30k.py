@@ -4,16 +4,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .common import Captions
+from .common import MAX_LINE_BYTES, Captions, text_lines
 
 _ROW_NUMBER_TEXT = re.compile(r"^\s*(\d+)\s+(\S.*)$")
 
 
 def read(captions_file: Path) -> Captions:
     out = Captions({})
-    with open(captions_file, encoding="utf-8-sig", errors="replace") as f:
-        lines = f.read().splitlines()
-    for number, line in enumerate(lines, start=1):
+    for number, line in text_lines(captions_file):
+        if line is None:                                    # a row no caption is that long
+            out.rows += 1
+            out.skipped.append(f"line {number} (over {MAX_LINE_BYTES} bytes)")
+            continue
+        line = line.rstrip("\r\n")
         if not line.strip() or (number == 1
                                 and line.replace(" ", "").lower().startswith("image_name|")):
             continue

@@ -2,42 +2,59 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .common import FORMAT_HINT, Captions, assign, split_of, splits_from
+from .common import (
+    FORMAT_HINT,
+    MAX_LINE_BYTES,
+    Captions,
+    assign,
+    split_of,
+    splits_from,
+    text_lines,
+)
 
 
 def csv_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
     """(where, row) of a CSV with a header naming 'image' and 'caption' (any case; ',' ';' or
     tab-separated); 'input' stands for 'image' (as `caption --out FILE.csv` writes)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        header = f.readline()
-        delimiter = next((d for d in (",", "\t", ";") if d in header), ",")
-        f.seek(0)
-        reader = csv.DictReader(f, delimiter=delimiter)
-        fields = [str(n).strip().lower() for n in reader.fieldnames or []]
-        if "image" not in fields and "input" in fields:
-            fields = ["image" if n == "input" else n for n in fields]
-        if not {"image", "caption"} <= set(fields):
-            raise ValueError(f"{path}: expected a header with 'image' and 'caption' columns "
-                             f"(and optionally 'split'), "
-                             f"got {reader.fieldnames}: name the columns so, or {FORMAT_HINT}")
-        reader.fieldnames = fields
-        line = 2
-        for row in reader:
-            yield f"line {line}", row
-            line = reader.line_num + 1
+    lines, long, delimiter = text_lines(path), [], ","
+
+    def text():                   # the CSV's lines; one over MAX_LINE_BYTES reads as an empty row
+        for number, line in lines:
+            if line is None:
+                long.append(number)
+            yield delimiter + "\n" if line is None else line
+
+    lines_text = text()
+    header = next(lines_text, "")
+    delimiter = next((d for d in (",", "\t", ";") if d in header), ",")
+    reader = csv.DictReader(itertools.chain([header], lines_text), delimiter=delimiter)
+    fields = [str(n).strip().lower() for n in reader.fieldnames or []]
+    if "image" not in fields and "input" in fields:
+        fields = ["image" if n == "input" else n for n in fields]
+    if not {"image", "caption"} <= set(fields):
+        raise ValueError(f"{path}: expected a header with 'image' and 'caption' columns "
+                         f"(and optionally 'split'), "
+                         f"got {reader.fieldnames}: name the columns so, or {FORMAT_HINT}")
+    reader.fieldnames = fields
+    line = 2
+    for row in reader:
+        too_long = f" (over {MAX_LINE_BYTES} bytes)" if long and long[-1] == line else ""
+        yield f"line {line}{too_long}", None if too_long else row
+        line = reader.line_num + 1
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
     """(where, object) of each non-blank line of a JSON Lines file; None for a line that is no JSON
     object. 'input' stands for 'image' (as `caption --json` writes)."""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for number, line in text_lines(path):
+        if line is None:
+            yield f"line {number} (over {MAX_LINE_BYTES} bytes)", None
+        elif line.strip():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
