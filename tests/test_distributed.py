@@ -72,3 +72,20 @@ def test_two_processes_train_scst(shapes_dir, tiny_run, tmp_path):
     row = ckpt["history"][0]
     assert row["reward"] != "" and row["val_cider"] != ""
     assert (tmp_path / "scst" / "cider_df.json").is_file()
+
+
+def test_a_held_run_directory_stops_every_process_before_training(shapes_dir, tmp_path):
+    """Only rank 0 takes the lock; when it cannot, no process trains and torchrun exits non-zero."""
+    from test_second_week import held
+    save_config(tiny_config(shapes_dir, tmp_path / "run", "train.epochs=1"), tmp_path / "c.yaml")
+    (tmp_path / "run").mkdir()
+    holder = held(tmp_path / "run", "run directory")
+    try:
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              f"--master_port={free_port()}", "-m", "captioning", "train", "--config",
+                              tmp_path / "c.yaml"], capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert two.returncode != 0 and f"process {holder.pid}" in two.stderr, two.stderr[-3000:]
+    assert not (tmp_path / "run" / "last.pt").exists() and "epoch 1" not in two.stderr

@@ -315,3 +315,41 @@ def test_images_shrink_to_the_models_input_as_they_open(tiny_run, tmp_path):
     side = captioner.cfg.data.image_size
     assert captioner._open(big).size == (side, side)
     assert captioner.caption([big])[0].caption == captioner.caption([Image.open(big)])[0].caption
+
+
+def test_a_full_disk_is_named_not_a_torch_internal(tmp_path, monkeypatch):
+    import errno
+
+    from captioning.config import EnvironmentProblem
+    from captioning.files import write_atomic
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(EnvironmentProblem, match=f"no space left on device writing {tmp_path / 'a.pt'}"):
+        write_atomic(tmp_path / "a.pt", full)
+
+    class Statvfs:                                  # torch.save's own error, on a disk with 1 MB left
+        f_bavail, f_frsize = 256, 4096
+    monkeypatch.setattr("captioning.files.os.statvfs", lambda path: Statvfs())
+
+    def torch_full(f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
+                           "writing file data/0: file write failed")
+    with pytest.raises(EnvironmentProblem, match="no space left on device writing"):
+        write_atomic(tmp_path / "b.pt", torch_full)
+    assert list(tmp_path.iterdir()) == []                        # no temporary file left behind
+
+
+def test_score_counts_empty_predictions_in_one_warning(tmp_path, caplog):
+    import logging
+
+    from captioning.eval.evaluate import score
+    refs = tmp_path / "refs.csv"
+    refs.write_text("image,caption\na.jpg,a dog runs\nb.jpg,a cat sits\n")
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"image": "a.jpg", "caption": "a dog"}) + "\n"
+                     + json.dumps({"image": "b.jpg", "caption": ""}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        report = score(preds, refs)
+    [warning] = [r.getMessage() for r in caplog.records if "empty" in r.getMessage()]
+    assert "1 prediction(s)" in warning and "b.jpg" in warning and len(report["predictions"]) == 2

@@ -299,6 +299,9 @@ def score(predictions: str | Path, references: str | Path, *, fmt: str = "auto",
     if unpredicted:
         warnings.append(f"{len(unpredicted)} image(s) of {where} have no prediction, "
                         f"and are not scored (e.g. {', '.join(unpredicted[:3])})")
+    if empty := [n for n in preds if n in refs and not preds[n].strip()]:
+        warnings.append(f"{len(empty)} prediction(s) in {predictions} are empty captions, scored "
+                        f"as they are (e.g. {', '.join(empty[:3])})")
     for warning in warnings:
         log.warning("%s", warning)
     common = [n for n in preds if n in refs]
