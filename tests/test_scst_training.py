@@ -165,7 +165,7 @@ def test_init_from_a_run_directory_without_splits_warns_and_makes_them(shapes_di
 def test_a_resumed_run_loads_its_weights_before_the_feature_cache_checks_them(shapes_dir, tmp_path, monkeypatch):
     """A pretrained encoder is built without its download on resume (the checkpoint holds it): its weights must
     be the checkpoint's before the cache compares them. Simulated: the encoder's fresh weights differ."""
-    import captioning.train.run as train
+    import captioning.train.init_from as train
 
     frozen = ("model.train_backbone=false", f"data.features_dir={tmp_path / 'features'}", "train.cache_features=true")
     run = fit(tiny_config(shapes_dir, tmp_path / "run", *frozen, "train.epochs=1"), progress=False)
