@@ -203,8 +203,7 @@ class Captioner:
                     for k, hyps in zip(images, self.search(memory, opts, generator)):
                         self._fill(results[k], hyps, opts, memory.shape[1])
                         if opts.attention:
-                            results[k].image = images[k].resize((self.cfg.data.image_size,) * 2,
-                                                                Image.BILINEAR)
+                            results[k].image = images[k]     # _open made it the input size
                 yield from results
 
     def _opened_batches(self, inputs: list, batch_size: int, pool: ThreadPoolExecutor):
