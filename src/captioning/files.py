@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import socket
 import tempfile
@@ -86,3 +87,13 @@ def hold(path: str | Path, what: str) -> Iterator[None]:
             lock.unlink(missing_ok=True)
             path.rmdir()
         os.close(fd)
+
+
+def content_hash(path: str | Path, length: int = 16) -> str:
+    """The sha256 of a file's bytes (hex, the first `length` digits): what a model is, whatever its
+    name, path or mtime. `caption --out` records it; the export cache is keyed by it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:length]
