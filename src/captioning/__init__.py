@@ -2,7 +2,7 @@
 
 Data flows one way: reader -> vocabulary -> dataset -> model -> loss -> checkpoint;
 checkpoint -> Captioner -> images -> encoder -> search through an engine -> text.
-The subpackages follow it: data, model, decode, then captioner.py, eval, train and cli
+The subpackages follow it: data, model, decode, then captioner, eval, train, serve and cli
 (CONTRIBUTING.md).
 
 `import captioning` does not import torch: the names that need it (CaptionModel, build_model,

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .config import Config
-from .data.images import ImageLimits, ImageLoadError, describe, open_image
-from .data.vocab import Vocabulary
-from .decode.arrays import Array, array_ops
-from .decode.rules import DecodeOptions, rules_for
-from .decode.search import Hypothesis, search
+from ..config import Config
+from ..data.images import ImageLimits, ImageLoadError, describe, open_image
+from ..data.vocab import Vocabulary
+from ..decode.arrays import Array, array_ops
+from ..decode.rules import DecodeOptions, rules_for
+from ..decode.search import Hypothesis, search
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Captioner:
     def __init__(self, model, vocab: Vocabulary, cfg: Config, device=None, precision: str = "auto",
                  limits: ImageLimits | None = None, own_model: bool = False, *, encoder=None):
         if encoder is None:
-            from .decode.torch_engine import TorchEncoder  # a CaptionModel: torch is imported
+            from ..decode.torch_engine import TorchEncoder  # a CaptionModel: torch is imported
 
             encoder = TorchEncoder(model, cfg.data.image_size, device, precision, own_model)
         self.encoder, self.engine = encoder, model
@@ -77,8 +77,8 @@ class Captioner:
     def from_checkpoint(cls, path: str | Path, device=None, precision: str | None = "auto",
                         limits: ImageLimits | None = None) -> Captioner:
         """`precision` None: the run's own train.precision."""
-        from .device import resolve_device
-        from .model.checkpoint import load_checkpoint
+        from ..device import resolve_device
+        from ..model.checkpoint import load_checkpoint
 
         model, vocab, cfg = load_checkpoint(path)
         if precision is None:   # fp16 is CUDA-only: elsewhere such a run gets the device's default
@@ -91,7 +91,7 @@ class Captioner:
                     threads: int | None = None) -> Captioner:
         """A Captioner over the folder `python -m captioning export` wrote, on ONNX Runtime (CPU):
         the same options and results; `threads` None: ONNX Runtime's default, one a core."""
-        from .decode.onnx_engine import load_export
+        from ..decode.onnx_engine import load_export
 
         encoder, engine, export = load_export(folder, threads)
         captioner = cls(engine, export["vocab"], export["config"], limits=limits, encoder=encoder)
