@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from captioning.data.images import expand_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +95,60 @@ def test_results_file_retries_failures_when_asked_and_matches_long_inputs(tmp_pa
         retry = ResultsFile(tmp_path / f"r{suffix}", retry_errors=True)    # b.jpg is tried again
         assert retry.done == {long_url, "c.jpg"} and retry.failed == {"b.jpg"}
         retry.close()
+
+
+def test_results_file_records_its_model_and_refuses_another_unless_redo(tmp_path):
+    from captioning.captioner import CaptionResult
+    from captioning.cli.results import ResultsFile
+
+    for suffix in (".jsonl", ".csv"):
+        path = tmp_path / f"r{suffix}"
+        out = ResultsFile(path, model="best.pt@aaaa")
+        out.write(CaptionResult("a.jpg", caption="a dog"))
+        out.write(CaptionResult("b.jpg", error="timed out"))
+        out.close()
+        with pytest.raises(ValueError, match=r"2 row\(s\) made by another model \(best.pt@aaaa\).*--redo"):
+            ResultsFile(path, model="best.pt@bbbb")
+        same = ResultsFile(path, model="best.pt@aaaa")
+        assert same.done == {"a.jpg", "b.jpg"} and same.redone == 0
+        same.close()
+        redo = ResultsFile(path, model="best.pt@bbbb", redo=True)
+        assert redo.done == set() and redo.redone == 2
+        redo.write(CaptionResult("a.jpg", caption="a cat"))
+        redo.close()
+        again = ResultsFile(path, model="best.pt@bbbb")             # only this model's row is left
+        assert again.done == {"a.jpg"}
+        again.close()
+
+
+def test_a_csv_of_an_earlier_version_gains_the_model_column_and_keeps_its_rows(tmp_path):
+    from captioning.captioner import CaptionResult
+    from captioning.cli.results import ResultsFile
+
+    path = tmp_path / "old.csv"
+    path.write_text("input,caption,error\na.jpg,a dog,\nb.jpg,,timed out\n")
+    out = ResultsFile(path, model="best.pt@aaaa")
+    assert out.done == {"a.jpg", "b.jpg"} and out.unrecorded == 2
+    out.write(CaptionResult("c.jpg", caption="a cat"))
+    out.close()
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["input"], r["model"]) for r in rows] == [("a.jpg", ""), ("b.jpg", ""), ("c.jpg", "best.pt@aaaa")]
+
+
+def test_caption_out_says_what_it_skipped_and_refuses_another_model(tiny_run, shapes_dir, tmp_path):
+    folder = photos(shapes_dir, tmp_path, n=2)
+    out = tmp_path / "captions.jsonl"
+    first = caption("--checkpoint", tiny_run / "best.pt", "--out", out, folder)
+    assert first.returncode == 0 and f"0 input(s) already in {out}: skipped" in first.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["model"].startswith("best.pt@") for r in rows)
+    again = caption("--checkpoint", tiny_run / "best.pt", "--out", out, folder)
+    assert again.returncode == 0 and f"2 input(s) already in {out}: skipped" in again.stderr
+    other = caption("--checkpoint", tiny_run / "last.pt", "--out", out, folder)   # another file, another model
+    assert other.returncode == 2 and "made by another model" in other.stderr and "--redo" in other.stderr
+    assert len(out.read_text().splitlines()) == 2                                 # nothing written
+    redo = caption("--checkpoint", tiny_run / "last.pt", "--out", out, "--redo", folder)
+    assert redo.returncode == 0 and "2 row(s) of another model taken out (--redo)" in redo.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["model"].startswith("last.pt@") for r in rows)
