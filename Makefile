@@ -23,18 +23,24 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # scores that; inference.ipynb captions a held-out image from its path and another
 # from a URL served on 127.0.0.1. The executed notebooks, checkpoints and figures land in $(RUN); each
 # executed notebook loses papermill's injected-parameters cell (scripts/strip_injected.py), so it can be
-# copied over the committed one without overriding a Jupyter reader's parameters cell.
+# copied over the committed one without overriding a Jupyter reader's parameters cell. --log-output shows
+# what the cells print as they run (a line per epoch, the test scores); the last lines say where it all is.
+NOTEBOOK := $(PY) -m papermill --log-output --no-progress-bar
 demo: install
 	test -f $(SHAPES)/results.csv || $(PY) -m captioning shapes $(SHAPES) --images 3000
 	rm -rf $(RUN) $(SCST) && mkdir -p $(RUN)
-	$(PY) -m papermill training.ipynb $(RUN)/training.ipynb -p config configs/shapes.yaml
+	$(NOTEBOOK) training.ipynb $(RUN)/training.ipynb -p config configs/shapes.yaml
 	$(PY) scripts/strip_injected.py $(RUN)/training.ipynb
 	$(PY) -m http.server $(PORT) --bind 127.0.0.1 --directory $(SHAPES)/flickr30k_images >/dev/null 2>&1 & \
 	trap "kill $$!" EXIT; sleep 1; \
 	set -- $$($(PY) -c "import json; print(*json.load(open('$(RUN)/splits.json'))['test'][:2])"); \
-	$(PY) -m papermill inference.ipynb $(RUN)/inference.ipynb -p checkpoint $(RUN)/best.pt \
+	$(NOTEBOOK) inference.ipynb $(RUN)/inference.ipynb -p checkpoint $(RUN)/best.pt \
 	    -y "images: [$(SHAPES)/flickr30k_images/$$1, 'http://127.0.0.1:$(PORT)/$$2']"
 	$(PY) scripts/strip_injected.py $(RUN)/inference.ipynb
+	@echo "done: the executed notebooks are $(RUN)/training.ipynb and $(RUN)/inference.ipynb; the model"
+	@echo "  $(RUN)/best.pt (scores: $(RUN)/test_predictions.json), after SCST $(SCST)/best.pt; figures in $(RUN)."
+	@echo "  Commands use the venv make built: source $(VENV)/bin/activate, then e.g."
+	@echo "  python -m captioning caption --checkpoint $(RUN)/best.pt $(SHAPES)/flickr30k_images/000000.png"
 
 # Maintainers, after `make demo`: the executed notebooks and the figures of that run into the repo (the
 # committed outputs and the README's figures come from here), and the attention maps of the first test image.

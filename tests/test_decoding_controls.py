@@ -175,6 +175,18 @@ def test_a_caption_that_would_end_on_a_banned_word_goes_on(model):
     assert applied[0, EOS] == float("-inf") and applied[1, EOS] == 0.0
 
 
+
+def test_a_caption_cut_at_max_words_does_not_end_on_a_function_word_either(model):
+    memory = make_memory(8)
+    for max_words in (2, 3, 15):
+        held = rules_for(DecodeOptions(max_words=max_words), PAD, BOS, EOS, WORDS)
+        assert held.max_words == max_words
+        for beam_size in (1, 3):
+            for (h,) in search(model, memory, DecodeOptions(beam_size=beam_size, max_words=max_words), held):
+                assert h.ids and h.ids[-1] not in (5, 6, 7), h.ids
+    last = rules(banned_endings=frozenset({5, 6}), max_words=3).apply(torch.zeros(2, V), [[9, 8], [9]])
+    assert (last[0, [5, 6]] == float("-inf")).all() and (last[1, [5, 6]] == 0).all()   # only the last word
+
 # ---------------------------------------------------------------- batch size, precision
 
 @pytest.mark.parametrize("kw", [{"beam_size": 3, "num_captions": 2, "no_repeat_ngram_size": 2},

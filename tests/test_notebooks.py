@@ -145,6 +145,20 @@ def test_training_notebook_trains_evaluates_and_shows(shapes_dir, tmp_path):
     assert (tmp_path / "scst" / "test_predictions.json").is_file() and "+ SCST" in shown
 
 
+@pytest.mark.slow
+def test_training_notebook_on_a_config_without_an_scst_config_trains_scores_and_skips_scst(shapes_dir, tmp_path):
+    # the README's case: a config of the user's own photos (Flickr30k's layout, not format shapes), the notebook's
+    # default scst_config ("auto"): nothing beside my_photos.yaml, so no SCST phase -- and no failure at the end
+    cfg = tiny_config(shapes_dir, tmp_path / "run", "data.format=flickr30k")
+    save_config(cfg, tmp_path / "my_photos.yaml")
+    nb = execute("training.ipynb", tmp_path / "training.ipynb", config=str(tmp_path / "my_photos.yaml"),
+                 overrides=["train.epochs=1"], examples=2, figures_dir=str(tmp_path / "figures"))
+    assert (tmp_path / "run" / "test_predictions.json").is_file()
+    shown = "".join(text_outputs(c) for c in nb.cells)
+    assert "no SCST phase (my_photos.yaml has no my_photos_scst.yaml beside it)" in shown and "+ SCST" not in shown
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures", "my_photos.yaml", "run", "training.ipynb"]
+
+
 def tiny_run_checkpoint(tmp_path):
     """A file for train.init_from to name when the config is written (the notebook replaces it with its own)."""
     path = tmp_path / "placeholder.pt"

@@ -20,7 +20,8 @@ class Rules:
     """The logits processors every search applies before choosing a word.
 
     Never <pad> or <bos> (neither is ever a word); no <eos> before `min_words` words, nor right
-    after a word of `banned_endings` (function words: a caption never stops on "a"); with
+    after a word of `banned_endings` (function words: a caption never stops on "a"), and no such
+    word as the last of `max_words` (a caption cut at the limit does not end on "a" either); with
     `no_repeat_ngram_size` n, no word that would repeat an n-gram already in the caption.
     """
     pad: int
@@ -29,6 +30,7 @@ class Rules:
     min_words: int = 0
     no_repeat_ngram_size: int = 0
     banned_endings: frozenset[int] = frozenset()
+    max_words: int = 0                  # 0: no limit known to the rules
 
     def apply(self, logits: Array, words: list[list[int]]) -> Array:
         """logits (N, V) of the word after each row's `words` -> a float32 copy, banned at -inf."""
@@ -50,6 +52,8 @@ class Rules:
         ban = []
         if len(words) < self.min_words or (words and words[-1] in self.banned_endings):
             ban.append(self.eos)
+        if self.max_words and len(words) == self.max_words - 1:   # the word chosen now is the last
+            ban += self.banned_endings
         n = self.no_repeat_ngram_size
         if n and len(words) >= n - 1:
             prefix = tuple(words[len(words) - n + 1:]) if n > 1 else ()
@@ -153,6 +157,7 @@ def rules_for(options: DecodeOptions, pad: int, bos: int, eos: int,
     endings = frozenset() if options.allow_function_word_end else \
         frozenset(word_ids[w] for w in FUNCTION_WORDS if w in word_ids)
     # at least one word: a caption is never empty, whatever the model's first choice
-    return Rules(pad, bos, eos, max(options.min_words, 1), options.no_repeat_ngram_size, endings)
+    return Rules(pad, bos, eos, max(options.min_words, 1), options.no_repeat_ngram_size, endings,
+                 options.max_words or 0)
 
 

@@ -120,11 +120,12 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, state: TrainState
             torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        lr = optimizer.param_groups[0]["lr"]     # this step's rate (the scheduler sets the next)
         scheduler.step()
         state.advance(value * n, n, sums)
         if on_step is not None:
             on_step()
-        bar.set_postfix(loss=f"{value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}")
     return {"loss": state.loss_sum / max(state.tokens, 1), "tokens": state.tokens,
             "steps": len(loader)}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ...config import ConfigError
 from . import coco, flickr30k, karpathy, table
-from .common import FORMAT_HINT, Captions, load_json
+from .common import Captions, WrongFormat, format_hint, load_json
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ def _detect_json(path: Path, head: str, first: str) -> tuple[str, str]:
         return "coco", "JSON with COCO's 'images' and 'annotations'"
     if isinstance(images, list):
         return "karpathy", "JSON with an 'images' list"
-    raise ValueError(f"{path}: cannot tell what this JSON holds (neither Karpathy's 'images' with "
-                     f"'sentences' nor COCO's 'images' and 'annotations'); {FORMAT_HINT}")
+    raise WrongFormat(f"{path}: cannot tell what this JSON holds (neither Karpathy's 'images' "
+                      "with 'sentences' nor COCO's 'images' and 'annotations')")
 
 
 def detect_format(captions_file: str | Path) -> tuple[str, str]:
@@ -60,27 +60,44 @@ def detect_format(captions_file: str | Path) -> tuple[str, str]:
         return "csv", "a CSV header naming image and caption"
     if "|" in first:
         return "flickr30k", "'|'-separated rows, as in the Kaggle results.csv"
-    raise ValueError(f"{path}: cannot tell its format from its first line {first[:80]!r} "
-                     f"(expected a CSV header naming image and caption, "
-                     f"the Kaggle 'image_name| comment_number| comment', or JSON); "
-                     f"{FORMAT_HINT}")
+    raise WrongFormat(f"{path}: cannot tell its format from its first line {first[:80]!r} "
+                      f"(expected a CSV header naming image and caption, "
+                      f"the Kaggle 'image_name| comment_number| comment', or JSON)")
 
 
-def read_captions(captions_file: str | Path, fmt: str = "auto", *, split_seed: int = 0) -> Captions:
+def read_captions(captions_file: str | Path, fmt: str = "auto", *, split_seed: int = 0,
+                  key: str = "data.format") -> Captions:
     """The captions (and the split, if the file brings one) of a captions file in format `fmt`;
-    'auto' tells the format from the file and logs which it chose."""
+    'auto' tells the format from the file and logs which it chose. `key`: what the user sets to
+    choose a format (score's --format), named in the errors."""
     path = Path(captions_file).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"captions file {str(path)!r} does not exist")
+    if fmt not in (*READERS, "auto"):
+        what = key if key.startswith("-") else f"config key '{key}'"
+        raise ConfigError(f"{what}: unknown format {fmt!r}; {format_hint(key)}, or auto")
+    try:
+        return _read(path, fmt, split_seed)
+    except WrongFormat as e:
+        told = fmt == "auto"
+        read_as = getattr(e, "read_as", None)
+        how = f" (read as {read_as}, told from the file)" if told and read_as else \
+            "" if told else f" ({key} is {fmt})"
+        raise WrongFormat(f"{e}{how}; {format_hint(key, read_as)}"
+                          f"{'' if told else ', or auto'}") from None
+
+
+def _read(path: Path, fmt: str, split_seed: int) -> Captions:
     if fmt == "auto":
         fmt, why = detect_format(path)
         log.info("%s: read as data.format %s (%s)", path, fmt, why)
-    if fmt not in READERS:
-        raise ConfigError(f"config key 'data.format': unknown format {fmt!r}; "
-                          f"{FORMAT_HINT}, or auto")
     if path.is_dir() and fmt != "coco":
         raise ValueError(f"{path} is a folder: data.format {fmt} reads a file "
                          "(a folder is COCO's annotations/, data.format coco)")
-    found = READERS[fmt](path, split_seed=split_seed) if fmt == "coco" else READERS[fmt](path)
+    try:
+        found = READERS[fmt](path, split_seed=split_seed) if fmt == "coco" else READERS[fmt](path)
+    except WrongFormat as e:
+        e.read_as = fmt
+        raise
     found.format = fmt
     return found

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .common import FORMAT_HINT, SPLITS, Captions, load_json, split_images
+from .common import SPLITS, Captions, WrongFormat, load_json, split_images
 
 
 def _coco_files(path: Path) -> list[Path]:
@@ -26,8 +26,8 @@ def _read_coco_file(file: Path, out: Captions) -> list[str]:
     data = load_json(file)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
-        raise ValueError(f"{file}: not a COCO caption file (it needs 'images' and 'annotations' "
-                         f"lists); {FORMAT_HINT}")
+        raise WrongFormat(f"{file}: not a COCO caption file (it needs 'images' and "
+                          "'annotations' lists)")
     part = file.stem.removeprefix("captions_")
     names = {}
     for i, image in enumerate(data["images"]):

@@ -9,7 +9,17 @@ from pathlib import Path
 
 SPLITS = ("train", "val", "test")
 MAX_LINE_BYTES = 1 << 16     # a longer row is broken (a lost quote swallowed the file): skipped
-FORMAT_HINT = "set data.format (or --format) to one of flickr30k, karpathy, coco, csv, jsonl"
+FORMATS = ("flickr30k", "karpathy", "coco", "csv", "jsonl")   # what a user may name (not shapes)
+
+
+class WrongFormat(ValueError):
+    """A file that is not what its reader reads; read_captions adds which formats to try instead."""
+
+
+def format_hint(key: str = "data.format", read_as: str | None = None) -> str:
+    """Which formats to name: all of them, less the one the file was just read as."""
+    others = [f for f in FORMATS if f != read_as]
+    return f"set {key} to one of {', '.join(others)}"
 
 
 @dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import FORMAT_HINT, Captions, assign, load_json, split_of, splits_from
+from .common import Captions, WrongFormat, assign, load_json, split_of, splits_from
 
 
 def read(captions_file: Path) -> Captions:
@@ -11,15 +11,15 @@ def read(captions_file: Path) -> Captions:
     data = load_json(captions_file)
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, list):
-        raise ValueError(f"{captions_file}: not one of Karpathy's dataset_*.json "
-                         f"(no 'images' list); {FORMAT_HINT}")
+        raise WrongFormat(f"{captions_file}: not one of Karpathy's dataset_*.json "
+                          "(no 'images' list)")
     out, assigned = Captions({}), {}
     for i, entry in enumerate(entries):
         where = f"images[{i}]"
         if (not isinstance(entry, dict) or not entry.get("filename")
                 or not isinstance(entry.get("sentences"), list)):
-            raise ValueError(f"{captions_file}: {where} has no 'filename' and 'sentences' list, "
-                             f"as Karpathy's entries have; {FORMAT_HINT}")
+            raise WrongFormat(f"{captions_file}: {where} has no 'filename' and 'sentences' "
+                              "list, as Karpathy's entries have")
         name = "/".join(p for p in (str(entry.get("filepath") or "").strip("/"), entry["filename"])
                         if p)
         assign(assigned, name, split_of(entry.get("split"), captions_file, where) or "train",

@@ -8,9 +8,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .common import (
-    FORMAT_HINT,
     MAX_LINE_BYTES,
     Captions,
+    WrongFormat,
     assign,
     split_of,
     splits_from,
@@ -37,9 +37,9 @@ def csv_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
     if "image" not in fields and "input" in fields:
         fields = ["image" if n == "input" else n for n in fields]
     if not {"image", "caption"} <= set(fields):
-        raise ValueError(f"{path}: expected a header with 'image' and 'caption' columns "
-                         f"(and optionally 'split'), "
-                         f"got {reader.fieldnames}: name the columns so, or {FORMAT_HINT}")
+        raise WrongFormat(f"{path}: expected a header with 'image' and 'caption' columns "
+                          f"(and optionally 'split'), got {reader.fieldnames}: name the "
+                          "columns so, or the file is another format")
     reader.fieldnames = fields
     line = 2
     for row in reader:
