@@ -19,19 +19,27 @@ What is compared is timed in turns, round after round (ours, its encoder and bat
 and its options; beam 3 and its options): medians of --repeats rounds after a warm-up round.
 
 - ONNX Runtime (CPU, with the [export] extra): the same model exported (`export.export_model`, in a
-  process of its own) in fp32 and with int8 decoder weights, through `Captioner.from_export`: one
-  image, batch 32, and the bare encoder graph (images -> memory: the ResNet and the transformer
-  encoder, as the export has them) at batch 1 and 32, beside today's PyTorch path in fp32 (the
-  default where the CPU has no bf16) and at `precision: auto`, all timed in turns, round after round,
-  in another process. The int8 export's peak RSS is measured in a process of its own that only
-  captions (1 image, then 32; caption_rss.py), which imports no torch.
+  process of its own) in fp32, with int8 decoder weights and the fp32 encoder (`--encoder fp32`), and
+  all int8 (the encoder's ResNet quantized statically, what `--quantize int8` does; calibrated on 64
+  seeded random-noise photos, other than the timed ones: speed does not depend on the ranges),
+  through `Captioner.from_export`: one image, batch 32, and each bare encoder graph (images -> memory:
+  the ResNet and the transformer encoder, as the export has them) at batch 1 and 32, beside today's
+  PyTorch path in fp32 (the default where the CPU has no bf16) and at `precision: auto`, all timed in
+  turns, round after round, in another process; with the cosine similarity of the all-int8 encoder
+  graph's memory to the fp32 one's over the 32 timed photos (the lowest). The int8 exports' peak RSS
+  is measured in a process of its own that only captions (1 image, then 32; caption_rss.py), which
+  imports no torch.
 
 Last line: decode: speedup_vs_reference=X overhead_vs_encoder=Y batch_efficiency=Z rss_mb=W
 attention_overhead=... sampling_overhead=... controls_overhead=... beam_options_overhead=...
 ort_speedup_vs_torch=S ort_overhead_vs_encoder=O ort_batch_efficiency=E ort_rss_mb=R ...
-(ort_speedup_vs_torch: PyTorch fp32 over ONNX Runtime int8, one image; ort_overhead_vs_encoder: ONNX
-Runtime int8 over its own bare encoder graph, one image; ort_speedup_vs_auto: the PyTorch path at
-`precision: auto` over ONNX Runtime int8.)
+ort_int8_encoder_speedup=... all_int8_ms=... all_int8_speedup_vs_int8=... all_int8_batch_efficiency=...
+(ort_speedup_vs_torch: PyTorch fp32 over ONNX Runtime int8 with the fp32 encoder, one image;
+ort_overhead_vs_encoder: that over its own bare encoder graph, one image; ort_speedup_vs_auto: the
+PyTorch path at `precision: auto` over it; ort_int8_encoder_speedup: the fp32 encoder graph over the
+int8 one, one image; all_int8_ms: one image captioned by the all-int8 export; all_int8_speedup_vs_int8:
+the int8 export with the fp32 encoder over the all-int8 one, one image; all_int8_batch_efficiency: the
+all-int8 bare encoder graph's images/s at batch 32 over the all-int8 export's.)
 
     python benchmarks/decode.py [--repeats 3] [--device cpu|cuda] [--no-onnx] [--exports DIR] [--json PATH]
 """
@@ -86,18 +94,29 @@ def photos(n: int = 32) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def export_both(folder: Path) -> None:
-    """--export-to: the reference model exported in fp32 and int8 into folder/fp32 and folder/int8."""
+EXPORTS = ("fp32", "int8", "all_int8")      # int8: the fp32 encoder; all_int8: the int8 encoder too
+
+
+def export_all(folder: Path) -> None:
+    """--export-to: the reference model exported into folder/fp32, folder/int8 (the encoder fp32) and
+    folder/all_int8 (calibrated on 64 noise photos of another seed than the timed ones)."""
     from captioning.decode.export import export_model
 
     model, vocab, cfg = reference_model()
     folder.mkdir(parents=True, exist_ok=True)
-    for quantize in (None, "int8"):
-        if (folder / (quantize or "fp32") / "config.json").is_file():
+    calibration = folder / "calibration"
+    calibration.mkdir(exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(calibration / f"{i:02d}.png")
+    for name in EXPORTS:
+        if (folder / name / "config.json").is_file():
             continue
+        quantize = None if name == "fp32" else "int8"
         start = time.perf_counter()
-        meta = export_model(model, vocab, cfg, folder / (quantize or "fp32"), quantize, "benchmarks/decode.py")
-        print(f"export {quantize or 'fp32'}: {time.perf_counter() - start:.0f} s, check "
+        meta = export_model(model, vocab, cfg, folder / name, quantize, "benchmarks/decode.py",
+                            calibration=sorted(calibration.iterdir()) if name == "all_int8" else None)
+        print(f"export {name}: {time.perf_counter() - start:.0f} s, check "
               f"{json.dumps(meta['check'][quantize or 'fp32'])}", flush=True)
 
 
@@ -112,7 +131,7 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.export_to or args.compare:
-        return export_both(args.export_to) if args.export_to else compare_engines(args.compare, args.repeats)
+        return export_all(args.export_to) if args.export_to else compare_engines(args.compare, args.repeats)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     onnx = not args.no_onnx and device.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None
@@ -121,7 +140,7 @@ def main() -> None:
               if device.type != "cpu" else "onnxruntime not installed (pip install -e '.[export]')"))
     with tempfile.TemporaryDirectory() as tmp:
         exports = args.exports or Path(tmp)
-        if onnx and not all((exports / name / "config.json").is_file() for name in ("fp32", "int8")):
+        if onnx and not all((exports / name / "config.json").is_file() for name in EXPORTS):
             # first, in a process of its own: tracing ResNet-152 would count in this one's peak RSS
             subprocess.run([sys.executable, __file__, "--export-to", str(exports)], check=True)
         measure(args, device, sync, exports if onnx else None)
@@ -192,7 +211,7 @@ def compare_engines(exports: Path, repeats: int) -> None:
     torch_fp32 = Captioner(model, vocab, cfg, device="cpu", precision="fp32")
     model, vocab, cfg = reference_model()
     torch_auto = Captioner(model, vocab, cfg, device="cpu", precision="auto", own_model=True)
-    ort = {name: Captioner.from_export(exports / name) for name in ("fp32", "int8")}
+    ort = {name: Captioner.from_export(exports / name) for name in EXPORTS}
     images = photos()
     x1, x32 = ort["int8"].transform(images[0])[None], np.stack([ort["int8"].transform(p) for p in images])
     one = images[:1]
@@ -201,9 +220,16 @@ def compare_engines(exports: Path, repeats: int) -> None:
             "ort_encoder": lambda: ort["int8"].memory(images=x1),
             "ort_int8_beam": lambda: ort["int8"].caption(one, beam_size=3),
             "ort_int8_32": lambda: ort["int8"].caption(images, batch_size=32),
-            "ort_encoder_32": lambda: ort["int8"].memory(images=x32)}
+            "ort_encoder_32": lambda: ort["int8"].memory(images=x32),
+            "ort_all_int8": lambda: ort["all_int8"].caption(one),
+            "ort_all_int8_encoder": lambda: ort["all_int8"].memory(images=x1),
+            "ort_all_int8_32": lambda: ort["all_int8"].caption(images, batch_size=32),
+            "ort_all_int8_encoder_32": lambda: ort["all_int8"].memory(images=x32)}
     assert len(ort["int8"].caption(one)[0].caption.split()) == WORDS
-    print(json.dumps({"precision_auto": torch_auto.precision, **common.medians(jobs, repeats)}))
+    a, b = (ort[name].memory(images=x32).reshape(len(x32), -1) for name in ("fp32", "all_int8"))
+    cosine = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+    print(json.dumps({"precision_auto": torch_auto.precision, "all_int8_cosine": cosine,
+                      **common.medians(jobs, repeats)}))
 
 
 def onnx_runtime_rows(exports: Path, repeats: int) -> dict[str, str]:
@@ -217,8 +243,9 @@ def onnx_runtime_rows(exports: Path, repeats: int) -> dict[str, str]:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     t = child(__file__, "--compare", exports, "--repeats", repeats)
-    rss = child(Path(__file__).with_name("caption_rss.py"), exports / "int8", WORDS) or \
-        {"rss_mb": "n/a", "rss_after_imports_mb": "n/a", "imported": "n/a"}
+    missing = {"rss_mb": "n/a", "rss_after_imports_mb": "n/a", "imported": "n/a"}
+    rss, rss_all = (child(Path(__file__).with_name("caption_rss.py"), exports / name, WORDS) or missing
+                    for name in ("int8", "all_int8"))
     auto = t["precision_auto"]
     print(f"engines compared in turns, one image: PyTorch fp32 {t['torch_fp32'] * 1e3:.1f} ms, PyTorch {auto} "
           f"{t['torch_auto'] * 1e3:.1f} ms, ONNX Runtime fp32 {t['ort_fp32'] * 1e3:.1f} ms, ONNX Runtime int8 "
@@ -228,12 +255,22 @@ def onnx_runtime_rows(exports: Path, repeats: int) -> dict[str, str]:
           f"{32 / t['ort_encoder_32']:.1f} images / s")
     print(f"ONNX Runtime int8, a process that only captions (1 image, then 32): peak RSS {rss['rss_mb']} MB "
           f"({rss['rss_after_imports_mb']} MB after its imports; imported {rss['imported'] or 'none'} of "
-          "torch, torchvision, pandas, matplotlib)")
+          f"torch, torchvision, pandas, matplotlib); all int8: {rss_all['rss_mb']} MB")
+    print(f"all int8 (the encoder too), one image: {t['ort_all_int8'] * 1e3:.1f} ms, its bare encoder graph "
+          f"{t['ort_all_int8_encoder'] * 1e3:.1f} ms (the fp32 one: {t['ort_encoder'] * 1e3:.1f} ms); batch 32: "
+          f"{32 / t['ort_all_int8_32']:.1f} images / s, its bare encoder graph {32 / t['ort_all_int8_encoder_32']:.1f} "
+          f"images / s; memory against the fp32 encoder's: cosine {t['all_int8_cosine']:.5f} at least")
     return {"ort_speedup_vs_torch": f"{t['torch_fp32'] / t['ort_int8']:.2f}",
             "ort_overhead_vs_encoder": f"{t['ort_int8'] / t['ort_encoder']:.2f}",
             "ort_batch_efficiency": f"{t['ort_encoder_32'] / t['ort_int8_32']:.2f}", "ort_rss_mb": rss["rss_mb"],
             "ort_fp32_speedup_vs_torch": f"{t['torch_fp32'] / t['ort_fp32']:.2f}",
-            f"ort_speedup_vs_torch_{auto}": f"{t['torch_auto'] / t['ort_int8']:.2f}"}
+            f"ort_speedup_vs_torch_{auto}": f"{t['torch_auto'] / t['ort_int8']:.2f}",
+            "ort_int8_encoder_speedup": f"{t['ort_encoder'] / t['ort_all_int8_encoder']:.2f}",
+            "all_int8_ms": f"{t['ort_all_int8'] * 1e3:.1f}",
+            "all_int8_speedup_vs_int8": f"{t['ort_int8'] / t['ort_all_int8']:.2f}",
+            "all_int8_batch_efficiency": f"{t['ort_all_int8_encoder_32'] / t['ort_all_int8_32']:.2f}",
+            "all_int8_overhead_vs_encoder": f"{t['ort_all_int8'] / t['ort_all_int8_encoder']:.2f}",
+            "all_int8_cosine": f"{t['all_int8_cosine']:.5f}", "all_int8_rss_mb": rss_all["rss_mb"]}
 
 
 if __name__ == "__main__":

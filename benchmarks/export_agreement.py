@@ -1,12 +1,14 @@
 """Do the ONNX exports keep the checkpoint's captions? Greedy captions of a Shapes split, side by side in one run.
 
-The checkpoint is exported twice (fp32, and int8 decoder weights) into a temporary folder; the
-split's images are captioned greedily by the checkpoint (fp32, and at `precision: auto`) and by
-each export through the same `Captioner.caption`. Measured: the share of images whose caption
-equals the fp32 checkpoint's, and the Shapes accuracy of each (the caption names every object with
+The checkpoint is exported three times (fp32; int8 decoder weights with the fp32 encoder, `--encoder
+fp32`; all int8, the encoder calibrated on the run's training images, what `--quantize int8` does) into
+a temporary folder; the split's images are captioned greedily by the checkpoint on PyTorch (fp32, and
+at `precision: auto`) and by each export through the same `Captioner.caption`. Measured: the share of
+images whose caption equals the fp32 checkpoint's, and the Shapes accuracy of each (the caption names every object with
 the right colour and shape, and nothing else).
 
-Last line: export_agreement: fp32_same=X int8_same=Y accuracy_checkpoint=A accuracy_fp32=B accuracy_int8=C ...
+Last line: export_agreement: fp32_same=X int8_same=Y all_int8_same=Z accuracy_checkpoint=A accuracy_fp32=B
+accuracy_int8=C accuracy_all_int8=D ... (int8: the fp32 encoder; all_int8: the int8 encoder too)
 
     python benchmarks/export_agreement.py --checkpoint runs/shapes/best.pt --data data/shapes [--split test]
         [--int8-block 128] [--shortlist 16]      (another int8 recipe than export.py's, to compare)
@@ -55,15 +57,15 @@ def main() -> None:
 
     captions, seconds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for quantize in (None, "int8"):
+        for name, quantize, encoder in (("fp32", None, None), ("int8", "int8", "fp32"), ("all_int8", "int8", "int8")):
             start = time.perf_counter()
-            meta = export(checkpoint, Path(tmp) / (quantize or "fp32"), quantize)
-            print(f"export {quantize or 'fp32'}: {time.perf_counter() - start:.1f} s, check "
+            meta = export(checkpoint, Path(tmp) / name, quantize, encoder=encoder)
+            print(f"export {name}: {time.perf_counter() - start:.1f} s, check "
                   f"{json.dumps(meta['check'][quantize or 'fp32'])}")
-        captioners = {"checkpoint_fp32": Captioner.from_checkpoint(checkpoint, precision="fp32"),
-                      "checkpoint_auto": Captioner.from_checkpoint(checkpoint, precision="auto"),
-                      "onnx_fp32": Captioner.from_export(Path(tmp) / "fp32"),
-                      "onnx_int8": Captioner.from_export(Path(tmp) / "int8")}
+        captioners = {"checkpoint_fp32": Captioner.from_checkpoint(checkpoint, precision="fp32", engine="torch"),
+                      "checkpoint_auto": Captioner.from_checkpoint(checkpoint, precision="auto", engine="torch"),
+                      **{f"onnx_{name}": Captioner.from_export(Path(tmp) / name)
+                         for name in ("fp32", "int8", "all_int8")}}
         for name, captioner in captioners.items():
             captions[name], seconds[name] = caption_all(captioner, paths)
     auto = captioners["checkpoint_auto"].precision
@@ -75,14 +77,16 @@ def main() -> None:
     for name in captions:
         print(f"{name:16s} same as checkpoint fp32: {same[name]:7.2%}  accuracy {acc[name]:.4f}  "
               f"{seconds[name]:6.1f} s")
-    for name in ("onnx_fp32", "onnx_int8"):
+    for name in ("onnx_fp32", "onnx_int8", "onnx_all_int8"):
         for n in reference:
             if captions[name][n] != reference[n]:
                 print(f"  {name} {n}: {reference[n]!r} -> {captions[name][n]!r}")
     common.finish("export_agreement", {
         "fp32_same": f"{same['onnx_fp32']:.4f}", "int8_same": f"{same['onnx_int8']:.4f}",
+        "all_int8_same": f"{same['onnx_all_int8']:.4f}",
         "accuracy_checkpoint": f"{acc['checkpoint_fp32']:.4f}", "accuracy_fp32": f"{acc['onnx_fp32']:.4f}",
-        "accuracy_int8": f"{acc['onnx_int8']:.4f}", f"checkpoint_{auto}_same": f"{same['checkpoint_auto']:.4f}",
+        "accuracy_int8": f"{acc['onnx_int8']:.4f}", "accuracy_all_int8": f"{acc['onnx_all_int8']:.4f}",
+        f"checkpoint_{auto}_same": f"{same['checkpoint_auto']:.4f}",
         f"accuracy_checkpoint_{auto}": f"{acc['checkpoint_auto']:.4f}", "images": len(paths),
         "int8_block": args.int8_block, "shortlist": args.shortlist}, env, args.json)
 

@@ -86,7 +86,7 @@ def test_from_checkpoint_at_bf16_casts_its_own_encoder(tiny_run, images):
     assert rest and {p.dtype for p in rest} == {torch.float32}                # the transformer stays fp32
     assert not captioner.model.training
     assert all(r.ok for r in captioner.caption(images[:2]))
-    fp32 = Captioner.from_checkpoint(tiny_run / "best.pt", device="cpu", precision="fp32")
+    fp32 = Captioner.from_checkpoint(tiny_run / "best.pt", device="cpu", precision="fp32", engine="torch")
     assert {p.dtype for p in fp32.model.encoder.parameters()} == {torch.float32}
 
 

@@ -20,12 +20,17 @@ def images(tmp_path_factory):
     return [data / "flickr30k_images" / f"{i:06d}.png" for i in range(1, 5)]
 
 
-@pytest.mark.parametrize("source", ["checkpoint", "export"])
+@pytest.mark.parametrize("source", ["checkpoint", "checkpoint_onnx", "export"])
 @pytest.mark.parametrize("mode", MODES)
-def test_a_saved_checkpoint_and_export_caption_as_they_did(images, source, mode):
-    expected = json.loads((SAVED / "expected.json").read_text())[f"{source}/{mode}"]
-    captioner = (Captioner.from_checkpoint(SAVED / "best.pt", precision="fp32") if source == "checkpoint"
-                 else Captioner.from_export(SAVED / "export"))
+def test_a_saved_checkpoint_and_export_caption_as_they_did(images, source, mode, tmp_path):
+    """checkpoint: on PyTorch; checkpoint_onnx: engine auto's export of it (cached in tmp_path), the same captions."""
+    expected = json.loads((SAVED / "expected.json").read_text())[f"{source.split('_')[0]}/{mode}"]
+    if source == "export":
+        captioner = Captioner.from_export(SAVED / "export")
+    else:
+        captioner = Captioner.from_checkpoint(SAVED / "best.pt", precision="fp32", cache_dir=tmp_path,
+                                              engine="torch" if source == "checkpoint" else "onnx")
+        assert (captioner.model is None) == (source == "checkpoint_onnx")
     results = captioner.caption(images, **MODES[mode])
     got = [{"caption": r.caption, "captions": [c["caption"] for c in r.captions], "words": r.words} for r in results]
     assert got == expected

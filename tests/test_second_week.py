@@ -72,7 +72,7 @@ MODES = {"greedy": {}, "beam": {"beam_size": 3}, "n-best": {"beam_size": 3, "num
 @pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
 def test_no_caption_is_empty_in_any_mode_on_either_engine(eager_to_stop, shapes_dir, tmp_path, engine):
     if engine == "torch":
-        captioner = Captioner.from_checkpoint(eager_to_stop, precision="fp32")
+        captioner = Captioner.from_checkpoint(eager_to_stop, precision="fp32", engine="torch")
     else:
         pytest.importorskip("onnxruntime")
         from captioning.decode.export import export

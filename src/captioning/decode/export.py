@@ -18,7 +18,8 @@ for each decoder layer i. The graphs are traced from the very functions the PyTo
 code in search.py drives either engine. `quantize="int8"` stores the weights of start.onnx's and
 step.onnx's matrix products, the output layer's included, as 8-bit blocks (onnxruntime's
 MatMulNBits), and step.onnx rescores the 16 best words of each step with the output layer's fp32
-weights; the encoder stays fp32 (docs/design.md says why).
+weights; it also quantizes encoder.onnx's ResNet statically, calibrated on images of the run's
+training split (quantize.py), unless `encoder="fp32"` (docs/design.md says why).
 
 Everything is written into a hidden folder beside `out`, checked (the exported graphs must give the
 PyTorch model's logits within a stated tolerance) and only then renamed to `out`: a failed or
@@ -41,17 +42,20 @@ from torch import nn
 
 from ..config import ConfigError, EnvironmentProblem, to_dict
 from ..data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from ..data.images import open_image
 from ..model.caption_model import CaptionModel
 from ..model.checkpoint import checkpoint_path, load_checkpoint
 from ..model.kv_cache import DecoderCache
 from ..model.layers import cross_keys_values
-from .onnx_engine import EXPORT_FORMAT, OrtEngine, load_session, require_onnx
+from .onnx_engine import EXPORT_FORMAT, OrtEngine, load_session, preprocess, require_onnx
+from .quantize import calibration_images, quantize_encoder
 
 log = logging.getLogger(__name__)
 OPSET = 17
 # the check: the largest |logit difference| over a few images and words, relative to the
 # largest |logit|
 TOLERANCE = {None: 1e-3, "int8": 0.1}
+ENCODERS = ("int8", "fp32")    # int8: a statically quantized ResNet (quantize.py), with int8 only
 INT8_BLOCK = 128   # int8: input rows per weight scale (docs/design.md says why not 32 or 64)
 SHORTLIST = 16     # int8: the output layer's best words per step, rescored with its fp32 weights
 
@@ -151,13 +155,15 @@ def export_graphs(model: CaptionModel, image_size: int, folder: Path, shortlist:
              model.head.out_features)
 
 
-def weights_beside(path: Path) -> None:
-    """The graph's weights moved into path.data: ONNX Runtime maps them from there instead of
-    holding the whole file in memory while it loads (a smaller peak RSS)."""
+def weights_beside(path: Path, dst: Path | None = None) -> None:
+    """The graph at `path` saved to `dst` (default: in place) with its weights in dst.data: ONNX
+    Runtime maps them from there instead of holding the whole file in memory while it loads (a
+    smaller peak RSS)."""
     import onnx
 
-    onnx.save_model(onnx.load(path), path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    dst = dst or path
+    onnx.save_model(onnx.load(path), dst, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=1024)
 
 
 class _Encode(nn.Module):
@@ -201,12 +207,14 @@ def quantize_int8(folder: Path) -> None:
 
 @torch.no_grad()
 def check_export(model: CaptionModel, folder: Path, image_size: int, quantize: str | None = None,
-                 words: int = 6, group: int = 2) -> dict:
-    """The largest logit difference between the exported graphs and `model` on two random images,
-    `group` rows an image, over `words` random words, relative to the largest |logit|;
+                 words: int = 6, group: int = 2, images: torch.Tensor | None = None) -> dict:
+    """The largest logit difference between the exported graphs and `model` on two images (default
+    random ones; an int8 encoder is checked on two of its calibration images, whose range it
+    knows), `group` rows an image, over `words` random words, relative to the largest |logit|;
     ExportCheckError above TOLERANCE."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, image_size, image_size, generator=generator)
+    if images is None:
+        images = torch.randn(2, 3, image_size, image_size, generator=generator)
     engine = OrtEngine(load_session(folder / "start.onnx"), load_session(folder / "step.onnx"),
                        model.pad_id)
     memory = model.encode(images)
@@ -241,17 +249,35 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
-def export(checkpoint: str | Path, out: str | Path, quantize: str | None = None) -> dict:
+def export(checkpoint: str | Path, out: str | Path, quantize: str | None = None, *,
+           encoder: str | None = None, calibration: str | Path | None = None) -> dict:
     """Export `checkpoint` into the new folder `out` (see the module's docstring); returns
-    config.json's dict."""
-    if quantize not in TOLERANCE:
-        raise ValueError(f"--quantize {quantize}: expected int8 (or nothing, for fp32)")
+    config.json's dict. With quantize="int8" the encoder is int8 too unless encoder="fp32",
+    calibrated on a sample of the run's training images or of the folder `calibration`."""
+    encoder = _encoder_choice(quantize, encoder, calibration)
     require_onnx("export", "onnx", "onnxruntime", *(["onnx_ir"] if quantize else []))
     out = _new_folder(out)
     path = checkpoint_path(checkpoint)
     model, vocab, cfg = load_checkpoint(path)
     model.float().eval()
-    return export_model(model, vocab, cfg, out, quantize, path)
+    images = calibration_images(cfg, path, calibration) if encoder == "int8" else None
+    return export_model(model, vocab, cfg, out, quantize, path, calibration=images)
+
+
+def _encoder_choice(quantize: str | None, encoder: str | None, calibration) -> str:
+    """The encoder's precision: int8 with --quantize int8 unless --encoder fp32; checked."""
+    if quantize not in TOLERANCE:
+        raise ValueError(f"--quantize {quantize}: expected int8 (or nothing, for fp32)")
+    if encoder not in (None, *ENCODERS):
+        raise ValueError(f"--encoder {encoder}: expected int8 or fp32")
+    if encoder == "int8" and not quantize:
+        raise ValueError("--encoder int8 goes with --quantize int8 (an fp32 export is fp32 "
+                         "throughout)")
+    chosen = encoder or ("int8" if quantize else "fp32")
+    if calibration is not None and chosen != "int8":
+        raise ValueError(f"--calibration {calibration}: only the int8 encoder is calibrated "
+                         "(--quantize int8, without --encoder fp32)")
+    return chosen
 
 
 def _new_folder(out: str | Path) -> Path:
@@ -264,18 +290,25 @@ def _new_folder(out: str | Path) -> Path:
 
 
 def export_model(model: CaptionModel, vocab, cfg, out: str | Path, quantize: str | None,
-                 source: str | Path) -> dict:
+                 source: str | Path, calibration: list[Path] | None = None) -> dict:
     """`export` of a model in memory (fp32, eval mode) into the new folder `out`; `source`: where
-    it came from."""
+    it came from. With quantize="int8" and `calibration` images, the encoder is int8 too."""
     out = _new_folder(out)
     folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         export_graphs(model, cfg.data.image_size, folder, SHORTLIST if quantize else 0)
         check = {"fp32": check_export(model, folder, cfg.data.image_size)}
+        encoder = None
         if quantize:
             quantize_int8(folder)
-            check[quantize] = check_export(model, folder, cfg.data.image_size, quantize)
-        meta = _metadata(cfg, vocab.to_list(), source, quantize, check)
+            images = None
+            if calibration:
+                encoder = _quantize_encoder(folder, calibration, _preprocess(cfg))
+                images = torch.from_numpy(np.stack(
+                    [preprocess(open_image(p), **_preprocess(cfg)) for p in calibration[:2]]))
+            check[quantize] = check_export(model, folder, cfg.data.image_size, quantize,
+                                           images=images)
+        meta = _metadata(cfg, vocab.to_list(), source, quantize, check, encoder)
         for name, obj in (("vocab.json", vocab.to_list()),
                           ("preprocess.json", meta.pop("preprocess")), ("config.json", meta)):
             _write_json(folder / name, obj)
@@ -288,13 +321,29 @@ def export_model(model: CaptionModel, vocab, cfg, out: str | Path, quantize: str
     return meta
 
 
-def _metadata(cfg, tokens: list[str], checkpoint: Path, quantize: str | None, check: dict) -> dict:
+def _preprocess(cfg) -> dict:
+    """preprocess.json's numbers, as onnx_engine.preprocess takes them."""
+    return {"image_size": cfg.data.image_size, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD)}
+
+
+def _quantize_encoder(folder: Path, calibration: list[Path], pre: dict) -> dict:
+    """folder/encoder.onnx with its ResNet in int8 (quantize.py), its weights beside it again."""
+    with tempfile.TemporaryDirectory(prefix=".encoder-", dir=folder) as tmp:
+        quantized = Path(tmp) / "encoder.onnx"
+        recipe = quantize_encoder(folder / "encoder.onnx", quantized, calibration, pre)
+        (folder / "encoder.onnx.data").unlink()
+        weights_beside(quantized, folder / "encoder.onnx")
+    return recipe
+
+
+def _metadata(cfg, tokens: list[str], checkpoint: Path, quantize: str | None, check: dict,
+              encoder: dict | None = None) -> dict:
+    """config.json; its int8 "encoder" is the int8 encoder's recipe, or "fp32"."""
     if len(tokens) != len(set(tokens)):
         raise ConfigError(f"{checkpoint}: its vocabulary repeats a token")
     return {"format_version": EXPORT_FORMAT, "config": to_dict(cfg), "checkpoint": str(checkpoint),
             "quantize": quantize, "opset": OPSET, "torch": torch.__version__, "check": check,
             "int8": {"weights": "MatMulNBits, 8 bits, symmetric", "block": INT8_BLOCK,
-                     "shortlist": SHORTLIST} if quantize else None,
-            "preprocess": {"image_size": cfg.data.image_size,
-                           "resize": "bilinear, square (no crop)",
-                           "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
+                     "shortlist": SHORTLIST, "encoder": encoder or "fp32"} if quantize else None,
+            "preprocess": {**_preprocess(cfg), "resize": "bilinear, square (no crop)"}}

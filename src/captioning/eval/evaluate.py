@@ -69,7 +69,7 @@ def predict(captioner: Captioner, images_dir: Path, names: list[str], batch_size
 def evaluate(checkpoint: str | Path, split: str = "test", beam_size: int = 1,
              out: str | Path | None = None, device=None, precision: str | None = None,
              progress: bool = True, java: bool | None = None, overrides: list[str] = (),
-             **options) -> dict:
+             engine: str = "auto", **options) -> dict:
     """{"metrics": {...}, "predictions": [{"image", "caption"}], "references": {image: [captions]},
     "notes": [...], "env": {...}, "train_env": {...}}.
 
@@ -80,11 +80,13 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam_size: int = 1,
     The data paths come from the checkpoint's config; `overrides` (data keys only, e.g.
     ["data.images=/new/place"]) point it at data that moved. `precision` defaults to the run's
     train.precision, the one its validation scores used. `options`: Captioner.caption's decoding
-    options. `env` is this evaluation's environment (env.py), `train_env` the run's env.json if any.
+    options; `engine`: Captioner.from_checkpoint's. `env` is this evaluation's environment
+    (env.py), `train_env` the run's env.json if any.
     """
     require_folder(out)
     checkpoint = checkpoint_path(checkpoint)
-    captioner = Captioner.from_checkpoint(checkpoint, device=device, precision=precision)
+    captioner = Captioner.from_checkpoint(checkpoint, device=device, precision=precision,
+                                          engine=engine)
     cfg = captioner.cfg = data_overrides(captioner.cfg, overrides, checkpoint)
     corpus = _read_data(cfg, checkpoint)
     names = [n for n in split_names(checkpoint, cfg.run_dir, split) if n in corpus.captions]
@@ -252,12 +254,12 @@ def match_names(predictions: dict[str, str],
 
 
 def read_references(path: str | Path, fmt: str = "auto", split: str | None = None,
-                    splits_file: str | Path | None = None,
-                    split_seed: int = 0) -> tuple[dict[str, list[str]], dict]:
+                    splits_file: str | Path | None = None, split_seed: int = 0,
+                    key: str = "data.format") -> tuple[dict[str, list[str]], dict]:
     """({image: captions}, {COCO id: image}) of a captions file in any format the readers take;
     `split` picks the images of one split, from `splits_file` (a run's splits.json) or else from the
     file's own split."""
-    found = read_captions(path, fmt, split_seed=split_seed)
+    found = read_captions(path, fmt, split_seed=split_seed, key=key)
     if found.skipped:
         log.warning("%s", skipped_message(found, Path(path)))
     ids = found.ids or {int(Path(n).stem): n for n in found.captions if Path(n).stem.isdigit()}
@@ -278,17 +280,17 @@ def read_references(path: str | Path, fmt: str = "auto", split: str | None = Non
 
 def score(predictions: str | Path, references: str | Path, *, fmt: str = "auto",
           split: str | None = None, splits_file: str | Path | None = None, split_seed: int = 0,
-          out: str | Path | None = None, java: bool | None = None) -> dict:
+          out: str | Path | None = None, java: bool | None = None, key: str = "fmt") -> dict:
     """Score any model's predictions against references, as `evaluate` scores a checkpoint's: the
     same report ({"metrics", "predictions", "references", "notes"}, plus "unscored", "warnings" and
     "scale").
 
     Only the images with both a prediction and references are scored; the others are named in
     "unscored" and warned about. See `read_predictions` for the prediction layouts,
-    `read_references` for `fmt`, `split` and `splits_file`.
+    `read_references` for `fmt`, `split` and `splits_file`; `key`: the name of `fmt` in errors.
     """
     require_folder(out)
-    refs, ids = read_references(references, fmt, split, splits_file, split_seed)
+    refs, ids = read_references(references, fmt, split, splits_file, split_seed, key)
     preds, warnings = read_predictions(predictions, ids)
     preds, renamed = match_names(preds, refs)
     extra, unpredicted = [n for n in preds if n not in refs], [n for n in refs if n not in preds]

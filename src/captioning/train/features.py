@@ -301,7 +301,10 @@ def _why_not_onnxruntime(encoder: nn.Module, device: torch.device,
 class _OrtEncoder:
     """The folded encoder in fp32, exported to ONNX in a temporary folder under `scratch` and run
     by ONNX Runtime on as many threads as PyTorch; the export must give PyTorch's fp32 features of
-    two random images within EXPORT_TOLERANCE of the largest."""
+    two random images within EXPORT_TOLERANCE of the largest.
+
+    Never the int8 encoder of `export --quantize int8` (decode/quantize.py): the features a model
+    trains on stay the unquantized ones (docs/design.md says why)."""
 
     def __init__(self, encoder: Encoder, image_size: int, scratch: Path):
         from ..decode.export import to_onnx

@@ -1,0 +1,135 @@
+"""The int8 encoder: encoder.onnx's ResNet quantized statically, calibrated on real images.
+
+A convolution's cost is its multiply-adds, not its weight bytes, so int8 pays only when the
+activations are int8 too: static quantization fixes each activation's range beforehand, from
+images run through the fp32 graph (calibration), and ONNX Runtime then runs the convolutions as
+int8 kernels (QLinearConv; VNNI where the CPU has it). Only the ResNet's nodes are quantized
+(convolutions, their ReLUs, the residual additions, the max pooling); the projection to d_model
+and the transformer encoder after it stay fp32: they are a small part of the time and would add
+error where the words are read from.
+
+The recipe (docs/design.md says why): QDQ format, int8 weights with a scale per output channel,
+uint8 activations with ranges from min/max over the calibration images.
+
+    calibration_images(cfg, checkpoint)     a seeded sample of the run's training images
+    calibration_images(cfg, ckpt, "DIR")    ... or of the image files in DIR
+    quantize_encoder(src, dst, images, preprocess)   encoder.onnx (fp32) -> dst (int8 ResNet)
+"""
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config
+from ..data.corpus import load_splits
+from ..data.images import IMAGE_EXTENSIONS, ImageLoadError, open_image
+from .onnx_engine import preprocess, require_onnx
+
+log = logging.getLogger(__name__)
+CALIBRATION_IMAGES = 256   # a few hundred: the ranges settle well before that (docs/design.md)
+CALIBRATION_BATCH = 8      # images a calibration run (the augmented graph is run per batch)
+# the recipe, module-level so that benchmarks/export_agreement.py can compare others
+FORMAT = "qdq"             # or "qoperator"
+PER_CHANNEL = True
+ACTIVATIONS = "uint8"      # or "int8"
+ENCODER_NODES = "/encoder/body/"  # the ResNet's nodes (the names the TorchScript exporter gives)
+
+
+class CalibrationError(ValueError):
+    """No calibration images: the message names where they were looked for and what to do."""
+
+
+def calibration_images(cfg: Config, checkpoint: str | Path, folder: str | Path | None = None,
+                       count: int = CALIBRATION_IMAGES, seed: int = 0) -> list[Path]:
+    """`count` image files, a seeded sample: of `folder` (every image file in it, recursively), or
+    else of the run's training split (splits.json beside the checkpoint or in cfg.run_dir, names
+    under cfg.data.images). CalibrationError when there are none."""
+    hint = ("name a folder of images with --calibration DIR, or keep the encoder fp32 with "
+            "--encoder fp32")
+    if folder is not None:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise CalibrationError(f"--calibration {folder}: not a folder")
+        paths = sorted(p for p in folder.rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        where = f"--calibration {folder}"
+    else:
+        splits = [Path(checkpoint).parent / "splits.json", Path(cfg.run_dir) / "splits.json"]
+        found = next((p for p in splits if p.is_file()), None)
+        if found is None:
+            raise CalibrationError(f"the int8 encoder is calibrated on the run's training images, "
+                                   f"but there is no splits.json beside {checkpoint} or in "
+                                   f"{cfg.run_dir}: {hint}")
+        images = Path(cfg.data.images).expanduser()
+        paths = [images / name for name in load_splits(found).get("train", [])]
+        paths = [p for p in paths if p.is_file()]
+        where = f"the training split of {found} (images in {images})"
+    if not paths:
+        raise CalibrationError(f"no image file found in {where}: {hint}")
+    return sorted(random.Random(seed).sample(paths, min(count, len(paths))))
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader: the images, preprocessed as OrtEncoder does, a batch
+    at a time (an unreadable file is skipped with a warning)."""
+
+    def __init__(self, paths: list[Path], pre: dict):
+        self.paths, self.pre, self.start, self.used = paths, pre, 0, 0
+
+    def get_next(self) -> dict | None:
+        batch = []
+        while not batch and self.start < len(self.paths):
+            for path in self.paths[self.start:self.start + CALIBRATION_BATCH]:
+                try:
+                    batch.append(preprocess(open_image(path), self.pre["image_size"],
+                                            self.pre["mean"], self.pre["std"]))
+                except ImageLoadError as e:
+                    log.warning("calibration: %s", e)
+            self.start += CALIBRATION_BATCH
+        self.used += len(batch)
+        return {"images": np.stack(batch)} if batch else None
+
+    def rewind(self) -> None:
+        self.start = 0
+
+
+def quantize_encoder(src: Path, dst: Path, images: list[Path], pre: dict) -> dict:
+    """encoder.onnx `src` (fp32) -> `dst` with its ResNet in int8, calibrated on `images`
+    (preprocessed as `pre`, preprocess.json's); the recipe, for config.json."""
+    require_onnx("export --quantize int8 (the encoder)", "onnx", "onnxruntime")
+    import onnx
+    from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)              # the quantizer logs every node it touches
+    try:
+        with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as tmp:
+            prepared = Path(tmp) / "prepared.onnx"
+            # ONNX Runtime's own advice before quantize_static: shapes inferred, graph simplified
+            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True,
+                              save_as_external_data=True, all_tensors_to_one_file=True,
+                              external_data_location="prepared.onnx.data")
+            graph = onnx.load(prepared, load_external_data=False).graph
+            nodes = [n.name for n in graph.node if n.name.startswith(ENCODER_NODES)]
+            if not nodes:
+                raise ValueError(f"{src}: no node named {ENCODER_NODES}*: nothing to quantize")
+            reader = _Reader(images, pre)
+            activation = q.QuantType.QUInt8 if ACTIVATIONS == "uint8" else q.QuantType.QInt8
+            q.quantize_static(
+                str(prepared), str(dst), reader,
+                quant_format=q.QuantFormat.QDQ if FORMAT == "qdq" else q.QuantFormat.QOperator,
+                per_channel=PER_CHANNEL, activation_type=activation,
+                weight_type=q.QuantType.QInt8, nodes_to_quantize=nodes,
+                calibrate_method=q.CalibrationMethod.MinMax, use_external_data_format=True)
+    finally:
+        root.setLevel(level)
+    if not reader.used:
+        raise CalibrationError(f"none of the {len(images)} calibration images could be read")
+    return {"encoder": "static", "format": FORMAT, "per_channel": PER_CHANNEL,
+            "weights": "int8", "activations": ACTIVATIONS, "calibration": "min/max",
+            "calibration_images": reader.used}

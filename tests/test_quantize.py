@@ -1,0 +1,118 @@
+"""The int8 encoder: `export --quantize int8` quantizes encoder.onnx's ResNet statically, calibrated on
+images of the run's training split (or of --calibration DIR), unless --encoder fp32.
+
+Needs onnx and onnxruntime (the [export] extra); without them these tests are skipped.
+"""
+import dataclasses
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioning import Captioner
+from captioning.cli.main import main
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or
+                                importlib.util.find_spec("onnx") is None,
+                                reason="onnx/onnxruntime not installed: pip install -e '.[export]'")
+
+
+def graph(path):
+    import onnx
+    return onnx.load(path).graph
+
+
+def quantized_convolutions(path) -> tuple[int, int]:
+    """(convolutions whose weight is an int8 initializer read through DequantizeLinear, all convolutions)."""
+    g = graph(path)
+    int8 = {t.name for t in g.initializer if t.data_type == 3}             # TensorProto.INT8
+    dequantized = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in int8}
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    return sum(n.input[1] in dequantized for n in convs), len(convs)
+
+
+@pytest.fixture(scope="module")
+def int8_exports(tiny_run, tmp_path_factory):
+    from captioning.decode.export import export
+    root = tmp_path_factory.mktemp("int8")
+    export(tiny_run / "best.pt", root / "all", "int8")
+    export(tiny_run / "best.pt", root / "fp32_encoder", "int8", encoder="fp32")
+    return root
+
+
+def test_quantize_int8_makes_every_resnet_convolution_int8_and_leaves_the_transformer_fp32(tiny_run, int8_exports):
+    done, total = quantized_convolutions(int8_exports / "all" / "encoder.onnx")
+    assert total > 0 and done == total
+    g = graph(int8_exports / "all" / "encoder.onnx")
+    weights = {t.name: t for t in g.initializer}
+    matmuls = [n for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    assert matmuls and all(weights[n.input[1]].data_type == 1 for n in matmuls)   # FLOAT: the transformer's
+    assert quantized_convolutions(int8_exports / "fp32_encoder" / "encoder.onnx") == (0, total)
+    train = json.loads((tiny_run / "splits.json").read_text())["train"]
+    recipe = json.loads((int8_exports / "all" / "config.json").read_text())["int8"]["encoder"]
+    assert recipe["calibration_images"] == min(256, len(train)) and recipe["format"] == "qdq"
+    assert json.loads((int8_exports / "fp32_encoder" / "config.json").read_text())["int8"]["encoder"] == "fp32"
+
+
+def test_the_int8_encoders_memory_is_close_to_fp32s_and_the_captions_mostly_agree(tiny_run, int8_exports, shapes_dir):
+    images = sorted((shapes_dir / "flickr30k_images").iterdir())[:16]
+    fp32, int8 = Captioner.from_export(int8_exports / "fp32_encoder"), Captioner.from_export(int8_exports / "all")
+    x = np.stack([fp32.transform(Image.open(p)) for p in images])
+    a, b = fp32.memory(images=x).reshape(len(x), -1), int8.memory(images=x).reshape(len(x), -1)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.98 and not np.allclose(a, b, atol=1e-4)            # int8, and close to fp32
+    ours = Captioner.from_checkpoint(tiny_run / "best.pt", precision="fp32", engine="torch").caption(images)
+    same = sum(r.caption == s.caption for r, s in zip(ours, int8.caption(images))) / len(images)
+    assert same >= 0.75, same        # a barely trained tiny model; the Shapes model's figure is in docs
+
+
+def test_calibration_images_are_a_seeded_sample_of_the_training_split(tiny_run):
+    from captioning.decode.quantize import calibration_images
+    from captioning.model.checkpoint import load_checkpoint
+    _, _, cfg = load_checkpoint(tiny_run / "best.pt")
+    splits = json.loads((tiny_run / "splits.json").read_text())
+    picked = calibration_images(cfg, tiny_run / "best.pt", count=5)
+    assert len(picked) == 5 and {p.name for p in picked} <= set(splits["train"])
+    assert picked == calibration_images(cfg, tiny_run / "best.pt", count=5)                    # seeded
+    assert picked != calibration_images(cfg, tiny_run / "best.pt", count=5, seed=1)
+    assert len(calibration_images(cfg, tiny_run / "best.pt")) == len(splits["train"])           # all, when fewer
+
+
+def test_calibration_dir_picks_its_own_images_and_a_run_without_splits_says_what_to_do(tiny_run, shapes_dir,
+                                                                                      tmp_path):
+    from captioning.decode.quantize import CalibrationError, calibration_images
+    from captioning.model.checkpoint import load_checkpoint
+    _, _, cfg = load_checkpoint(tiny_run / "best.pt")
+    (tmp_path / "mine" / "deeper").mkdir(parents=True)
+    for i, p in enumerate(sorted((shapes_dir / "flickr30k_images").iterdir())[:3]):
+        (tmp_path / "mine" / ("deeper" if i else "") / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "mine" / "notes.txt").write_text("not an image")
+    assert len(calibration_images(cfg, tiny_run / "best.pt", tmp_path / "mine")) == 3
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes((tiny_run / "best.pt").read_bytes())
+    elsewhere = dataclasses.replace(cfg, run_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(CalibrationError, match="no splits.json .* --calibration DIR.* --encoder fp32"):
+        calibration_images(elsewhere, tmp_path / "run" / "best.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError, match="no image file found in --calibration"):
+        calibration_images(cfg, tiny_run / "best.pt", tmp_path / "empty")
+
+
+def test_cli_export_with_calibration_dir_and_the_flags_that_do_not_go_together(tiny_run, shapes_dir, tmp_path,
+                                                                              capsys):
+    ck, images = str(tiny_run / "best.pt"), str(shapes_dir / "flickr30k_images")
+    assert main(["export", "--checkpoint", ck, "--out", str(tmp_path / "e"), "--quantize", "int8",
+                 "--calibration", images]) == 0
+    out = capsys.readouterr().out
+    assert "the encoder int8 too (calibrated on " in out and "caption --model" in out
+    recipe = json.loads((tmp_path / "e" / "config.json").read_text())["int8"]["encoder"]
+    assert recipe["calibration_images"] == min(256, len(list((shapes_dir / "flickr30k_images").iterdir())))
+    for flags, complaint in ((["--encoder", "int8"], "--encoder int8 goes with --quantize int8"),
+                             (["--quantize", "int8", "--encoder", "fp32", "--calibration", images],
+                              "only the int8 encoder is calibrated")):
+        assert main(["export", "--checkpoint", ck, "--out", str(tmp_path / "x"), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and complaint in err[0], err
+        assert not (tmp_path / "x").exists()
