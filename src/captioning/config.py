@@ -25,6 +25,7 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("exponential", "cosine", "constant", "plateau")
 OBJECTIVES = ("xe", "scst")
 BASELINES = ("mean", "greedy")
+LOGS = ("none", "tensorboard")
 # old key -> new key: configs and checkpoints written with the old name still load, with a warning
 MAX_TOKENS = 4096     # the word positions' table holds max_tokens x d_model numbers
 RENAMED = {"data.max_len": "data.max_words", "model.max_len": "model.max_tokens"}
@@ -97,6 +98,7 @@ class TrainConfig:
     init_from: str = ""              # a checkpoint (model, vocabulary, splits) to start from:
                                      # scst's xe best.pt
     eval_beam: int = 1               # monitor=cider: beam size of the val captions (1 = greedy)
+    log: str = "none"                # none | tensorboard: event files in run_dir, as it trains
 
 
 @dataclass
@@ -189,9 +191,7 @@ def _validate_data_model(cfg: Config, need) -> None:
         need(0.0 <= getattr(d, key) < 0.5, f"data.{key}",
              f"must be in [0, 0.5), got {getattr(d, key)}")
     need(d.shapes_images >= 10, "data.shapes_images", f"must be >= 10, got {d.shapes_images}")
-    need(m.backbone.startswith("resnet") or m.backbone.startswith("wide_resnet")
-         or m.backbone.startswith("resnext"),
-         "model.backbone",
+    need(m.backbone.startswith(("resnet", "wide_resnet", "resnext")), "model.backbone",
          "must name a torchvision ResNet (resnet18 ... resnet152, resnext*, wide_resnet*), "
          f"got {m.backbone!r}")
     need(1 <= m.backbone_stages <= 4, "model.backbone_stages",
@@ -214,24 +214,21 @@ def _validate_train(cfg: Config, need) -> None:
     need(0 < t.gamma <= 1, "train.gamma", f"must be in (0, 1], got {t.gamma}")
     need(t.optimizer in OPTIMIZERS, "train.optimizer",
          f"must be one of {OPTIMIZERS}, got {t.optimizer!r}")
-    need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     need(t.scheduler in SCHEDULERS, "train.scheduler",
          f"must be one of {SCHEDULERS}, got {t.scheduler!r}")
-    need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     need(0 <= t.label_smoothing < 1, "train.label_smoothing",
          f"must be in [0, 1), got {t.label_smoothing}")
-    need(t.patience >= 0, "train.patience", f"must be >= 0, got {t.patience}")
     need(t.precision in PRECISIONS, "train.precision",
          f"must be one of {PRECISIONS}, got {t.precision!r}")
     need(t.monitor in MONITORS, "train.monitor", f"must be one of {MONITORS}, got {t.monitor!r}")
     need(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
-    need(t.eval_images >= 0, "train.eval_images", f"must be >= 0, got {t.eval_images}")
     need(not (t.cache_features and cfg.model.train_backbone), "train.cache_features",
          "needs a frozen encoder (model.train_backbone: false): "
          "a trained backbone's features change every step")
-    need(t.save_every >= 0, "train.save_every", f"must be >= 0, got {t.save_every}")
-    need(t.num_workers >= 0, "train.num_workers", f"must be >= 0, got {t.num_workers}")
-    need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    for key in ("weight_decay", "warmup_steps", "patience", "eval_images", "save_every",
+                "num_workers", "grad_clip"):
+        need(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    need(t.log in LOGS, "train.log", f"must be one of {LOGS}, got {t.log!r}")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
          f"must be auto, cpu or cuda[:N], got {t.device!r}")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config import Config
+from ..config import Config, EnvironmentProblem
 from ..data.images import ImageLimits, ImageLoadError, describe, open_image
 from ..data.vocab import Vocabulary
 from ..decode.arrays import Array, array_ops
@@ -75,8 +75,20 @@ class Captioner:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device=None, precision: str | None = "auto",
-                        limits: ImageLimits | None = None) -> Captioner:
-        """`precision` None: the run's own train.precision."""
+                        limits: ImageLimits | None = None, *, engine: str = "auto",
+                        cache_dir: str | Path | None = None) -> Captioner:
+        """`precision` None: the run's own train.precision. `engine` auto: ONNX Runtime on a CPU
+        with the [export] extra, through an fp32 export cached by the checkpoint's hash (in
+        `cache_dir`, default beside it), else PyTorch; torch or onnx: that one (engines.py)."""
+        from .engines import cached_export, choose_engine
+
+        if choose_engine(engine, device, precision) == "onnx":
+            folder = cached_export(path, cache_dir)
+            if folder is not None:
+                return cls.from_export(folder, limits)
+            if engine == "onnx":
+                raise EnvironmentProblem(f"--engine onnx: {path} could not be exported (the "
+                                         "line above says why); --engine torch runs it")
         from ..device import resolve_device
         from ..model.checkpoint import load_checkpoint
 
@@ -248,3 +260,34 @@ class Captioner:
         if not result.ok:
             raise ImageLoadError(result.error)
         return result.caption
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, device=None, precision: str = "auto",
+                        limits: ImageLimits | None = None, *, engine: str = "auto",
+                        revision: str | None = None, threads: int | None = None) -> Captioner:
+        """A model folder (`save`'s: model.safetensors, config.json, vocab.json), a hub id
+        `user/name` (its snapshot, pip install -e '.[hub]'; `revision`: a branch, tag or commit)
+        or an export folder. `engine` as from_checkpoint's: auto runs the folder's onnx/fp32 export
+        on ONNX Runtime where it would (folder.pick_pretrained), else PyTorch; `threads`: an
+        export's, as from_export's."""
+        from .folder import load_model_folder, pick_pretrained
+
+        kind, folder = pick_pretrained(path_or_id, engine, device, precision, revision)
+        if kind == "export":
+            return cls.from_export(folder, limits, threads)
+        model, vocab, cfg, _ = load_model_folder(folder)
+        return cls(model, vocab, cfg, device, precision, limits, own_model=True)
+
+    def save_pretrained(self, folder: str | Path, *, checkpoint: str | Path | None = None,
+                        report: str | Path | None = None, with_export=()) -> Path:
+        """Write this captioner's model as a model folder (folder.py), its weights fp32: make it
+        with precision="fp32" (and engine="torch"). `checkpoint`: where the weights come from, for
+        the card (its run directory's env.json, history, splits and `evaluate` report)."""
+        from .folder import checkpoint_facts, write_model_folder
+
+        if self.model is None:
+            raise ValueError("this Captioner runs an ONNX export, which holds no PyTorch weights: "
+                             "make it with engine='torch', precision='fp32' to save it")
+        source, facts = checkpoint_facts(checkpoint, report)[1:] if checkpoint else ({}, {})
+        return write_model_folder(self.model, self.vocab, self.cfg, folder, source=source,
+                                  with_export=with_export, card_facts=facts)

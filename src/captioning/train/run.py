@@ -59,6 +59,7 @@ from .loop import (
     val_cider,
     write_history,
 )
+from .tensorboard import TensorBoardLog, open_log, require_log
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class Run:
     world: int = 1
     paths_given: dict = field(default_factory=dict)  # config paths as given (not made absolute)
     objective: object = None        # (net, batch) -> (loss, n, sums): CrossEntropy, ScstObjective
+    log: TensorBoardLog | None = None   # train.log: tensorboard (rank 0)
 
     def loader(self, split: str, epoch: int = 0, skip_batches: int = 0):
         t = self.cfg.train
@@ -152,6 +154,7 @@ def _cached(cfg: Config, corpus, datasets: dict, model: CaptionModel, device, pr
 def _start(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool) -> Run:
     """A run's processes, data, model, optimizer and schedule, from `ckpt` (last.pt) to resume."""
     cfg, given = absolute_paths(cfg)
+    require_log(cfg)                   # a missing extra stops the run before any work
     given = {**(ckpt or {}).get("paths_given", {}), **given}
     rank, world, local_rank = distributed.init_distributed()
     if world > 1 and cfg.train.batch_size % world:
@@ -197,6 +200,7 @@ def _start(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool) -> Run
         load_scheduler_state(run.scheduler, ckpt["scheduler"], run.state.step)
         run.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])     # last: nothing draws from the global RNGs before training
+    run.log = open_log(cfg, run_dir, run.state, rank)
     trainable, frozen = count_parameters(model)
     log.info("%d train / %d val images, %d words, %.1f M trainable + %.1f M frozen parameters, "
              "%s on %s", len(datasets["train"]), len(datasets["val"]), len(vocab), trainable / 1e6,
@@ -214,6 +218,8 @@ def _epoch(run: Run, progress: bool) -> str:
     end = state.batch + len(train_loader)
 
     def on_step() -> None:                  # the epoch's last checkpoint comes after validation
+        if run.log is not None:
+            run.log.step(state, cfg.train.lr * run.scheduler.lr_lambdas[0](state.step - 1))
         if t.save_every and state.step % t.save_every == 0 and state.batch < end:
             run.save_last()
 
@@ -240,6 +246,8 @@ def _epoch(run: Run, progress: bool) -> str:
         _drop_lr(run)
     if run.rank == 0:
         write_history(state.history, run.run_dir)
+        if run.log is not None:
+            run.log.end_epoch(run)
         if improved:
             save_atomic(model_checkpoint(run.model, cfg, run.vocab, epoch=epoch, val_loss=val_loss,
                                          val_cider=cider, paths_given=run.paths_given),
@@ -265,19 +273,23 @@ def _fit(run: Run, progress: bool) -> Path:
         line = _epoch(run, progress)
         if run.rank == 0:
             (tqdm.write if progress else log.info)(line)
+    if run.log is not None:
+        run.log.end_run(run.state)
     distributed.barrier()              # the files are written before any process returns
     return run.run_dir
 
 
 # ---------------------------------------------------------------- entry points
 
-def train(cfg: Config, progress: bool = True) -> Path:
-    """Train a new run in cfg.run_dir; returns the run directory."""
+def train(cfg: Config, progress: bool = True, resume_hint: str | None = None) -> Path:
+    """Train a new run in cfg.run_dir; returns the run directory. `resume_hint`: how the caller
+    continues a run, for the error when cfg.run_dir holds one (default: the command's flags)."""
     run_dir = Path(cfg.run_dir)
     with distributed.holding(run_dir):
         if (run_dir / "last.pt").exists():
-            raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume "
-                                  f"{run_dir} (or --resume auto), or choose another run_dir")
+            hint = resume_hint or f"--resume {run_dir} (or --resume auto)"
+            raise FileExistsError(f"{run_dir} already holds a run: continue it with {hint}, "
+                                  "or choose another run_dir")
         return _fit(_start(cfg, run_dir, None, progress), progress)
 
 
@@ -311,7 +323,8 @@ def _resume(run_dir: str | Path, overrides: list[str], progress: bool) -> Path:
 # would silently not apply, or change the run's past (the schedule is a function of the step)
 RESUME_KEYS = ("run_dir", "train.epochs", "train.patience", "train.save_every", "train.num_workers",
                "train.device", "train.precision", "train.eval_every", "train.eval_images",
-               "train.grad_clip", "data.images", "data.captions", "data.features_dir")
+               "train.grad_clip", "train.log", "data.images", "data.captions",
+               "data.features_dir")
 
 
 def _check_resume_overrides(overrides: list[str], run_dir: Path) -> None:

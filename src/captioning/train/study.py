@@ -55,7 +55,8 @@ RESULT_METRICS = ("BLEU-4", "METEOR", "CIDEr", "shapes_accuracy", "mean_words", 
                   "distinct_1", "distinct_2")
 # what may differ between a run's saved config and the study's for the run to be reused (or resumed)
 _REUSE_IGNORES = {"run_dir", "data.images", "data.captions", "data.features_dir", "train.epochs",
-                  "train.patience", "train.num_workers", "train.device", "train.save_every"}
+                  "train.patience", "train.num_workers", "train.device", "train.save_every",
+                  "train.log"}
 
 
 @dataclass
