@@ -236,8 +236,8 @@ def test_missing_path():
     raises_naming("/no/such/dir/photo.jpg", "no such file")
 
 
-def test_directory(tmp_path):
-    raises_naming(tmp_path, "is a directory")
+def test_a_folder_without_images_says_so(tmp_path):      # what expand_inputs keeps of an empty folder
+    raises_naming(tmp_path, "no images in this folder (looked for .bmp, .gif, .jpeg, .jpg")
 
 
 def test_empty_file(tmp_path):

@@ -56,25 +56,25 @@ def caption(args) -> int:
 
     from ..captioner import Captioner
     from ..data.images import expand_inputs, redact
-    from .results import ResultsFile
 
-    out = ResultsFile(args.out, retry_errors=args.retry_errors) if args.out else None
+    out = _results_file(args)
     inputs = expand_inputs(args.inputs)
     todo = [x for x in inputs if out is None or redact(x) not in out.done]
-    if out is not None and len(todo) < len(inputs):
-        retry = "" if args.retry_errors or not out.failed else \
-            f"; {len(out.failed)} of them failed: --retry-errors captions those again"
-        print(f"{len(inputs) - len(todo)} input(s) already in {out.path}: skipped{retry}",
-              file=sys.stderr)
+    if out is not None:
+        _say_skipped(out, len(inputs) - len(todo), args.retry_errors)
     if args.model:
-        if args.device not in (None, "cpu") or args.precision != "auto":
-            raise ConfigError(f"--model {args.model} runs on the CPU in the export's own "
+        from ..captioner.folder import folder_kind
+
+        export = folder_kind(Path(args.model).expanduser()) == "export"
+        if export and (args.device not in (None, "cpu") or args.precision != "auto"):
+            raise ConfigError(f"--model {args.model} is an export: it runs on the CPU in its own "
                               "precision: drop --device and --precision (or caption with "
-                              "--checkpoint)")
-        captioner = Captioner.from_export(args.model)
+                              "--checkpoint or a model folder)")
+        captioner = Captioner.from_pretrained(args.model, device=args.device,
+                                              precision=args.precision, engine=args.engine)
     else:
         captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device,
-                                              precision=args.precision)
+                                              precision=args.precision, engine=args.engine)
     failed = False
     bar = tqdm(total=len(inputs), initial=len(inputs) - len(todo), desc="captioning", unit="img",
                file=sys.stderr, disable=len(inputs) < 2 * args.batch_size and not out)
@@ -90,6 +90,39 @@ def caption(args) -> int:
         if out is not None:
             out.close()
     return 1 if failed else 0
+
+
+def _results_file(args):
+    """caption --out: the results file, told which model makes this run's rows."""
+    from ..captioner.folder import is_hub_id, resolve_folder
+    from .results import ResultsFile, model_identity
+
+    if not args.out:
+        if args.redo or args.retry_errors:
+            raise ConfigError(f"--{'redo' if args.redo else 'retry-errors'} works on a results "
+                              "file: add --out FILE")
+        return None
+    source = Path(args.model or args.checkpoint)
+    if args.model and is_hub_id(args.model):
+        source = resolve_folder(args.model)         # the snapshot (the hub's cache: once)
+    if not args.model and source.is_dir():
+        source = source / "best.pt"                 # a run directory: its best.pt, as the loader
+    if not source.exists():
+        raise FileNotFoundError(f"{'--model' if args.model else '--checkpoint'} {source} does "
+                                "not exist")
+    model = model_identity(source)
+    return ResultsFile(args.out, retry_errors=args.retry_errors, model=model, redo=args.redo)
+
+
+def _say_skipped(out, skipped: int, retry_errors: bool) -> None:
+    """Always one line: how many inputs the file already holds (and what --redo took out)."""
+    retry = "" if retry_errors or not out.failed else \
+        f"; {len(out.failed)} of them failed: --retry-errors captions those again"
+    redone = f"; {out.redone} row(s) of another model taken out (--redo)" if out.redone else ""
+    legacy = f"; {out.unrecorded} of them from an earlier version, which named no model" \
+        if out.unrecorded else ""
+    print(f"{skipped} input(s) already in {out.path}: skipped{retry}{legacy}{redone}; "
+          f"this run's model: {out.model}", file=sys.stderr)
 
 
 def _show(r, args, out, n: int, source: str) -> None:
@@ -114,7 +147,7 @@ def evaluate(args) -> int:
 
     report = evaluate(args.checkpoint, split=args.split, beam_size=args.beam, out=args.out,
                       device=args.device, precision=args.precision, overrides=args.set,
-                      **_decode_options(args))
+                      engine=args.engine, **_decode_options(args))
     for key, value in report["metrics"].items():
         print(f"{key}: {value:.4f}" if isinstance(value, float)
               else f"{key}: {'n/a' if value is None else value}")
@@ -148,9 +181,15 @@ def _draw_attention(result, n: int, folder: Path) -> None:
 def export(args) -> int:
     from ..decode.export import export
 
-    meta = export(args.checkpoint, args.out, args.quantize)
+    meta = export(args.checkpoint, args.out, args.quantize, encoder=args.encoder,
+                  calibration=args.calibration)
     check = meta["check"][args.quantize or "fp32"]
-    print(f"exported {meta['checkpoint']} to {args.out} ({args.quantize or 'fp32'}): logits within "
+    kind = args.quantize or "fp32"
+    if meta["int8"]:
+        encoder = meta["int8"]["encoder"]
+        kind += (f", the encoder int8 too (calibrated on {encoder['calibration_images']} images)"
+                 if isinstance(encoder, dict) else ", the encoder fp32")
+    print(f"exported {meta['checkpoint']} to {args.out} ({kind}): logits within "
           f"{check['relative']:.2g} of the checkpoint's (tolerance {check['tolerance']}); "
           f"caption with: python -m captioning caption --model {args.out} IMAGE ...")
     return 0
@@ -202,7 +241,8 @@ def score(args) -> int:
     from ..eval.evaluate import format_scores, score
 
     report = score(args.predictions, args.references, fmt=args.format, split=args.split,
-                   splits_file=args.splits, split_seed=args.split_seed, out=args.out)
+                   splits_file=args.splits, split_seed=args.split_seed, out=args.out,
+                   key="--format")
     print(format_scores(report))
     for note in report["notes"]:
         if note not in report["warnings"]:      # the warnings were logged as they came

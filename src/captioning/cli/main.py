@@ -8,10 +8,12 @@ examples:
   python -m captioning caption --checkpoint runs/shapes/best.pt photo.jpg https://example.com/cat.png
   python -m captioning export --checkpoint runs/shapes/best.pt --out exports/shapes --quantize int8
   python -m captioning caption --model exports/shapes photos/        # the export, on ONNX Runtime (CPU)
+  python -m captioning save --checkpoint runs/shapes/best.pt --out models/shapes   # a model folder to share
   python -m captioning evaluate --checkpoint runs/shapes/best.pt --out report.json
   python -m captioning check-data --config configs/coco.yaml --out check.json     # before hours of training
   python -m captioning score --predictions preds.jsonl --references data/coco/annotations --split test
   python -m captioning extract-features --config configs/flickr30k.yaml
+  python -m captioning serve --model exports/shapes --port 8000          # HTTP API + web page (pip install -e '.[serve]')
   torchrun --nproc_per_node=4 -m captioning train --config configs/flickr30k.yaml
 
 Errors are one line on stderr; --debug (or CAPTIONING_DEBUG=1) shows the traceback instead.
@@ -26,6 +28,8 @@ import sys
 from ..config import ConfigError, EnvironmentProblem
 from . import commands
 from .commands import INTERRUPTED, Interrupted
+from .save import add_save
+from .serve import add_serve
 
 
 def positive_int(text: str) -> int:
@@ -77,8 +81,9 @@ def _add_caption(sub) -> None:
                                    "captions (exit 1 if any failed).")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="a checkpoint file (a run directory means its best.pt)")
-    model.add_argument("--model", metavar="EXPORT_DIR",
-                       help="a folder `export` wrote, run on ONNX Runtime")
+    model.add_argument("--model", metavar="DIR|USER/NAME",
+                       help="a model folder `save` wrote (or its hub id user/name), or a folder "
+                            "`export` wrote, run on ONNX Runtime")
     p.add_argument("--beam", type=positive_int, default=1, help="beam size (1 = greedy)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object a line per input, in input order")
@@ -86,12 +91,15 @@ def _add_caption(sub) -> None:
                    help="append the results to this file, skipping the inputs already in it")
     p.add_argument("--retry-errors", action="store_true",
                    help="with --out: caption again the inputs whose row is an error")
+    p.add_argument("--redo", action="store_true",
+                   help="with --out: caption again the inputs whose row another model made")
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images captioned at a time")
     _common(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 where the GPU or CPU has bf16 units, else fp32 "
                         "(fp16: CUDA only)")
+    engine_flag(p)
     _decoding_flags(p)
     p.add_argument("--attention", metavar="DIR",
                    help="also draw each caption's attention maps, a PNG per input")
@@ -99,6 +107,14 @@ def _add_caption(sub) -> None:
                    help="image files, folders (their images, recursively), globs "
                         "('photos/**/*.jpg') and http(s) URLs")
     p.set_defaults(func=commands.caption)
+
+
+def engine_flag(p: argparse.ArgumentParser) -> None:
+    """--engine for a command that captions from a checkpoint."""
+    p.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
+                   help="what runs a --checkpoint: auto (default) = ONNX Runtime on a CPU where "
+                        "the [export] extra is installed (the checkpoint is exported once, into "
+                        "a cache), else PyTorch")
 
 
 def _decoding_flags(p: argparse.ArgumentParser) -> None:
@@ -147,6 +163,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help="default: the run's train.precision, as its validation scores were "
                         "computed")
+    engine_flag(p)
     _decoding_flags(p)
     p.set_defaults(func=commands.evaluate)
 
@@ -178,7 +195,13 @@ def _add_other(sub) -> None:
                    help="a checkpoint file (a run directory means its best.pt)")
     p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
     p.add_argument("--quantize", choices=["int8"],
-                   help="int8 weights in the decoder's matrix products")
+                   help="int8 weights in the decoder's matrix products, and an int8 encoder "
+                        "(static, calibrated) unless --encoder fp32")
+    p.add_argument("--encoder", choices=["int8", "fp32"],
+                   help="with --quantize int8: the encoder's precision (default int8)")
+    p.add_argument("--calibration", metavar="DIR",
+                   help="the int8 encoder's calibration images: a sample of the image files in "
+                        "DIR (default: of the run's training split)")
     p.set_defaults(func=commands.export)
 
     p = sub.add_parser("shapes",
@@ -252,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_other(sub)
     _add_data_commands(sub)
+    add_serve(sub)
+    add_save(sub)
     return parser
 
 

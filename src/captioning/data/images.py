@@ -24,6 +24,8 @@ import requests
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .url_safety import AddressPolicy, AddressRefused, checked_session
+
 USER_AGENT = "captioning/0.1"
 # Pillow reads many more formats; EPS would even run Ghostscript on the input.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -49,6 +51,10 @@ class ImageLimits:
     read_timeout: float = 10.0
     deadline: float = 30.0             # whole URL fetch; a trickling server never hits read_timeout
     max_redirects: int = 5
+    # the addresses a URL may reach, checked at every hop on the address connected to
+    # (url_safety.AddressPolicy): None any the user named, but no redirect from a public address
+    # to a loopback, private or link-local one; False public ones only (serve); True any
+    allow_private_urls: bool | None = None
 
 
 def redact(name):
@@ -110,8 +116,9 @@ def _is_url(text: str) -> bool:
 
 def _read_file(path, name: str, limits: ImageLimits) -> bytes:
     path = os.path.expanduser(os.fspath(path))
-    if os.path.isdir(path):
-        raise ImageLoadError(f"{name}: is a directory")
+    if os.path.isdir(path):      # expand_inputs keeps a folder it found no image in
+        raise ImageLoadError(f"{name}: no images in this folder (looked for "
+                             f"{', '.join(sorted(IMAGE_EXTENSIONS))}, in its subfolders too)")
     try:
         with open(path, "rb") as f:
             data = f.read(limits.max_bytes + 1)
@@ -135,19 +142,24 @@ def _fetch(url: str, name: str, limits: ImageLimits) -> bytes:
             raise ImageLoadError(f"{name}: download exceeded the {limits.deadline:g} s deadline")
         return left
 
+    policy = AddressPolicy(limits.allow_private_urls)
     try:
-        with requests.Session() as session:
+        with checked_session(policy) as session:
             session.headers["User-Agent"] = USER_AGENT
-            # Redirects are followed by hand so every hop is scheme-checked and
+            # Redirects are followed by hand so every hop is scheme- and address-checked and
             # its timeouts are cut to the time left before the deadline.
             hop = url
-            for _ in range(limits.max_redirects + 1):
+            for policy.hop in range(limits.max_redirects + 1):    # the policy knows the hop
+                redirected = "" if hop == url else f" (redirected to {describe(hop)})"
                 if urlsplit(hop).scheme.lower() not in ("http", "https"):
-                    redirected = "" if hop == url else f" (redirected to {describe(hop)})"
                     raise ImageLoadError(f"{name}: only http(s) URLs are supported{redirected}")
                 left = seconds_left()
                 timeout = (min(limits.connect_timeout, left), min(limits.read_timeout, left))
-                response = session.get(hop, stream=True, timeout=timeout, allow_redirects=False)
+                try:
+                    response = session.get(hop, stream=True, timeout=timeout,
+                                           allow_redirects=False)
+                except AddressRefused as e:
+                    raise ImageLoadError(f"{name}: {e}{redirected}") from None
                 target = session.get_redirect_target(response)
                 if target is None:
                     break
