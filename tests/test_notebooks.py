@@ -86,6 +86,16 @@ def test_parameters_cells_default_to_what_a_jupyter_reader_has_after_make_demo()
     assert study["out_dir"] is None                                         # beside the study file
 
 
+def test_papermill_reads_every_parameter_so_that_p_name_value_is_typed_and_logged_without_a_warning(caplog):
+    """papermill's parameter reader skips (with "Unable to parse line") a line with a second `=`, in a comment too."""
+    papermill = pytest.importorskip("papermill")
+    for notebook in NOTEBOOKS:
+        with caplog.at_level("WARNING", logger="papermill"):
+            names = {p["name"] for p in papermill.inspect_notebook(str(ROOT / notebook)).values()}
+        assert names == set(parameters(notebook)), notebook
+        assert not [r for r in caplog.records if "Unable to parse" in r.getMessage()], notebook
+
+
 def test_strip_injected_removes_only_papermill_cells_and_writes_nbformat_layout(tmp_path):
     def cell(source, tag=None, count=None):
         return {"cell_type": "code", "execution_count": count, "id": f"c{count}", "metadata": {"tags": [tag] if tag
