@@ -151,13 +151,13 @@ def measure(args, device: torch.device, sync, exports: Path | None) -> None:
     photos32, repeats = photos(), args.repeats
     one = photos32[:1]
 
-    # the reference first, in fp32, and today's path in fp32; then the Captioner casts the same model's encoder
-    # for its precision
+    # the reference first, in fp32 (the model as built), then from_checkpoint's path at fp32 (the model prepared in
+    # place: column-major linear weights), then at `precision: auto` (cast once for it)
     model.to(device)
     x1 = build_transform(cfg.data.image_size)(photos32[0])[None].to(device)
     t = common.medians({"reference": lambda: reference_caption(model, x1, vocab.bos, WORDS)}, max(1, repeats // 2),
                        sync=sync)
-    torch_fp32 = Captioner(model, vocab, cfg, device=device, precision="fp32")
+    torch_fp32 = Captioner(model, vocab, cfg, device=device, precision="fp32", own_model=True)
     t |= common.medians({"torch_fp32": lambda: torch_fp32.caption(one)}, repeats, sync=sync)
     captioner = Captioner(model, vocab, cfg, device=device, precision="auto", own_model=True)
     assert len(captioner.caption(one)[0].caption.split()) == WORDS
@@ -208,7 +208,7 @@ def compare_engines(exports: Path, repeats: int) -> None:
     """--compare: PyTorch (fp32, and `precision: auto`) and ONNX Runtime (the fp32 and int8 exports, and the bare
     encoder graph) timed in turns, round after round; prints one JSON line of medians (seconds)."""
     model, vocab, cfg = reference_model()
-    torch_fp32 = Captioner(model, vocab, cfg, device="cpu", precision="fp32")
+    torch_fp32 = Captioner(model, vocab, cfg, device="cpu", precision="fp32", own_model=True)
     model, vocab, cfg = reference_model()
     torch_auto = Captioner(model, vocab, cfg, device="cpu", precision="auto", own_model=True)
     ort = {name: Captioner.from_export(exports / name) for name in EXPORTS}

@@ -89,11 +89,21 @@ def in_proj(attn: nn.MultiheadAttention, part: slice) -> tuple[torch.Tensor, tor
     return attn.in_proj_weight[part], bias
 
 
+# decoding asks a query or a few per sequence (a word, or a word of each beam): at that size the
+# fused CPU kernel costs more than the two products (1.3 ms against ~0.1 ms a call at 32 images x 8
+# heads, 56% of a decoding step: docs/benchmarks.md), so they run as plain products
+FEW_QUERIES = 16
+
+
 def attention(attn: nn.MultiheadAttention, q, k, v,
               allowed: torch.Tensor | None = None) -> torch.Tensor:
     # (.., Tq, hd) x (.., Tk, hd) -> (.., Tq, hd), with the attention dropout of `attn` while
     # training; allowed (.., Tq, Tk) bool: True where a query may see a key (None: everywhere).
     # scale: its default, as a constant
+    if (allowed is None and not attn.training and q.size(-2) <= FEW_QUERIES
+            and not torch.onnx.is_in_onnx_export()):
+        w = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.head_dim ** -0.5, dim=-1)
+        return w.to(v.dtype) @ v                                          # softmax in fp32
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                           dropout_p=attn.dropout if attn.training else 0.0,
                                           scale=1.0 / math.sqrt(attn.head_dim))
