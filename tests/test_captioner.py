@@ -76,30 +76,18 @@ def test_a_model_handed_in_keeps_its_dtype_and_training_flag(tiny_run, images):
     assert next(model.encoder.parameters()).is_contiguous()                 # nor made channels_last
 
 
-def test_from_checkpoint_at_bf16_casts_its_own_model_once_and_keeps_norms_memory_and_logits_fp32(tiny_run, images):
+def test_from_checkpoint_at_bf16_casts_its_own_encoder(tiny_run, images):
     import torch
 
     captioner = Captioner.from_checkpoint(tiny_run / "best.pt", device="cpu", precision="bf16")
     assert captioner.precision == "bf16"
-    model = captioner.model
-    assert {p.dtype for p in model.encoder.parameters()} == {torch.bfloat16}
-    linear = [m for m in [model.project, model.head, *model.transformer.modules()] if isinstance(m, torch.nn.Linear)]
-    assert linear and {m.weight.dtype for m in linear} == {torch.bfloat16}           # the products at bf16
-    attn = [m for m in model.transformer.modules() if isinstance(m, torch.nn.MultiheadAttention)]
-    assert {m.in_proj_weight.dtype for m in attn} == {torch.bfloat16}
-    norms = [p for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()]
-    assert norms and {p.dtype for p in norms} == {torch.float32} and model.embed.weight.dtype == torch.float32
-    assert not model.training
-    x = torch.stack([captioner.transform(Image.open(p).convert("RGB")) for p in images[:2]])
-    memory = captioner.memory(images=x)
-    assert memory.dtype == torch.float32
-    with captioner.encoder.inference():
-        cache = model.init_cache(memory)
-        logits = model.step(cache, torch.full((2,), captioner.vocab.bos))
-    assert logits.dtype == torch.float32 and cache.self_k[0].dtype == torch.bfloat16
+    assert {p.dtype for p in captioner.model.encoder.parameters()} == {torch.bfloat16}
+    rest = [p for name, p in captioner.model.named_parameters() if not name.startswith("encoder.")]
+    assert rest and {p.dtype for p in rest} == {torch.float32}                # the transformer stays fp32
+    assert not captioner.model.training
     assert all(r.ok for r in captioner.caption(images[:2]))
     fp32 = Captioner.from_checkpoint(tiny_run / "best.pt", device="cpu", precision="fp32", engine="torch")
-    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in fp32.model.encoder.parameters()} == {torch.float32}
 
 
 def test_an_own_model_on_the_cpu_reads_its_linear_weights_column_major_and_captions_as_a_model_handed_in(tiny_run,
