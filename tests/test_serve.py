@@ -368,3 +368,12 @@ def test_serve_refuses_other_hosts_without_an_api_key_and_names_the_missing_extr
     assert main(["serve", "--checkpoint", str(tiny_run)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == 'error: serve needs fastapi: pip install -e ".[serve]"'
+
+
+def test_the_server_caps_glibcs_malloc_arenas_where_there_is_glibc():
+    """Many threads read uploads; one malloc arena each made RSS grow with the requests (benchmarks/serve.py)."""
+    import platform
+
+    from captioning.serve.server import few_malloc_arenas
+
+    assert few_malloc_arenas() is (platform.libc_ver()[0] == "glibc")

@@ -39,8 +39,13 @@ class Service:
                                                 **keywords))
 
     def _warm_up(self) -> None:
+        """One image, then a full batch: the engine's buffers grow to the largest batch now, before
+        /ready, not under the first load."""
         size = self.captioner.cfg.data.image_size
-        self.captioner.caption([Image.new("RGB", (size, size), "gray")])
+        image = Image.new("RGB", (size, size), "gray")
+        self.captioner.caption([image])
+        self.captioner.caption([image] * self.settings.max_batch_size,
+                               batch_size=self.settings.max_batch_size)
 
     def refuse_if_full(self) -> None:
         """503 at once when the queue is full: before the body is even read."""
