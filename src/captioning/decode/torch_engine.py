@@ -77,9 +77,10 @@ def prepare_for_inference(model: CaptionModel, precision: str, device: torch.dev
 
     bf16/fp16: the ResNet's weights are cast once (autocast would cast them again at every call),
     channels_last. The transformer stays fp32: with its products in bf16 too (weights cast once,
-    under autocast) a caption took 0.8 of the time on a bf16 CPU, but the Shapes demo model's greedy
-    captions then matched its fp32 ones on 95.7% of the test split, against 98.3% with the ResNet
-    alone in bf16 (docs/benchmarks.md) -- below the 97% an int8 export must keep.
+    under autocast) its memory and 20 steps took 0.83 of the time on a bf16 CPU (180 against 218
+    ms, one image), but the Shapes demo model's greedy captions then matched its fp32 ones on 95.7%
+    of the test split, against 98.3% with the ResNet alone in bf16 (docs/benchmarks.md) -- below
+    the 97% an int8 export must keep.
 
     On a CPU, each linear layer's weight (out, in) is stored column-major (its transpose
     contiguous): x @ W.T then reads W.T row by row, the layout in which MKL's one-row product

@@ -150,9 +150,8 @@ class CaptionModel(nn.Module):
 
     def decoder_step(self, x: torch.Tensor, cache: DecoderCache,
                      attention: list | None = None) -> torch.Tensor:
-        """`step` after the embedding: x (N, 1, D) -> logits (N, V), fp32 (also where the products
-        run at lower precision). The export traces this too."""
-        return self.head(self.decoder_hidden(x, cache, attention))[:, 0].float()    # (N, V)
+        """`step` after the embedding: x (N, 1, D) -> logits (N, V). The export traces this too."""
+        return self.head(self.decoder_hidden(x, cache, attention))[:, 0]            # (N, V)
 
     def decoder_hidden(self, x: torch.Tensor, cache: DecoderCache,
                        attention: list | None = None) -> torch.Tensor:

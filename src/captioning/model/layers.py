@@ -95,6 +95,11 @@ def in_proj(attn: nn.MultiheadAttention, part: slice) -> tuple[torch.Tensor, tor
 FEW_QUERIES = 16
 
 
+def attention_weights(attn: nn.MultiheadAttention, q, k) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) in fp32: (.., Tq, hd) x (.., Tk, hd) -> (.., Tq, Tk)."""
+    return torch.softmax((q @ k.transpose(-1, -2)).float() * attn.head_dim ** -0.5, dim=-1)
+
+
 def attention(attn: nn.MultiheadAttention, q, k, v,
               allowed: torch.Tensor | None = None) -> torch.Tensor:
     # (.., Tq, hd) x (.., Tk, hd) -> (.., Tq, hd), with the attention dropout of `attn` while
@@ -102,8 +107,7 @@ def attention(attn: nn.MultiheadAttention, q, k, v,
     # scale: its default, as a constant
     if (allowed is None and not attn.training and q.size(-2) <= FEW_QUERIES
             and not torch.onnx.is_in_onnx_export()):
-        w = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.head_dim ** -0.5, dim=-1)
-        return w.to(v.dtype) @ v                                          # softmax in fp32
+        return attention_weights(attn, q, k).to(v.dtype) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                           dropout_p=attn.dropout if attn.training else 0.0,
                                           scale=1.0 / math.sqrt(attn.head_dim))
@@ -167,8 +171,7 @@ def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch
     if weights is None:
         y = attention(attn, q, k, v)                                            # (M, H, G*T, hd)
     else:
-        w = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.head_dim ** -0.5,
-                          dim=-1)                                               # (M, H, G*T, L)
+        w = attention_weights(attn, q, k)                                       # (M, H, G*T, L)
         w = w.transpose(1, 2)                                                   # (M, G*T, H, L)
         weights.append(reshape(w, -1, T, 0, 0).transpose(1, 2))                 # (N, H, T, L)
         y = w.transpose(1, 2).to(v.dtype) @ v

@@ -30,7 +30,8 @@ M_ARENA_MAX = -8      # glibc's mallopt parameter (malloc.h)
 def few_malloc_arenas(arenas: int = 2) -> bool:
     """glibc gives each thread that allocates its own malloc arena (up to 8 a core), and an arena
     keeps what it freed: the threads that read uploads made the server's RSS grow by 13-19% from
-    its 200th request to its 2000th (benchmarks/serve.py; 1.6% with 2 arenas). True where set."""
+    its 200th request to its 2000th (benchmarks/serve.py, reference size; 6% with 2 arenas). True
+    where set."""
     name = ctypes.util.find_library("c")
     try:
         return bool(name) and ctypes.CDLL(name).mallopt(M_ARENA_MAX, arenas) == 1
