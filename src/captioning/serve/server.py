@@ -2,8 +2,6 @@
 the requests in flight, the batcher captions what is queued, then `serve` returns 0."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import signal
 import threading
 
@@ -11,6 +9,7 @@ import uvicorn
 
 from ..captioner import Captioner
 from .app import build_app
+from .heap import few_malloc_arenas
 from .settings import ServeSettings
 
 
@@ -22,21 +21,6 @@ def server(captioner: Captioner, settings: ServeSettings, info: dict | None = No
                             access_log=log_level in ("debug", "trace", "info"),
                             timeout_graceful_shutdown=None, server_header=False)
     return uvicorn.Server(config)
-
-
-M_ARENA_MAX = -8      # glibc's mallopt parameter (malloc.h)
-
-
-def few_malloc_arenas(arenas: int = 2) -> bool:
-    """glibc gives each thread that allocates its own malloc arena (up to 8 a core), and an arena
-    keeps what it freed: the threads that read uploads made the server's RSS grow by 13-19% from
-    its 200th request to its 2000th (benchmarks/serve.py, reference size; 6% with 2 arenas). True
-    where set."""
-    name = ctypes.util.find_library("c")
-    try:
-        return bool(name) and ctypes.CDLL(name).mallopt(M_ARENA_MAX, arenas) == 1
-    except (OSError, AttributeError):      # not glibc (macOS, musl): nothing to set
-        return False
 
 
 def run(captioner: Captioner, settings: ServeSettings, info: dict | None = None, *,
