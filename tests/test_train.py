@@ -243,11 +243,12 @@ def test_train_state_round_trips_through_its_state_dict():
 
     history = [{"epoch": 1, "train_loss": 2.5, "val_loss": 2.4, "val_cider": "", "lr": 1e-3, "seconds": 3.0}]
     state = _state(epoch=3, step=42, batch=5, loss_sum=12.5, tokens=250, history=history, best=1.75, bad_epochs=2,
-                   sums={"reward": 3.5, "samples": 10}, lr_drops=1)
+                   sums={"reward": 3.5, "samples": 10}, lr_drops=1, readers=2)
     saved = state.state_dict()
-    # last.pt's names; epoch_sums and lr_drops are new (scst's rewards, scheduler=plateau) and default when absent
+    # last.pt's names; epoch_sums, lr_drops and stream_readers are new (scst's rewards, scheduler=plateau,
+    # data.format webdataset) and default when absent
     assert set(saved) == {"epoch", "step", "batch", "epoch_totals", "history", "best_val", "bad_epochs",
-                          "epoch_sums", "lr_drops"}
+                          "epoch_sums", "lr_drops", "stream_readers"}
     assert saved["best_val"] == 1.75 and saved["epoch_totals"] == [12.5, 250]
     again = TrainState()
     again.load_state_dict(saved)

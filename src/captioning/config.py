@@ -16,18 +16,25 @@ from typing import Any
 
 import yaml
 
+from .config_checks import (  # noqa: F401 (the choices are config's names too)
+    BASELINES,
+    DATA_FORMATS,
+    LOGS,
+    MAX_TOKENS,
+    MONITORS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULERS,
+    validate_data_model,
+    validate_objective,
+    validate_shards,
+    validate_train,
+)
+
 log = logging.getLogger(__name__)
 
-DATA_FORMATS = ("auto", "flickr30k", "karpathy", "coco", "csv", "jsonl", "shapes")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MONITORS = ("val_loss", "cider")
-OPTIMIZERS = ("adam", "adamw")
-SCHEDULERS = ("exponential", "cosine", "constant", "plateau")
-OBJECTIVES = ("xe", "scst")
-BASELINES = ("mean", "greedy")
-LOGS = ("none", "tensorboard")
 # old key -> new key: configs and checkpoints written with the old name still load, with a warning
-MAX_TOKENS = 4096     # the word positions' table holds max_tokens x d_model numbers
 RENAMED = {"data.max_len": "data.max_words", "model.max_len": "model.max_tokens"}
 
 
@@ -54,6 +61,10 @@ class DataConfig:
     split_seed: int = 0              # seeds the image-level split; `seed` seeds init and data order
     shapes_images: int = 3000        # format shapes: images to generate when the set is missing
     features_dir: str = "data/features"  # train.cache_features: the frozen encoder's feature cache
+    shards: str = ""                 # format webdataset: the `shards` command's folder (or its
+                                     # index.json), or a brace pattern of local paths or http(s)
+                                     # URLs: DIR/{train,val}-{000000..000009}.tar
+    shuffle_buffer: int = 1000       # format webdataset: samples shuffled together as they stream
 
 
 @dataclass
@@ -161,12 +172,13 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
         if not ok:
             raise ConfigError(f"config key '{key}': {why}")
 
-    _validate_data_model(cfg, need)
-    _validate_train(cfg, need)
+    validate_data_model(cfg, need)
+    validate_train(cfg, need)
     need(bool(cfg.run_dir), "run_dir", "must not be empty")
-    _validate_objective(cfg, need)
-    # format shapes generates its data when missing; every other format must find it
-    if check_paths and d.format != "shapes":
+    validate_objective(cfg, need)
+    validate_shards(cfg, need, check_paths)
+    # format shapes generates its data when missing; webdataset reads data.shards; the rest find it
+    if check_paths and d.format not in ("shapes", "webdataset"):
         need(Path(d.images).expanduser().is_dir(), "data.images",
              f"folder {d.images!r} does not exist")
         captions = Path(d.captions).expanduser()   # coco, auto: a file or COCO's annotations/
@@ -174,87 +186,6 @@ def validate(cfg: Config, check_paths: bool = True) -> Config:
              "data.captions",
              f"{'' if d.format in ('coco', 'auto') else 'file '}{d.captions!r} does not exist")
     return cfg
-
-
-def _validate_data_model(cfg: Config, need) -> None:
-    d, m = cfg.data, cfg.model
-    need(d.format in DATA_FORMATS, "data.format",
-         f"must be one of {DATA_FORMATS}, got {d.format!r}")
-    need(d.image_size >= 32, "data.image_size",
-         f"must be at least 32 (the ResNet stride), got {d.image_size}")
-    need(d.min_freq >= 1, "data.min_freq", f"must be >= 1, got {d.min_freq}")
-    need(d.max_words >= 1, "data.max_words", f"must be >= 1, got {d.max_words}")
-    need(d.max_words + 2 <= m.max_tokens <= MAX_TOKENS, "model.max_tokens",
-         f"must be data.max_words + 2 ({d.max_words + 2}: <bos> and <eos>) to {MAX_TOKENS}, "
-         f"got {m.max_tokens}")
-    for key in ("val_fraction", "test_fraction"):
-        need(0.0 <= getattr(d, key) < 0.5, f"data.{key}",
-             f"must be in [0, 0.5), got {getattr(d, key)}")
-    need(d.shapes_images >= 10, "data.shapes_images", f"must be >= 10, got {d.shapes_images}")
-    need(m.backbone.startswith(("resnet", "wide_resnet", "resnext")), "model.backbone",
-         "must name a torchvision ResNet (resnet18 ... resnet152, resnext*, wide_resnet*), "
-         f"got {m.backbone!r}")
-    need(1 <= m.backbone_stages <= 4, "model.backbone_stages",
-         f"must be 1 to 4, got {m.backbone_stages}")
-    for key in ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers",
-                "dim_feedforward"):
-        need(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
-    need(m.d_model % m.num_heads == 0, "model.d_model",
-         f"{m.d_model} is not divisible by model.num_heads={m.num_heads}")
-    need(m.d_model % 4 == 0, "model.d_model",
-         f"must be a multiple of 4 (2-D positional encoding), got {m.d_model}")
-    need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-
-
-def _validate_train(cfg: Config, need) -> None:
-    t = cfg.train
-    for key in ("epochs", "batch_size"):
-        need(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
-    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    need(0 < t.gamma <= 1, "train.gamma", f"must be in (0, 1], got {t.gamma}")
-    need(t.optimizer in OPTIMIZERS, "train.optimizer",
-         f"must be one of {OPTIMIZERS}, got {t.optimizer!r}")
-    need(t.scheduler in SCHEDULERS, "train.scheduler",
-         f"must be one of {SCHEDULERS}, got {t.scheduler!r}")
-    need(0 <= t.label_smoothing < 1, "train.label_smoothing",
-         f"must be in [0, 1), got {t.label_smoothing}")
-    need(t.precision in PRECISIONS, "train.precision",
-         f"must be one of {PRECISIONS}, got {t.precision!r}")
-    need(t.monitor in MONITORS, "train.monitor", f"must be one of {MONITORS}, got {t.monitor!r}")
-    need(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
-    need(not (t.cache_features and cfg.model.train_backbone), "train.cache_features",
-         "needs a frozen encoder (model.train_backbone: false): "
-         "a trained backbone's features change every step")
-    for key in ("weight_decay", "warmup_steps", "patience", "eval_images", "save_every",
-                "num_workers", "grad_clip"):
-        need(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
-    need(t.log in LOGS, "train.log", f"must be one of {LOGS}, got {t.log!r}")
-    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
-         f"must be auto, cpu or cuda[:N], got {t.device!r}")
-
-
-def _validate_objective(cfg: Config, need) -> None:
-    """train.objective and scst.*; train.init_from's file is looked for only when a run starts
-    from it (train.read_init): a resumed run, or a checkpoint scored elsewhere, need not have it."""
-    t, s = cfg.train, cfg.scst
-    need(t.objective in OBJECTIVES, "train.objective",
-         f"must be one of {OBJECTIVES}, got {t.objective!r}")
-    need(t.eval_beam >= 1, "train.eval_beam", f"must be >= 1, got {t.eval_beam}")
-    need(s.baseline in BASELINES, "scst.baseline",
-         f"must be one of {BASELINES}, got {s.baseline!r}")
-    need(s.samples >= (2 if s.baseline == "mean" else 1), "scst.samples",
-         f"must be >= {2 if s.baseline == 'mean' else 1} (scst.baseline={s.baseline}), "
-         f"got {s.samples}")
-    if t.objective == "scst":
-        need(1 <= s.max_words <= cfg.model.max_tokens - 2, "scst.max_words",
-             f"must be 1 to model.max_tokens - 2 ({cfg.model.max_tokens - 2}), got {s.max_words}")
-        need(bool(t.init_from), "train.init_from",
-             "train.objective=scst starts from a trained model: "
-             "name its checkpoint (e.g. runs/shapes/best.pt)")
-        need(t.monitor == "cider", "train.monitor",
-             "train.objective=scst selects its model by validation CIDEr: "
-             f"set train.monitor=cider (got {t.monitor!r}; "
-             "the cross-entropy it does not optimise says little)")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -367,7 +298,8 @@ def flatten(mapping: dict, prefix: str = "") -> dict:
     return flat
 
 
-PATH_KEYS = ("run_dir", "data.images", "data.captions", "data.features_dir", "train.init_from")
+PATH_KEYS = ("run_dir", "data.images", "data.captions", "data.features_dir", "data.shards",
+             "train.init_from")
 
 
 def absolute_paths(cfg: Config, base: str | Path | None = None) -> tuple[Config, dict[str, str]]:
@@ -379,7 +311,7 @@ def absolute_paths(cfg: Config, base: str | Path | None = None) -> tuple[Config,
         section, _, name = key.rpartition(".")
         owner = getattr(cfg, section) if section else cfg
         value = getattr(owner, name)
-        if not value:                      # an optional path left empty (train.init_from)
+        if not value or "://" in value:    # an optional path left empty, or a URL
             continue
         path = Path(value).expanduser()
         if not path.is_absolute():

@@ -2,7 +2,6 @@
 it runs, so `python -m captioning --help` and a command that needs no torch start fast."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -52,130 +51,24 @@ def train(args) -> int:
 
 
 def caption(args) -> int:
-    from tqdm.auto import tqdm
+    from .caption import caption
 
-    from ..captioner import Captioner
-    from ..data.images import expand_inputs, redact
-
-    out = _results_file(args)
-    inputs = expand_inputs(args.inputs)
-    todo = [x for x in inputs if out is None or redact(x) not in out.done]
-    if out is not None:
-        _say_skipped(out, len(inputs) - len(todo), args.retry_errors)
-    if args.model:
-        from ..captioner.folder import folder_kind
-
-        export = folder_kind(Path(args.model).expanduser()) == "export"
-        if export and (args.device not in (None, "cpu") or args.precision != "auto"):
-            raise ConfigError(f"--model {args.model} is an export: it runs on the CPU in its own "
-                              "precision: drop --device and --precision (or caption with "
-                              "--checkpoint or a model folder)")
-        captioner = Captioner.from_pretrained(args.model, device=args.device,
-                                              precision=args.precision, engine=args.engine)
-    else:
-        captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device,
-                                              precision=args.precision, engine=args.engine)
-    failed = False
-    bar = tqdm(total=len(inputs), initial=len(inputs) - len(todo), desc="captioning", unit="img",
-               file=sys.stderr, disable=len(inputs) < 2 * args.batch_size and not out)
-    try:
-        results = captioner.caption_iter(todo, beam_size=args.beam, batch_size=args.batch_size,
-                                         **_decode_options(args))
-        for source, r in zip(todo, results):
-            failed |= not r.ok
-            _show(r, args, out, inputs.index(source) if args.attention else 0, source)
-            bar.update()
-    finally:
-        bar.close()
-        if out is not None:
-            out.close()
-    return 1 if failed else 0
-
-
-def _results_file(args):
-    """caption --out: the results file, told which model makes this run's rows."""
-    from ..captioner.folder import is_hub_id, resolve_folder
-    from .results import ResultsFile, model_identity
-
-    if not args.out:
-        if args.redo or args.retry_errors:
-            raise ConfigError(f"--{'redo' if args.redo else 'retry-errors'} works on a results "
-                              "file: add --out FILE")
-        return None
-    source = Path(args.model or args.checkpoint)
-    if args.model and is_hub_id(args.model):
-        source = resolve_folder(args.model)         # the snapshot (the hub's cache: once)
-    if not args.model and source.is_dir():
-        source = source / "best.pt"                 # a run directory: its best.pt, as the loader
-    if not source.exists():
-        raise FileNotFoundError(f"{'--model' if args.model else '--checkpoint'} {source} does "
-                                "not exist")
-    model = model_identity(source)
-    return ResultsFile(args.out, retry_errors=args.retry_errors, model=model, redo=args.redo)
-
-
-def _say_skipped(out, skipped: int, retry_errors: bool) -> None:
-    """Always one line: how many inputs the file already holds (and what --redo took out)."""
-    retry = "" if retry_errors or not out.failed else \
-        f"; {len(out.failed)} of them failed: --retry-errors captions those again"
-    redone = f"; {out.redone} row(s) of another model taken out (--redo)" if out.redone else ""
-    legacy = f"; {out.unrecorded} of them from an earlier version, which named no model" \
-        if out.unrecorded else ""
-    print(f"{skipped} input(s) already in {out.path}: skipped{retry}{legacy}{redone}; "
-          f"this run's model: {out.model}", file=sys.stderr)
-
-
-def _show(r, args, out, n: int, source: str) -> None:
-    """One result: to --out, to stdout (a JSON line or `input<TAB>caption` lines), errors to stderr.
-    `n`: the input's place among all the inputs (its attention PNG's number)."""
-    if args.attention and r.ok:
-        _draw_attention(r, n, Path(args.attention))
-    if out is not None:
-        out.write(r, source)
-        if not r.ok:
-            print(f"error: {r.error}", file=sys.stderr, flush=True)
-    elif args.json:
-        print(json.dumps(r.to_dict()), flush=True)
-    elif r.ok:
-        print("\n".join(f"{r.input}\t{c['caption']}" for c in r.captions), flush=True)
-    else:
-        print(f"error: {r.error}", file=sys.stderr, flush=True)
+    return caption(args)
 
 
 def evaluate(args) -> int:
     from ..eval.evaluate import evaluate
+    from .caption import decode_options
 
     report = evaluate(args.checkpoint, split=args.split, beam_size=args.beam, out=args.out,
                       device=args.device, precision=args.precision, overrides=args.set,
-                      engine=args.engine, **_decode_options(args))
+                      engine=args.engine, **decode_options(args))
     for key, value in report["metrics"].items():
         print(f"{key}: {value:.4f}" if isinstance(value, float)
               else f"{key}: {'n/a' if value is None else value}")
     for note in report["notes"]:
         print(f"note: {note}", file=sys.stderr)
     return 0
-
-
-def _decode_options(args) -> dict:
-    """The decoding flags as Captioner.caption's keyword arguments (DecodeOptions)."""
-    keys = ("num_captions", "max_words", "length_penalty", "temperature", "top_k", "top_p", "seed",
-            "no_repeat_ngram_size", "min_words", "allow_function_word_end", "attention_layer",
-            "attention_head")
-    options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if getattr(args, "attention", None):
-        options["attention"] = True
-    return options
-
-
-def _draw_attention(result, n: int, folder: Path) -> None:
-    from ..eval.plots import show_attention
-
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(result.input).stem)[:60]
-    fig = show_attention(result.image, result.words, result.attention)
-    fig.savefig(folder / f"{n:04d}_{stem}.png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
 
 
 def export(args) -> int:
@@ -233,6 +126,10 @@ def check_data(args) -> int:
     if not report["usable_images"]:
         print(f"error: no usable image left in {report['images_dir']} (every captioned image is "
               "missing or unreadable): check data.images and data.captions", file=sys.stderr)
+        return 1
+    if report.get("shard_problems"):
+        print(f"error: {report['shard_problems'][0]} (write the shards again with `python -m "
+              "captioning shards`)", file=sys.stderr)
         return 1
     return 0
 

@@ -13,6 +13,7 @@ examples:
   python -m captioning check-data --config configs/coco.yaml --out check.json     # before hours of training
   python -m captioning score --predictions preds.jsonl --references data/coco/annotations --split test
   python -m captioning extract-features --config configs/flickr30k.yaml
+  python -m captioning shards --config configs/flickr30k.yaml --out data/shards   # WebDataset tar shards
   python -m captioning serve --model exports/shapes --port 8000          # HTTP API + web page (pip install -e '.[serve]')
   torchrun --nproc_per_node=4 -m captioning train --config configs/flickr30k.yaml
 
@@ -27,19 +28,11 @@ import sys
 
 from ..config import ConfigError, EnvironmentProblem
 from . import commands
+from .args import positive_int
 from .commands import INTERRUPTED, Interrupted
 from .save import add_save
 from .serve import add_serve
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from .shards import add_shards
 
 
 def device_name(text: str) -> str:
@@ -76,9 +69,13 @@ def _add_train(sub) -> None:
 
 def _add_caption(sub) -> None:
     p = sub.add_parser("caption", help="caption images: files, folders, globs, http(s) URLs",
-                       description="Caption images given as files, folders, globs or http(s) URLs; "
-                                   "a bad input gets an error line and the others still get "
-                                   "captions (exit 1 if any failed).")
+                       description="Caption images given as files, folders, globs, http(s) URLs, "
+                                   "list files or WebDataset shards; a bad input gets an error "
+                                   "line and the others still get captions (exit 1 if any "
+                                   "failed). Across processes: torchrun --nproc_per_node=N -m "
+                                   "captioning caption --out FILE ... (each rank captions its "
+                                   "share into FILE.parts/, rank 0 merges them into FILE in "
+                                   "input order; the same command goes on after a kill).")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="a checkpoint file (a run directory means its best.pt)")
     model.add_argument("--model", metavar="DIR|USER/NAME",
@@ -105,7 +102,9 @@ def _add_caption(sub) -> None:
                    help="also draw each caption's attention maps, a PNG per input")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders (their images, recursively), globs "
-                        "('photos/**/*.jpg') and http(s) URLs")
+                        "('photos/**/*.jpg'), http(s) URLs, @LIST (a file of inputs, one a "
+                        "line) and WebDataset shards ('shards/test-{000000..000009}.tar': each "
+                        "sample named SHARD.tar#KEY)")
     p.set_defaults(func=commands.caption)
 
 
@@ -277,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(sub)
     add_serve(sub)
     add_save(sub)
+    add_shards(sub)
     return parser
 
 

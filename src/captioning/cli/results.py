@@ -161,3 +161,41 @@ class ResultsFile:
     def close(self) -> None:
         self.file.close()
         self._lock.close()
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a results file as dicts (input, caption or error, model, and for JSON Lines the
+    rest of `--json`'s object), in file order; a last line without its newline (a process still
+    writing it, or one killed mid-write) is left out. A missing file: no rows."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    text = data[:data.rfind(b"\n") + 1].decode("utf-8")
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.reader(text.splitlines()))
+        if rows and rows[0] in (HEADER, OLD_HEADER):
+            rows = rows[1:]
+        return [{k: v for k, v in zip(HEADER, row) if v} for row in rows if row]
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    bad = next((i for i, row in enumerate(rows)
+                if not isinstance(row, dict) or "input" not in row), None)
+    if bad is not None:
+        raise ValueError(f"{path}: line {bad + 1}: not a result of caption --out; remove the line")
+    return rows
+
+
+def write_rows(path: str | Path, rows: list[dict]) -> None:
+    """A results file holding `rows` (read_rows' dicts), written whole or not at all."""
+    path = Path(path)
+
+    def write(f) -> None:
+        if path.suffix.lower() == ".csv":
+            writer = csv.writer(f)
+            writer.writerow(HEADER)
+            writer.writerows([row.get(key, "") or "" for key in HEADER] for row in rows)
+        else:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    write_atomic(path, write, "w")

@@ -110,6 +110,11 @@ def check_data(cfg: Config, *, workers: int | None = None, progress: bool = True
     images with a caption that exist and open: none means there is nothing to train on."""
     require_folder(out)
     d = cfg.data
+    report = _check_shards(cfg, progress) if d.format == "webdataset" else None
+    if report is not None:
+        if out is not None:
+            write_atomic(out, lambda f: json.dump(report, f, indent=1), "w")
+        return report
     images_dir, captions_file = Path(d.images).expanduser(), Path(d.captions).expanduser()
     found = read_captions(captions_file, d.format, split_seed=d.split_seed)
     missing = find_missing(images_dir, found.captions)
@@ -138,6 +143,33 @@ def check_data(cfg: Config, *, workers: int | None = None, progress: bool = True
     if out is not None:
         write_atomic(out, lambda f: json.dump(report, f, indent=1), "w")
     return report
+
+
+def _check_shards(cfg: Config, progress: bool) -> dict:
+    """check_data of data.format webdataset: every shard read, every image decoded, each shard's
+    count against its index; the report has check_data's keys (and `shard_problems`)."""
+    from .shards import find_shards, scan_shards
+
+    d = cfg.data
+    found = find_shards(d.shards)
+    scan = scan_shards(found, progress)
+    captions, sizes = scan["captions"], scan["sizes"]
+    unreadable = {n: why for n, why in sizes.items() if isinstance(why, str)}
+    vocabulary = vocabulary_stats(captions, scan["splits"].get("train", []), d.min_freq)
+    return {"format": "webdataset", "captions_file": d.shards, "images_dir": d.shards,
+            "rows": len(captions), "skipped_rows": [], "images": len(captions),
+            **caption_stats(captions, d.max_words),
+            "missing_images": [], "unreadable_images": sorted(unreadable),
+            "unreadable_reasons": unreadable,
+            "small_images": sorted(n for n, size in sizes.items()
+                                   if not isinstance(size, str) and min(size) < d.image_size),
+            "image_size": d.image_size,
+            "empty_captions": sorted(n for n, caps in captions.items() if not caps),
+            "vocabulary": vocabulary, "unk_share": vocabulary["unk_share"],
+            "splits": {s: len(names) for s, names in scan["splits"].items()},
+            "splits_from": "shards", "shard_problems": scan["problems"],
+            "usable_images": sum(1 for n, caps in captions.items()
+                                 if caps and n not in unreadable)}
 
 
 def _names(names: list[str]) -> str:
@@ -172,8 +204,11 @@ def format_report(report: dict) -> str:
                            f"(data.min_freq) in train; "
                            f"{100 * vocab['unk_share']:.1f}% of train words become <unk>"),
             ("splits", ", ".join(f"{s} {n}" for s, n in report["splits"].items()) + " images "
-                       + ("(the file's own)" if report["splits_from"] == "file"
+                       + ("(the file's own)" if report["splits_from"] in ("file", "shards")
                           else f"(by {report['splits_from']})"))]
+    if "shard_problems" in report:
+        rows.append(("shard problems", f"{len(report['shard_problems'])} "
+                                       f"{_names(report['shard_problems'])}"))
     width = max(len(key) for key, _ in rows)
     lines = [f"{key:<{width}}  {value.rstrip()}" for key, value in rows]
     for name in report["unreadable_images"][:EXAMPLES]:

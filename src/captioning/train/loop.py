@@ -225,6 +225,8 @@ class TrainState:
     bad_epochs: int = 0             # evaluations since it last improved
     sums: dict = field(default_factory=dict)   # of epoch + 1 so far: the objective's other sums
     lr_drops: int = 0               # scheduler=plateau: evaluations not improving, each a gamma
+    readers: int = 0                # data.format webdataset: the readers epoch + 1 began with
+                                    # (its order depends on them; `batch` is its position)
 
     def advance(self, loss_sum: float, tokens: int, sums: dict | None = None) -> None:
         self.step, self.batch = self.step + 1, self.batch + 1
@@ -258,7 +260,8 @@ class TrainState:
                 "epoch_totals": [self.loss_sum, self.tokens], "history": self.history,
                 "best_val": math.nan if self.best is None else self.best,
                 "bad_epochs": self.bad_epochs,
-                "epoch_sums": dict(self.sums), "lr_drops": self.lr_drops}
+                "epoch_sums": dict(self.sums), "lr_drops": self.lr_drops,
+                "stream_readers": self.readers}
 
     def load_state_dict(self, d: dict) -> None:
         best = d.get("best_val")
@@ -268,6 +271,7 @@ class TrainState:
         self.history, self.bad_epochs = list(d.get("history", [])), d.get("bad_epochs", 0)
         self.best = None if best is None or not math.isfinite(best) else best
         self.sums, self.lr_drops = dict(d.get("epoch_sums", {})), d.get("lr_drops", 0)
+        self.readers = d.get("stream_readers", 0)
 
 
 def seed_everything(seed: int) -> None:

@@ -31,7 +31,8 @@ from ..config import (
 )
 from ..data.check import summary_line
 from ..data.corpus import load_splits, make_splits, read_corpus, save_splits
-from ..data.dataset import CaptionDataset, build_loader
+from ..data.dataset import CaptionDataset
+from ..data.stream import ShardSplit, any_loader, prepare_stream
 from ..data.vocab import Vocabulary
 from ..device import resolve_device, resolve_precision
 from ..env import write_env
@@ -88,11 +89,15 @@ class Run:
     log: TensorBoardLog | None = None   # train.log: tensorboard (rank 0)
 
     def loader(self, split: str, epoch: int = 0, skip_batches: int = 0):
-        t = self.cfg.train
-        return build_loader(self.datasets[split], batch_size=t.batch_size, shuffle=split == "train",
-                            num_workers=t.num_workers, seed=self.cfg.seed, epoch=epoch,
-                            pad_id=self.vocab.pad, skip_batches=skip_batches, rank=self.rank,
-                            world=self.world)
+        t, workers = self.cfg.train, self.cfg.train.num_workers
+        if split == "train" and isinstance(self.datasets[split], ShardSplit):
+            # a stream's order depends on its readers: an epoch under way goes on with its own
+            workers = self.state.readers if skip_batches and self.state.readers else workers
+            self.state.readers = max(1, workers)
+        return any_loader(self.datasets[split], batch_size=t.batch_size, shuffle=split == "train",
+                          num_workers=workers, seed=self.cfg.seed, epoch=epoch,
+                          pad_id=self.vocab.pad, skip_batches=skip_batches, rank=self.rank,
+                          world=self.world)
 
     def save_last(self) -> None:
         """last.pt: everything to go on from here."""
@@ -109,6 +114,8 @@ def prepare_data(cfg: Config, run_dir: Path, vocab: Vocabulary | None, rank: int
     """Corpus, train/val datasets and vocabulary of a run: made fresh, read back on resume (from the
     run directory), or from the checkpoint a run starts from (`vocab` and its `splits` given)."""
     resume = vocab is not None and splits is None if resume is None else resume
+    if cfg.data.format == "webdataset":
+        return prepare_stream(cfg, run_dir, vocab, rank, resume)
     with distributed.rank_zero_first(rank):    # rank 0 may generate Shapes; the others then read it
         corpus = read_corpus(cfg)
     log.info("%s", summary_line(corpus, cfg))
@@ -183,8 +190,8 @@ def _start(cfg: Config, run_dir: Path, ckpt: dict | None, progress: bool) -> Run
     if cfg.train.cache_features:
         datasets = _cached(cfg, corpus, datasets, model, device, precision, rank, progress)
     optimizer = build_optimizer(cfg, model)
-    steps_per_epoch = len(build_loader(datasets["train"], batch_size=cfg.train.batch_size,
-                                       shuffle=True, num_workers=0, rank=rank, world=world))
+    steps_per_epoch = len(any_loader(datasets["train"], batch_size=cfg.train.batch_size,
+                                     shuffle=True, num_workers=0, rank=rank, world=world))
     state = TrainState()
     run = Run(cfg=cfg, run_dir=run_dir, device=device, precision=precision, vocab=vocab,
               datasets=datasets, model=model, net=distributed.wrap(model, device, local_rank),
@@ -324,7 +331,7 @@ def _resume(run_dir: str | Path, overrides: list[str], progress: bool) -> Path:
 RESUME_KEYS = ("run_dir", "train.epochs", "train.patience", "train.save_every", "train.num_workers",
                "train.device", "train.precision", "train.eval_every", "train.eval_images",
                "train.grad_clip", "train.log", "data.images", "data.captions",
-               "data.features_dir")
+               "data.features_dir", "data.shards")
 
 
 def _check_resume_overrides(overrides: list[str], run_dir: Path) -> None:
