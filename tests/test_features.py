@@ -224,9 +224,9 @@ def test_onnx_runtime_extracts_the_features_pytorch_does(shapes_dir, tmp_path):
 
 
 def slowed(monkeypatch, engine: str, seconds: float = 0.05) -> list:
-    """Make one engine of features._Extractor `seconds` slower an image; returns the batch sizes each call got."""
+    """Make one engine of features.Extractor `seconds` slower an image; returns the batch sizes each call got."""
     from captioning.train import features
-    owner, name = (features._Extractor, "_torch") if engine == "torch" else (features._OrtEncoder, "__call__")
+    owner, name = (features.Extractor, "_torch") if engine == "torch" else (features._OrtEncoder, "__call__")
     original, calls = getattr(owner, name), []
 
     def run(self, images):

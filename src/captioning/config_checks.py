@@ -110,9 +110,6 @@ def validate_shards(cfg, need, check_paths: bool) -> None:
         need(Path(d.shards).expanduser().exists(), "data.shards",
              f"{d.shards!r} does not exist (write it with `python -m captioning shards`)")
     why = "is not available with data.format webdataset"
-    need(not t.cache_features, "train.cache_features",
-         f"{why}: the cache is keyed by image file, and a stream reads each image once an epoch "
-         "(set it to false)")
     need(t.monitor == "val_loss", "train.monitor",
          f"{why} ({t.monitor!r} captions the val split by index): use val_loss")
     need(t.objective == "xe", "train.objective",

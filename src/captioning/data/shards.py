@@ -49,13 +49,13 @@ class ShardError(ValueError):
     """A shard that cannot be read: a missing file, a broken tar, a sample without its parts."""
 
 
-def _is_url(text: str) -> bool:
+def is_url(text: str) -> bool:
     return text.startswith(("http://", "https://"))
 
 
 def _open_stream(url_or_path: str):
     """A readable binary stream of the shard's bytes, and a closer."""
-    if _is_url(url_or_path):
+    if is_url(url_or_path):
         try:
             response = requests.get(url_or_path, stream=True, timeout=URL_TIMEOUT_S)
             response.raise_for_status()
@@ -162,9 +162,9 @@ def _parent(url_or_path: str) -> str:
     return url_or_path.rsplit("/", 1)[0] if "/" in url_or_path else "."
 
 
-def _read_text(url_or_path: str) -> str | None:
+def read_text(url_or_path: str) -> str | None:
     """A small file's text, local or http(s); None when it is not there."""
-    if _is_url(url_or_path):
+    if is_url(url_or_path):
         try:
             response = requests.get(url_or_path, timeout=URL_TIMEOUT_S)
         except requests.RequestException as e:
@@ -175,7 +175,7 @@ def _read_text(url_or_path: str) -> str | None:
 
 
 def _read_index(location: str) -> dict | None:
-    text = _read_text(location)
+    text = read_text(location)
     if text is None:
         return None
     try:
@@ -256,7 +256,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(path: Path, samples: list[tuple[str, bytes, str, dict]]) -> None:
+def write_shard(path: Path, samples: list[tuple[str, bytes, str, dict]]) -> None:
+    """A shard of (key, bytes, extension, meta) samples, whole or not at all."""
     def write(f) -> None:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, data, ext, meta in samples:
@@ -304,7 +305,7 @@ def _write_split(corpus, split: str, names: list[str], out: Path, shard_size: in
 
     def flush() -> None:
         name = f"{split}-{len(written):06d}.tar"
-        _write_shard(out / name, batch)
+        write_shard(out / name, batch)
         written[name] = len(batch)
         batch.clear()
 

@@ -15,20 +15,26 @@ How an epoch is read, so that it is the same every time it is read (a resumed ru
   process with the fewest samples could in any epoch, and leaves the rest of its own;
 - a run resumed mid-epoch (last.pt's `batch`) reads the epoch again with the readers it began
   with, skips, without decoding them, the images the batches it took held, and goes on.
+
+Feature shards (train.cache_features, train/feature_shards.py) hold the frozen encoder's features
+of the same samples, shard for shard and in the same order: a ShardSplit of them (`features`) reads
+as the image one does, FeatureItems instead of Items, the same samples in the same batches.
 """
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config, ConfigError
 from .corpus import save_splits
-from .dataset import Batch, Item, build_transform, collate
+from .dataset import Batch, FeatureItem, Item, build_transform, collate
 from .images import open_image
 from .shards import find_shards, iter_samples
 from .vocab import Vocabulary
@@ -44,6 +50,8 @@ class ShardSplit:
     image_size: int
     max_words: int
     shuffle_buffer: int = 1000
+    index: str | None = None       # the index.json the shards were found by, if any
+    features: bool = False         # feature shards: each sample's .npy, fp16 (L, C)
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -66,7 +74,8 @@ def prepare_stream(cfg: Config, run_dir: Path, vocab: Vocabulary | None, rank: i
                     run_dir / "splits.json")
     d = cfg.data
     datasets = {s: ShardSplit(s, found.shards[s], found.counts[s], vocab, d.image_size,
-                              d.max_words, d.shuffle_buffer) for s in ("train", "val")}
+                              d.max_words, d.shuffle_buffer, index=found.index)
+                for s in ("train", "val")}
     return None, datasets, vocab
 
 
@@ -149,7 +158,10 @@ class ShardStream(IterableDataset):
             name = meta.get("name", "")
             captions = [torch.tensor(vocab.encode(c, self.split.max_words))
                         for c in meta.get("captions", [])]
-            yield Item(transform(open_image(data)), captions, name)
+            if self.split.features:
+                yield FeatureItem(torch.from_numpy(np.load(io.BytesIO(data))), captions, name)
+            else:
+                yield Item(transform(open_image(data)), captions, name)
 
 
 def shuffled(samples, buffer_size: int, rng: random.Random):

@@ -8,8 +8,10 @@ ground truth.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -21,6 +23,7 @@ from ..data.corpus import load_splits, read_corpus, skipped_message
 from ..data.readers import read_captions
 from ..data.readers.table import csv_rows, jsonl_rows
 from ..data.shapes import GROUND_TRUTH, accuracy, load_ground_truth, pointing_game
+from ..data.shards import find_shards, iter_samples
 from ..env import collect_env
 from ..files import write_atomic
 from ..model.checkpoint import checkpoint_path
@@ -53,16 +56,26 @@ def predict(captioner: Captioner, images_dir: Path, names: list[str], batch_size
             progress: bool = True, **options) -> dict[str, CaptionResult]:
     """Caption every named image (options: Captioner.caption's); a file that cannot be read is
     reported and left out."""
-    results = {}
-    for start in tqdm(range(0, len(names), batch_size), desc="captioning", disable=not progress,
-                      leave=False):
-        chunk = names[start:start + batch_size]
-        for name, result in zip(chunk, captioner.caption([images_dir / n for n in chunk],
-                                                         batch_size=batch_size, **options)):
+    return predict_inputs(captioner, [(n, images_dir / n) for n in names], len(names),
+                          batch_size=batch_size, progress=progress, **options)
+
+
+def predict_inputs(captioner: Captioner, inputs: Iterable[tuple[str, object]], total: int | None,
+                   batch_size: int = 32, progress: bool = True,
+                   **options) -> dict[str, CaptionResult]:
+    """predict's results of (name, path or image bytes) pairs, read as they are captioned."""
+    results, inputs = {}, iter(inputs)
+    bar = tqdm(total=total, desc="captioning", disable=not progress, leave=False)
+    while chunk := list(itertools.islice(inputs, batch_size)):
+        found = captioner.caption([image for _, image in chunk], batch_size=batch_size, **options)
+        for (name, _), result in zip(chunk, found):
             if result.ok:
                 results[name] = result
             else:
-                log.warning("%s", result.error)
+                log.warning("%s", result.error if name in result.error
+                            else f"{name}: {result.error}")
+        bar.update(len(chunk))
+    bar.close()
     return results
 
 
@@ -78,34 +91,30 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam_size: int = 1,
     captions) `shapes_accuracy` and the pointing game of colour and shape words' attention maps.
     Without Java (java=False, or none installed) METEOR is None and `notes` says why.
     The data paths come from the checkpoint's config; `overrides` (data keys only, e.g.
-    ["data.images=/new/place"]) point it at data that moved. `precision` defaults to the run's
-    train.precision, the one its validation scores used. `options`: Captioner.caption's decoding
-    options; `engine`: Captioner.from_checkpoint's. `env` is this evaluation's environment
-    (env.py), `train_env` the run's env.json if any.
+    ["data.images=/new/place"]) point it at data that moved. A run of data.format webdataset is
+    scored on its split's shards (images and references from the samples). `precision` defaults
+    to the run's train.precision, the one its validation scores used. `options`:
+    Captioner.caption's decoding options; `engine`: Captioner.from_checkpoint's. `env` is this
+    evaluation's environment (env.py), `train_env` the run's env.json if any.
     """
     require_folder(out)
     checkpoint = checkpoint_path(checkpoint)
     captioner = Captioner.from_checkpoint(checkpoint, device=device, precision=precision,
                                           engine=engine)
     cfg = captioner.cfg = data_overrides(captioner.cfg, overrides, checkpoint)
-    corpus = _read_data(cfg, checkpoint)
-    names = [n for n in split_names(checkpoint, cfg.run_dir, split) if n in corpus.captions]
-    if not names:
-        raise ValueError(f"the {split} split of {checkpoint} holds no image found in "
-                         f"{cfg.data.images}")
+    inputs, total, known, training, where = (_shard_split if cfg.data.format == "webdataset"
+                                             else _folder_split)(cfg, checkpoint, split)
     truth_dir = Path(cfg.data.captions).expanduser().parent
     shapes = (truth_dir / GROUND_TRUTH).is_file()
-    results = predict(captioner, corpus.images_dir, names, progress=progress, beam_size=beam_size,
-                      **({"attention": True} if shapes else {}) | options)
+    results = predict_inputs(captioner, inputs, total, progress=progress, beam_size=beam_size,
+                             **({"attention": True} if shapes else {}) | options)
     if not results:
-        raise ValueError(f"no image of the {split} split could be read from {corpus.images_dir}")
+        raise ValueError(f"no image of the {split} split could be read from {where}")
     predictions = {n: r.caption for n, r in results.items()}
-    references = {n: corpus.captions[n] for n in predictions}
+    references = {n: known[n] for n in predictions}
     scores, notes = score_captions(predictions, references, METRICS, java=java)
-    training = [c for n in split_names(checkpoint, cfg.run_dir, "train")
-                for c in corpus.captions.get(n, [])]
     metrics = {"images": len(predictions), **scores,
-               **diversity(list(predictions.values()), training,
+               **diversity(list(predictions.values()), training(),
                            [[c["caption"] for c in r.captions] for r in results.values()])}
     if shapes:
         metrics.update(shapes_metrics(results, load_ground_truth(truth_dir)))
@@ -117,6 +126,53 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam_size: int = 1,
     if out is not None:
         write_atomic(out, lambda f: json.dump(report, f, indent=1), "w")
     return report
+
+
+def _folder_split(cfg: Config, checkpoint: Path, split: str):
+    """(the split's (name, image path) pairs, their count, {name: captions}, a function giving the
+    training captions, where the images are) of a data set in a folder."""
+    corpus = _read_data(cfg, checkpoint)
+    names = [n for n in split_names(checkpoint, cfg.run_dir, split) if n in corpus.captions]
+    if not names:
+        raise ValueError(f"the {split} split of {checkpoint} holds no image found in "
+                         f"{cfg.data.images}")
+
+    def training() -> list[str]:
+        return [c for n in split_names(checkpoint, cfg.run_dir, "train")
+                for c in corpus.captions.get(n, [])]
+    return ([(n, corpus.images_dir / n) for n in names], len(names), corpus.captions, training,
+            corpus.images_dir)
+
+
+def _shard_split(cfg: Config, checkpoint: Path, split: str):
+    """_folder_split's of data.format webdataset: the split's shards, streamed (the image bytes
+    and captions of the samples splits.json names, all of them when it names none); the dict of
+    captions fills as the samples are read, and the training captions are one pass over the
+    training shards' samples."""
+    try:
+        found = find_shards(cfg.data.shards)
+    except ConfigError as e:
+        raise ConfigError(f"{e}. The data paths come from {checkpoint}'s config: if the shards "
+                          "moved, say where they are now with --set data.shards=...") from None
+    if not found.shards.get(split):
+        raise ValueError(f"{cfg.data.shards} has no {split} shard (expected {split}-NNNNNN.tar): "
+                         "write the shards with a test split (data.test_fraction > 0), or "
+                         "evaluate --split val")
+    wanted, known = set(split_names(checkpoint, cfg.run_dir, split)), {}
+
+    def inputs():
+        for url in found.shards[split]:
+            for key, data, _, meta in iter_samples(url):
+                name = meta.get("name") or key
+                if not wanted or name in wanted:
+                    known[name] = [c for c in meta.get("captions", []) if c.strip()]
+                    yield name, data
+
+    def training() -> list[str]:
+        return [c for url in found.shards["train"] for *_, meta in iter_samples(url)
+                for c in meta.get("captions", [])]
+    return (inputs(), len(wanted) or sum(found.counts[split]), known, training,
+            f"the shards of {cfg.data.shards}")
 
 
 def shapes_metrics(results: dict[str, CaptionResult], truth: dict[str, list[dict]]) -> dict:

@@ -37,14 +37,25 @@ FEATURES_FILE, META_FILE, PROGRESS_FILE = "features.f16", "meta.json", "progress
 
 def key_parts(cfg: Config, names: list[str], images_dir: str | Path | None = None) -> dict:
     """What the features depend on, as plain values (stored in meta.json; hashed by `cache_key`)."""
-    m = cfg.model
     images_dir = Path(images_dir if images_dir is not None
                       else cfg.data.images).expanduser().resolve()
-    weights = torchvision.models.get_model_weights(m.backbone).DEFAULT if m.pretrained else None
     files = hashlib.sha256()
     for name in names:
         st = os.stat(images_dir / name)
         files.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return {
+        **encoder_parts(cfg),
+        "images_dir": str(images_dir),
+        "images": len(names),
+        "files_sha256": files.hexdigest(),   # names in order, each with its size and mtime_ns
+    }
+
+
+def encoder_parts(cfg: Config) -> dict:
+    """What turns an image into its features: the encoder's identity and the preprocessing (the
+    part of a key that the folder cache and feature shards share)."""
+    m = cfg.model
+    weights = torchvision.models.get_model_weights(m.backbone).DEFAULT if m.pretrained else None
     return {
         "format": FORMAT_VERSION,
         "backbone": m.backbone,
@@ -56,9 +67,6 @@ def key_parts(cfg: Config, names: list[str], images_dir: str | Path | None = Non
         "seed": None if m.pretrained else cfg.seed,
         "image_size": cfg.data.image_size,
         "transform": repr(build_transform(cfg.data.image_size)),
-        "images_dir": str(images_dir),
-        "images": len(names),
-        "files_sha256": files.hexdigest(),   # names in order, each with its size and mtime_ns
     }
 
 

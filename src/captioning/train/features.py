@@ -94,7 +94,7 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
     A partial cache (a killed process) goes on from its recorded count. `encoder` defaults to
     `build_encoder(cfg)`; one given must have the weights cfg describes and is not changed;
     `device` defaults to where it lives. The loader has its own generator: the global RNG draws
-    alike, cache built or not. `engine` (see _Extractor): "auto" runs the faster of PyTorch and
+    alike, cache built or not. `engine` (see Extractor): "auto" runs the faster of PyTorch and
     ONNX Runtime, timed on the first batch; else the one named. meta.json says which ran, and why.
     """
     if engine not in ENGINES:
@@ -124,7 +124,7 @@ def extract_features(cfg: Config, names: list[str], images_dir: str | Path, root
     if cache is not None and cache.complete:
         return cache
     done = cache.done if cache is not None else 0
-    extractor = _Extractor(encoder, device, resolve_precision(precision, device),
+    extractor = Extractor(encoder, device, resolve_precision(precision, device),
                            _resumed(engine, cache, device), len(names) - done,
                            cfg.data.image_size, folder.parent)
     if built:
@@ -184,7 +184,7 @@ def _extraction_net(encoder: nn.Module, device: torch.device,
     return net.to(device, image_dtype, memory_format=torch.channels_last), image_dtype, "fp32"
 
 
-class _Extractor:
+class Extractor:
     """Images (B, 3, S, S) -> features (B, L, C), fp32 numpy, on the engine `choice` names.
 
     "torch": the folded encoder at `precision` (_extraction_net). "onnxruntime": the folded encoder

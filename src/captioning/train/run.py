@@ -46,6 +46,7 @@ from ..model.checkpoint import (
 )
 from . import distributed
 from .feature_cache import FeatureDataset
+from .feature_shards import feature_streams
 from .features import extract_features
 from .init_from import build_run_model, read_init
 from .loop import (
@@ -150,8 +151,12 @@ def _check_split_images(splits: dict, corpus, cfg: Config) -> None:
 def _cached(cfg: Config, corpus, datasets: dict, model: CaptionModel, device, precision, rank: int,
             progress: bool):
     """The datasets read from the frozen encoder's feature cache, built first when missing (rank 0
-    extracts while the other processes wait, then they find the cache complete)."""
+    extracts while the other processes wait, then they find the cache complete); a stream's from
+    feature shards (feature_shards.py)."""
     with distributed.rank_zero_first(rank):
+        if isinstance(datasets["train"], ShardSplit):
+            return feature_streams(cfg, datasets, model.encoder, device=device,
+                                   precision=precision, progress=progress and rank == 0)
         cache = extract_features(cfg, sorted(corpus.captions), corpus.images_dir,
                                  cfg.data.features_dir, encoder=model.encoder, device=device,
                                  precision=precision, progress=progress and rank == 0)
