@@ -96,9 +96,11 @@ def serve(args) -> int:
         raise EnvironmentProblem(f"serve needs {', '.join(missing)}: pip install -e \".[serve]\"")
     settings = settings_from(args)
     from ..data.images import ImageLimits
+    from ..serve.heap import tune_malloc
     from ..serve.load import describe_model, load
     from ..serve.server import run
 
+    tune_malloc()                   # before the model loads, so that its buffers follow it too
     limits = ImageLimits(max_bytes=settings.max_upload_bytes,
                          allow_private_urls=settings.allow_private_urls)
     captioner = load(checkpoint=args.checkpoint, model=args.model, limits=limits,

@@ -1,52 +1,35 @@
-"""The server's heap on glibc: few malloc arenas, and freed memory handed back to the system.
+"""The server's heap on glibc: few malloc arenas, and large buffers handed back when freed.
 
-A server runs for weeks: its RSS should stay where its first requests left it. glibc keeps what a
-thread freed in that thread's arena for later, and the threads that read uploads each have one;
-`few_malloc_arenas` caps them, `HeapTrimmer` returns the free pages at the top and inside each
-arena (malloc_trim) once in a while, between batches. Elsewhere (macOS, musl) both do nothing.
+A server runs for weeks: its RSS should stay where its first requests left it. Two glibc habits
+made it grow with the requests (benchmarks/serve.py, reference size, RSS after the 2000th request
+over after the 200th):
+
+- each thread that allocates gets its own arena (up to 8 a core), which keeps what it freed: the
+  threads that read uploads made RSS grow 13-19%; capped at 2 arenas, 4-9%;
+- a freed mmap'd block raises the mmap threshold to its size (up to 32 MiB), so later decoded
+  images and batch buffers of that size come from the heap and leave holes there; a fixed threshold
+  keeps every block over 256 KiB in mmap, returned to the system on free. Both set: 1.036 in two
+  runs (1.004 in one with the threshold set from the process's start, MALLOC_MMAP_THRESHOLD_).
+
+Elsewhere (macOS, musl) nothing is set.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import time
 
-M_ARENA_MAX = -8      # glibc's mallopt parameter (malloc.h)
+M_MMAP_THRESHOLD = -3   # glibc's mallopt parameters (malloc.h)
+M_ARENA_MAX = -8
+MMAP_THRESHOLD = 256 * 1024
 
 
-def _libc():
+def tune_malloc(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -> bool:
+    """At most `arenas` malloc arenas, and blocks over `mmap_threshold` bytes always mmap'd (which
+    also stops glibc from moving the threshold). True where set."""
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-
-
-def few_malloc_arenas(arenas: int = 2) -> bool:
-    """glibc gives each thread that allocates its own malloc arena (up to 8 a core), and an arena
-    keeps what it freed: the threads that read uploads made the server's RSS grow by 13-19% from
-    its 200th request to its 2000th (benchmarks/serve.py, reference size; 6% with 2 arenas). True
-    where set."""
-    libc = _libc()
-    try:
-        return libc is not None and libc.mallopt(M_ARENA_MAX, arenas) == 1
-    except AttributeError:                 # not glibc: nothing to set
+        libc = ctypes.CDLL(name) if name else None
+        return libc is not None and libc.mallopt(M_ARENA_MAX, arenas) == 1 \
+            and libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
+    except (OSError, AttributeError):      # not glibc: nothing to set
         return False
-
-
-class HeapTrimmer:
-    """`maybe_trim()` after a batch: malloc_trim(0) when `every_s` passed since the last one (it
-    walks the arenas' free lists: a few milliseconds, against a batch's hundreds)."""
-
-    def __init__(self, every_s: float = 2.0):
-        libc = _libc()
-        self._trim = getattr(libc, "malloc_trim", None)
-        self.every_s, self._last, self.trims = every_s, time.monotonic(), 0
-
-    def maybe_trim(self) -> bool:
-        now = time.monotonic()
-        if self._trim is None or now - self._last < self.every_s:
-            return False
-        self._trim(0)
-        self._last, self.trims = time.monotonic(), self.trims + 1
-        return True

@@ -9,7 +9,6 @@ import uvicorn
 
 from ..captioner import Captioner
 from .app import build_app
-from .heap import few_malloc_arenas
 from .settings import ServeSettings
 
 
@@ -26,7 +25,6 @@ def server(captioner: Captioner, settings: ServeSettings, info: dict | None = No
 def run(captioner: Captioner, settings: ServeSettings, info: dict | None = None, *,
         log_level: str = "info") -> int:
     """Serve until SIGTERM or Ctrl-C; 0 once every request in flight was answered."""
-    few_malloc_arenas()
     srv = server(captioner, settings, info, log_level=log_level)
     if threading.current_thread() is threading.main_thread():
         # uvicorn raises the signal that stopped it again once it has stopped, so that the default

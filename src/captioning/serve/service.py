@@ -14,7 +14,6 @@ from starlette.concurrency import run_in_threadpool
 from ..captioner import Captioner, CaptionResult
 from ..data.images import ImageLoadError, describe
 from .batcher import Batcher, QueueFull
-from .heap import HeapTrimmer
 from .inputs import Upload
 from .metrics import Metrics
 from .options import Options, RequestError, parse_options
@@ -32,15 +31,12 @@ class Service:
                                max_queue=settings.max_queue, on_batch=metrics.batch,
                                warmup=self._warm_up)
         metrics.queue_depth.set_function(lambda: self.batcher.depth)
-        self.heap = HeapTrimmer()
 
     def _caption_batch(self, images: list, keywords: dict) -> list[CaptionResult]:
         """The worker's call: the images are opened already, so the Captioner's own opening is a
         copy (one thread is enough)."""
-        results = list(self.captioner.caption_iter(images, batch_size=len(images), workers=1,
-                                                   **keywords))
-        self.heap.maybe_trim()              # the batch's buffers and the uploads' copies, freed
-        return results
+        return list(self.captioner.caption_iter(images, batch_size=len(images), workers=1,
+                                                **keywords))
 
     def _warm_up(self) -> None:
         """One image, then a full batch: the engine's buffers grow to the largest batch now, before
