@@ -31,8 +31,15 @@ Measured, each with the process's RSS (VmRSS) and peak RSS (getrusage) after it:
 Last line: scale: rows=N read_s=... corpus_rss_mb=... loader_img_s=... cache_read_img_s=...
 projected_epoch_min=... score_s=...   (loader_img_s with 2 workers; cache_read_img_s warm)
 
+--shards, instead of stages 2-6 (scale_shards.py): training from WebDataset shards against training
+from the folder, images/s over --shards-steps steps of 32 images, in turns, with the same 2 loader
+workers and model. Last line: scale_shards: images=N steps=... folder_img_s=... shards_img_s=...
+shards_vs_folder=... (goal >= 0.9).
+
     python benchmarks/scale.py [--data data/scale] [--images 31783] [--loader-images 3000]
         [--cache-images 2000] [--train-steps 4] [--delete-cache] [--json PATH]
+    python benchmarks/scale.py --shards [--shard-size 1000] [--shards-steps 30] [--rounds 3]
+        [--shards-image-size 224] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 import common
+import scale_shards
 from captioning.config import from_dict
 from captioning.data.check import check_data
 from captioning.data.corpus import Corpus, make_splits
@@ -329,6 +337,12 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=4)
     parser.add_argument("--score-images", type=int, default=1000)
     parser.add_argument("--delete-cache", action="store_true", help="remove the 6.4 GB feature file at the end")
+    parser.add_argument("--shards", action="store_true", help="training from shards against from the folder only")
+    parser.add_argument("--shard-size", type=int, default=1000, help="--shards: images a shard")
+    parser.add_argument("--shards-steps", type=int, default=30, help="--shards: training steps a round")
+    parser.add_argument("--rounds", type=int, default=3, help="--shards: rounds of each, in turns")
+    parser.add_argument("--shards-image-size", type=int, default=224, help="--shards: data.image_size (px)")
+    parser.add_argument("--device", default="cpu", help="--shards: where the model trains (cpu, cuda)")
     args = parser.parse_args()
     folder = Path(args.data).expanduser().resolve()
     build_s, how = build_standin(folder, args.images)
@@ -343,6 +357,10 @@ def main() -> None:
     env = common.machine(device, precision)
     print(f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     found, corpus, splits, vocab, read_s, corpus_mb = stage_read(cfg, args.images)
+    if args.shards:
+        figures = scale_shards.stage_shards(cfg, folder, corpus, splits, vocab, args, report)
+        common.finish("scale_shards", figures, env, args.json)
+        return
     stage_check(cfg)
     vocab = reference_vocab(vocab)
     train = CaptionDataset(corpus, splits["train"], vocab, cfg.data.image_size, cfg.data.max_words)

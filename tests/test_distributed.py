@@ -1,7 +1,12 @@
 """torchrun: two CPU processes (gloo) train what one process trains at the same global batch."""
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +27,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, read from /proc (before anything is killed: orphans move to init)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parents.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(parents.get(found[-1], []))
+    return found
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """`process` and every process under it, at once (SIGKILL): torchrun starts its workers in sessions of
+    their own, so killing torchrun alone, or its process group, would leave them running. A process that has
+    ended is left alone (its id may be another's by now; torchrun ends only once its workers have)."""
+    if process.poll() is not None:
+        return
+    for pid in process_tree(process.pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def torchrun(*args, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run ARGS`, its output captured (in files: a full pipe could block it);
+    whatever happens (a hang past `timeout` raises TimeoutExpired), no process of it outlives the call."""
+    command = [sys.executable, "-m", "torch.distributed.run", *map(str, args)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout)
+        finally:
+            kill_tree(process)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, code, out.read(), err.read())
+
+
 def test_two_processes_train_what_one_process_trains(shapes_dir, tmp_path):
     # a frozen backbone (BatchNorm statistics are per process) and no dropout (each process has its RNG);
     # 8 images a step, split 4 + 4
@@ -29,11 +76,10 @@ def test_two_processes_train_what_one_process_trains(shapes_dir, tmp_path):
     for name in ("one", "two"):
         save_config(tiny_config(shapes_dir, tmp_path / name, *settings), tmp_path / f"{name}.yaml")
     one = subprocess.run([sys.executable, "-m", "captioning", "train", "--config", tmp_path / "one.yaml"],
-                         capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", "-m", "captioning", "train", "--config",
-                          tmp_path / "two.yaml"], capture_output=True, text=True, timeout=600)
+    two = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "captioning", "train", "--config",
+                   tmp_path / "two.yaml")
     assert two.returncode == 0, two.stderr[-3000:]
 
     a, b = read_checkpoint(tmp_path / "one" / "last.pt"), read_checkpoint(tmp_path / "two" / "last.pt")
@@ -63,9 +109,8 @@ def test_two_processes_train_scst(shapes_dir, tiny_run, tmp_path):
     settings = ("train.objective=scst", "train.monitor=cider", f"train.init_from={tiny_run / 'best.pt'}",
                 "scst.samples=3", "scst.max_words=8", "train.batch_size=8", "train.epochs=1")
     save_config(tiny_config(shapes_dir, tmp_path / "scst", *settings), tmp_path / "scst.yaml")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", "-m", "captioning", "train", "--config",
-                          tmp_path / "scst.yaml"], capture_output=True, text=True, timeout=600)
+    two = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "captioning", "train", "--config",
+                   tmp_path / "scst.yaml")
     assert two.returncode == 0, two.stderr[-3000:]
     ckpt = read_checkpoint(tmp_path / "scst" / "last.pt")
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
@@ -81,9 +126,8 @@ def test_a_held_run_directory_stops_every_process_before_training(shapes_dir, tm
     (tmp_path / "run").mkdir()
     holder = held(tmp_path / "run", "run directory")
     try:
-        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                              f"--master_port={free_port()}", "-m", "captioning", "train", "--config",
-                              tmp_path / "c.yaml"], capture_output=True, text=True, timeout=300)
+        two = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "captioning", "train",
+                       "--config", tmp_path / "c.yaml", timeout=300)
     finally:
         holder.kill()
         holder.wait()

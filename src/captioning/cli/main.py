@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from ..config import ConfigError, EnvironmentProblem
@@ -291,13 +292,44 @@ def main(argv=None) -> int:
         print(str(e) if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
         return INTERRUPTED
     except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_whose(e)}", file=sys.stderr)
         return 2
     except (EnvironmentProblem, FloatingPointError) as e:   # FloatingPointError: a NaN loss
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_whose(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 -- the user gets one line; --debug gives the traceback
-        print(f"error: {e or type(e).__name__} ({type(e).__name__}; --debug shows the traceback)",
+        print(f"error: {_whose(e)} ({type(e).__name__}; --debug shows the traceback)",
               file=sys.stderr)
         return 1
 
+
+def _whose(error: BaseException) -> str:
+    """The error's line; under torchrun with several processes led by the rank that met it, as
+    `caption` across processes words it (`rank 1 of 2: ...`), so the job's output says which
+    process stopped. A collective that lost its peer says so: that rank only saw another go."""
+    message = str(error) or type(error).__name__
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
+        return message
+    from .spread import Rank
+
+    try:
+        rank = Rank.from_env()
+    except ValueError:              # RANK or WORLD_SIZE not torchrun's: no rank to name
+        return message
+    if re.match(rf"rank \d+ of {rank.world}\b", message):    # caption named the rank already
+        return message
+    if _lost_peer(error):
+        message = ("another process of the job stopped answering (it failed, hung or its node "
+                   "died: its own error line, or torchrun's summary on its node, names it; rerun "
+                   f"the job with --resume auto to continue from last.pt): {message}")
+    return f"{rank}: {message}"
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """A collective (gloo, NCCL) or the process group's store failing on a peer that went away."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    # gloo raises a plain RuntimeError naming its transport ("gloo/transport/tcp/pair.cc: Read
+    # error ...: Connection reset by peer")
+    return isinstance(error, RuntimeError) and "gloo/transport" in str(error)

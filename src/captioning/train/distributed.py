@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..config import ConfigError
 from ..files import Locked, hold, remove_temporary
+
+TIMEOUT_ENV = "CAPTIONING_DIST_TIMEOUT_S"
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -23,9 +27,29 @@ def init_distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         # gloo reduces the CPU tensors (loss sums), NCCL the CUDA ones (DDP's gradients)
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=collective_timeout())
     return ((dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))) if world > 1
             else (0, 1, 0))
+
+
+def collective_timeout() -> timedelta | None:
+    """How long a collective waits for a process that says nothing: $CAPTIONING_DIST_TIMEOUT_S, else
+    torch's default (30 min gloo, 10 min NCCL). A process that dies (kill -9, a crash) closes its
+    connections and its peers fail at once; this bounds the wait for a node lost without a word
+    (power, network). It must exceed the longest work one rank does while the others wait at a
+    barrier: rank 0 builds the feature cache and scores validation CIDEr alone."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: expected seconds > 0 (how long a collective "
+                          "waits for a silent process), or unset for torch's default")
+    return timedelta(seconds=seconds)
 
 
 def world_size() -> int:
