@@ -145,6 +145,9 @@ def test_a_bad_distributed_timeout_is_named(monkeypatch):
     monkeypatch.setenv(TIMEOUT_ENV, "soon")
     with pytest.raises(ConfigError, match=TIMEOUT_ENV):
         collective_timeout()
+    monkeypatch.setenv(TIMEOUT_ENV, "inf")              # timedelta would overflow: refused as a bad value
+    with pytest.raises(ConfigError, match=TIMEOUT_ENV):
+        collective_timeout()
     monkeypatch.setenv(TIMEOUT_ENV, "90")
     assert collective_timeout().total_seconds() == 90
     monkeypatch.delenv(TIMEOUT_ENV)

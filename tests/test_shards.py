@@ -16,7 +16,7 @@ from captioning.cli.main import main
 from captioning.config import ConfigError, EnvironmentProblem, load_config
 from captioning.data.corpus import make_splits, read_corpus
 from captioning.data.shards import SHARD_NAME, find_shards, iter_samples, write_shards
-from captioning.data.stream import build_stream_loader, prepare_stream, taken_per_reader
+from captioning.data.stream import build_stream_loader, prepare_stream, resume_point, taken_per_reader
 from captioning.data.vocab import Vocabulary
 from captioning.model.checkpoint import read_checkpoint
 from captioning.train.run import fit
@@ -120,6 +120,31 @@ def test_round_robin_over_readers():
     assert taken_per_reader([3, 1, 2], 5) == [2, 1, 2]
     assert taken_per_reader([3, 1, 2], 6) == [3, 1, 2]
     assert taken_per_reader([0, 5], 3) == [0, 3]
+    assert resume_point([3, 1, 2], 4) == ([2, 1, 1], 2)     # 0 1 2 | 0 .: reader 2's turn
+    assert resume_point([3, 1, 2], 6) == ([3, 1, 2], 0)
+
+
+def test_steps_of_several_processes_refuse_none_and_say_what_is_left_out(caplog):
+    from captioning.data.stream import ShardSplit, steps_per_epoch
+
+    def split(counts):
+        return ShardSplit("train", [f"train-{i:06d}.tar" for i in range(len(counts))], counts, None, 32, 8)
+
+    assert steps_per_epoch(split([8, 8, 8, 8]), batch_size=4, world=2) == 8 and not caplog.records
+    assert steps_per_epoch(split([8, 8, 8]), batch_size=4, world=2) == 4      # each: its smallest shard
+    assert "8 of the 24 train images are left out of every epoch" in caplog.text
+    with pytest.raises(ConfigError, match=r"'data.shards'.*fewer than one batch of 2.*--shard-size"):
+        steps_per_epoch(split([8, 8, 1]), batch_size=4, world=2)
+
+
+def test_every_part_of_an_a_b_shards_pattern_is_made_absolute(tmp_path):
+    from captioning.config import absolute_paths
+
+    cfg = tiny_config(tmp_path, tmp_path / "run")
+    cfg.data.shards = "a/train-{000000..000001}.tar::b/val-000000.tar"
+    out, given = absolute_paths(cfg, tmp_path)
+    assert out.data.shards == f"{tmp_path}/a/train-{{000000..000001}}.tar::{tmp_path}/b/val-000000.tar"
+    assert given["data.shards"] == cfg.data.shards
 
 
 def _names(loader) -> list[str]:
@@ -142,6 +167,19 @@ def test_an_epoch_reads_every_image_once_and_a_resumed_epoch_goes_on_where_it_st
     assert first == again and first != second
     assert _names(load(epoch=1, skip_batches=3)) == first[12:]
     assert len(load(epoch=1, skip_batches=3)) == 5
+
+
+def test_a_resume_in_the_middle_of_the_workers_round_goes_on_with_the_next_worker(shapes_dir, shards_dir, tmp_path):
+    """Batches of 3 from 2 workers: most positions fall mid-round, and late ones after a worker ran out; a new
+    DataLoader starts its round at worker 0, so the stream hands worker 0 the reader whose turn it was."""
+    cfg = stream_config(shapes_dir, shards_dir, tmp_path / "run")
+    _, datasets, vocab = prepare_stream(cfg, tmp_path / "run", None)
+    load = functools.partial(build_stream_loader, datasets["train"], batch_size=3, shuffle=True, num_workers=2,
+                             seed=0, epoch=1, pad_id=vocab.pad)
+    whole = _names(load())
+    assert len(whole) == 33
+    for skip in (1, 3, 5, 8, 10):
+        assert _names(load(skip_batches=skip)) == whole[3 * skip:], skip
 
 
 def test_several_processes_read_their_own_shards_and_take_the_same_steps(shapes_dir, shards_dir, tmp_path):

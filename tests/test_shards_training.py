@@ -78,8 +78,8 @@ def test_cache_features_from_shards_trains_as_on_images_and_later_runs_and_resum
 
     # beside the image shards, keyed; the same samples shard for shard, key for key: features for images
     folder, = (shards / "features").iterdir()
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "features.json", "index.json", *(f"train-00000{i}.tar" for i in range(4)), "val-000000.tar"]
+    assert sorted(p.name for p in folder.iterdir()) == [      # .lock: one writer at a time
+        ".lock", "features.json", "index.json", *(f"train-00000{i}.tar" for i in range(4)), "val-000000.tar"]
     for shard in ("train-000003.tar", "val-000000.tar"):
         images, features = list(iter_samples(str(shards / shard))), list(iter_samples(str(folder / shard)))
         assert [(k, m) for k, _, _, m in images] == [(k, m) for k, _, _, m in features]
@@ -124,7 +124,8 @@ def test_a_killed_feature_shard_writer_leaves_no_index_and_the_next_writes_only_
         feature_shards.feature_streams(cfg, splits, encoder, device=torch.device("cpu"), precision="fp32",
                                        progress=False, batch_size=8)
     folder, = (shards / "features").iterdir()
-    assert sorted(p.name for p in folder.iterdir()) == ["features.json", "train-000000.tar", "train-000001.tar"]
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "features.json", "train-000000.tar",
+                                                        "train-000001.tar"]
 
     monkeypatch.setattr(feature_shards, "write_shard", real_write)
     real_call, extracted = feature_shards.Extractor.__call__, []

@@ -313,9 +313,9 @@ def absolute_paths(cfg: Config, base: str | Path | None = None) -> tuple[Config,
         value = getattr(owner, name)
         if not value or "://" in value:    # an optional path left empty, or a URL
             continue
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            setattr(owner, name, os.path.normpath(base / path))
+        parts = [Path(p).expanduser() for p in value.split("::")]   # data.shards: a::b patterns
+        if not all(p.is_absolute() for p in parts):
+            setattr(owner, name, "::".join(os.path.normpath(base / p) for p in parts))
             given[key] = value
     return cfg, given
 

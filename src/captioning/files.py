@@ -58,6 +58,18 @@ def remove_temporary(folder: Path, name: str) -> None:
 
 
 @contextlib.contextmanager
+def exclusive(path: str | Path) -> Iterator[None]:
+    """One process at a time in the block: a blocking flock on `path` (made when missing), which
+    the system drops when its holder exits, kill -9 included."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def hold(path: str | Path, what: str) -> Iterator[None]:
     """An exclusive lock on a run directory (its .lock; a missing folder is made, and removed again
     if nothing else was put in it) or a file (.NAME.lock beside it), for the duration.

@@ -117,7 +117,8 @@ def _rank_checkpoint_captioner(args, device, threads: int):
     (the first makes it, the others load it), and ONNX Runtime gets `threads`."""
     from ..captioner import Captioner
     from ..captioner.engines import cached_export, choose_engine
-    from .spread import exclusive, parts_folder
+    from ..files import exclusive
+    from .spread import parts_folder
 
     if choose_engine(args.engine, device, args.precision) == "onnx":
         with exclusive(parts_folder(Path(args.out)) / ".export.lock"):

@@ -25,14 +25,15 @@ def add_shards(sub) -> None:
 
 
 def shards(args) -> int:
-    from ..config import ConfigError, load_config
+    from ..config import ConfigError, load_config, validate
     from ..data.shards import require_webdataset, write_shards
 
     require_webdataset("the shards command")
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, check_paths=False)
     if cfg.data.format == "webdataset":
         raise ConfigError(f"config key 'data.format': {args.config} already reads shards "
                           "(webdataset): give the config of the images and captions they come from")
+    validate(cfg)                       # now the paths: the images and captions must be there
     index = write_shards(cfg, args.out, shard_size=args.shard_size)
     for split, entry in index["splits"].items():
         skipped = f" ({entry['skipped']} unreadable left out)" if entry["skipped"] else ""

@@ -257,14 +257,3 @@ def merge(out: Path, inputs: list[str], model: str) -> list[dict]:
         write_rows(out, [best[name][1] for name in earlier] + rows)
         shutil.rmtree(parts_folder(out), ignore_errors=True)
     return rows
-
-
-@contextlib.contextmanager
-def exclusive(path: Path):
-    """One process of the job at a time in the block (a blocking flock on `path`)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+import urllib3
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -58,9 +59,11 @@ def _open_stream(url_or_path: str):
     if is_url(url_or_path):
         try:
             response = requests.get(url_or_path, stream=True, timeout=URL_TIMEOUT_S)
-            response.raise_for_status()
         except requests.RequestException as e:
             raise ShardError(f"shard {url_or_path}: {e}") from None
+        if not response.ok:
+            response.close()
+            raise ShardError(f"shard {url_or_path}: HTTP {response.status_code} {response.reason}")
         response.raw.decode_content = True
         return response.raw, response.close
     path = Path(url_or_path.removeprefix("file://")).expanduser()
@@ -84,7 +87,8 @@ def _members(url_or_path: str) -> Iterator[tuple[str, str, bytes]]:
                     raise ShardError(f"shard {url_or_path}: member {info.name!r} has no extension")
                 yield match.group(1), match.group(2).lower(), tar.extractfile(info).read()
                 tar.members = []    # a stream of thousands of members keeps no list of them
-    except (tarfile.TarError, EOFError, OSError, requests.RequestException) as e:
+    except (tarfile.TarError, EOFError, OSError, requests.RequestException,
+            urllib3.exceptions.HTTPError) as e:     # the last: a connection lost mid-shard
         raise ShardError(f"shard {url_or_path}: not a readable tar file ({e})") from None
     finally:
         close()

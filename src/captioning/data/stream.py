@@ -23,6 +23,7 @@ as the image one does, FeatureItems instead of Items, the same samples in the sa
 from __future__ import annotations
 
 import io
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from .dataset import Batch, FeatureItem, Item, build_transform, collate
 from .images import open_image
 from .shards import find_shards, iter_samples
 from .vocab import Vocabulary
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,13 +105,33 @@ def steps_per_epoch(split: ShardSplit, *, batch_size: int, world: int) -> int:
                           f"for {world} processes: each needs its own; write smaller ones "
                           "(`python -m captioning shards --shard-size N`)")
     fewest = sum(sorted(split.counts)[:len(split.shards) // world])
-    return fewest // (batch_size // world)
+    steps = fewest // (batch_size // world)
+    if steps == 0:
+        smallest = len(split.shards) // world
+        raise ConfigError(f"config key 'data.shards': each of {world} processes takes the full "
+                          f"batches its smallest {smallest} {split.split} shard(s) hold "
+                          f"({fewest} images), fewer than one batch of {batch_size // world}: "
+                          "write shards of equal size (python -m captioning shards "
+                          "--shard-size N)")
+    left = len(split) - steps * batch_size
+    if left > 0.1 * len(split):
+        log.warning("%d of the %d %s images are left out of every epoch: each of %d processes "
+                    "takes as many steps as the one with the fewest images; a number of shards "
+                    "that is a multiple of the processes, of equal size, leaves out the fewest",
+                    left, len(split), split.split, world)
+    return steps
 
 
 def taken_per_reader(counts: list[int], items: int) -> list[int]:
     """How many of each reader's samples the first `items` of a round robin over readers with
     `counts` samples hold (the DataLoader's order: one from each reader in turn, a reader that
     runs out dropping out)."""
+    return resume_point(counts, items)[0]
+
+
+def resume_point(counts: list[int], items: int) -> tuple[list[int], int]:
+    """taken_per_reader, and the reader whose turn comes next: a new DataLoader starts its round
+    at worker 0, so the stream maps worker w to reader (next + w) % readers."""
     taken = [0] * len(counts)
     while items > 0:
         live = [r for r, n in enumerate(counts) if taken[r] < n]
@@ -120,22 +143,25 @@ def taken_per_reader(counts: list[int], items: int) -> list[int]:
                 taken[r] += rounds
             items -= rounds * len(live)
             continue
-        for r in live[:items]:          # a last, partial round
+        for r in live[:items]:          # a last, partial round: the next is the one after them
             taken[r] += 1
-        items = 0
-    return taken
+        return taken, live[items]
+    return taken, 0
 
 
 # ---------------------------------------------------------------- the stream
 
 class ShardStream(IterableDataset):
     """The Items one process reads of its shards (`rank_shards`) in an epoch, its readers each
-    skipping the first `skip[reader]` of their samples."""
+    skipping the first `skip[reader]` of their samples; loader worker w reads reader
+    (first + w) % readers (a resumed round goes on with the reader whose turn it was)."""
 
     def __init__(self, split: ShardSplit, shards: list[tuple[str, int]], *, readers: int,
-                 shuffle: bool, seed: int, epoch: int, rank: int, skip: list[int]):
+                 shuffle: bool, seed: int, epoch: int, rank: int, skip: list[int],
+                 first: int = 0):
         self.split, self.shards, self.readers = split, shards, readers
         self.shuffle, self.seed, self.epoch, self.rank, self.skip = shuffle, seed, epoch, rank, skip
+        self.first = first
 
     def reader_counts(self) -> list[int]:
         return [sum(n for _, n in self.shards[r::self.readers]) for r in range(self.readers)]
@@ -145,7 +171,7 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Item]:
         info = get_worker_info()
-        reader = 0 if info is None else info.id
+        reader = (self.first + (0 if info is None else info.id)) % self.readers
         samples = (s for url, _ in self.shards[reader::self.readers] for s in iter_samples(url))
         if self.shuffle:
             rng = random.Random(((self.seed * 100_003 + self.epoch) * 1_009 + self.rank) * 1_009
@@ -215,9 +241,9 @@ def build_stream_loader(split: ShardSplit, *, batch_size: int, shuffle: bool, nu
         steps = -(-sum(n for _, n in shards) // batch_size)
     probe = ShardStream(split, shards, readers=readers, shuffle=shuffle, seed=seed, epoch=epoch,
                         rank=rank, skip=[0] * readers)
-    skip = taken_per_reader(probe.reader_counts(), skip_batches * share)
+    skip, first = resume_point(probe.reader_counts(), skip_batches * share)
     stream = ShardStream(split, shards, readers=readers, shuffle=shuffle, seed=seed, epoch=epoch,
-                         rank=rank, skip=skip)
+                         rank=rank, skip=skip, first=first)
     # its own generator seeds its workers: building a loader never draws from the global RNG
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(seed),

@@ -7,6 +7,7 @@ every function here is a no-op, so the training loop reads the same either way.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from datetime import timedelta
 
@@ -46,7 +47,7 @@ def collective_timeout() -> timedelta | None:
         seconds = float(text)
     except ValueError:
         seconds = 0.0
-    if not seconds > 0:
+    if not 0 < seconds < math.inf:
         raise ConfigError(f"{TIMEOUT_ENV}={text!r}: expected seconds > 0 (how long a collective "
                           "waits for a silent process), or unset for torch's default")
     return timedelta(seconds=seconds)

@@ -49,7 +49,7 @@ from ..data.shards import (
 )
 from ..data.stream import ShardSplit
 from ..device import resolve_precision
-from ..files import remove_temporary, write_atomic
+from ..files import exclusive, remove_temporary, write_atomic
 from .feature_cache import digest, encoder_fingerprint, encoder_parts, write_json_atomic
 from .features import Extractor
 
@@ -66,8 +66,11 @@ def feature_streams(cfg: Config, splits: dict[str, ShardSplit], encoder: nn.Modu
     folder = feature_root(cfg, splits["train"]) / digest(parts)
     fingerprint = encoder_fingerprint(encoder)
     if not _finished(folder, fingerprint):
-        _write(cfg, splits, folder, parts, fingerprint, encoder, device=device,
-               precision=precision, progress=progress, batch_size=batch_size)
+        folder.mkdir(parents=True, exist_ok=True)
+        with exclusive(folder / ".lock"):   # one writer: another run on these shards waits for it
+            if not _finished(folder, fingerprint):
+                _write(cfg, splits, folder, parts, fingerprint, encoder, device=device,
+                       precision=precision, progress=progress, batch_size=batch_size)
     return {s: dataclasses.replace(d, index=str(folder / INDEX_NAME), features=True,
                                    shards=[str(folder / _name(d, i))
                                            for i in range(len(d.shards))])
