@@ -137,6 +137,14 @@ def test_steps_of_several_processes_refuse_none_and_say_what_is_left_out(caplog)
         steps_per_epoch(split([8, 8, 1]), batch_size=4, world=2)
 
 
+def test_the_shards_command_refuses_a_config_that_reads_shards_even_before_they_exist(shapes_dir, tmp_path, capsys):
+    (tmp_path / "not_yet").mkdir()
+    cfg = stream_config(shapes_dir, tmp_path / "not_yet", tmp_path / "run")
+    (tmp_path / "not_yet").rmdir()                      # the shards this config reads: not written yet
+    assert main(["shards", "--config", str(_write_config(cfg, tmp_path / "c.yaml")), "--out", str(tmp_path / "o")]) == 2
+    assert "already reads shards (webdataset): give the config of the images" in capsys.readouterr().err
+
+
 def test_every_part_of_an_a_b_shards_pattern_is_made_absolute(tmp_path):
     from captioning.config import absolute_paths
 
