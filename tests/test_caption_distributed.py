@@ -145,3 +145,29 @@ def test_a_rank_killed_mid_run_is_named_and_a_rerun_gives_every_input_exactly_on
     assert [r["input"] for r in got] == urls                # each input exactly once, in input order
     assert [r["caption"] for r in got] == reference(Captioner.from_checkpoint(tiny_run / "best.pt"), files)
     assert not out.with_name("preds.jsonl.parts").exists()
+
+
+def test_rank_0_ignores_an_earlier_job_s_failed_mark_but_names_this_job_s(tmp_path):
+    """A rerun after a failure: rank 1 removes its old .failed mark when it starts, maybe after rank 0 looked."""
+    from captioning.cli import spread
+    from captioning.cli.spread import Rank, RankFailed, mark_done, running, wait_for_ranks
+
+    out, rank0, rank1 = tmp_path / "preds.jsonl", Rank(0, 2), Rank(1, 2)
+    spread.parts_folder(out).mkdir()
+    stale = spread._mark(out, 1, 2, "failed")
+    stale.write_text(json.dumps({"error": "the earlier job's error"}))
+    os.utime(stale, (time.time() - 3600,) * 2)
+
+    def rank_1():
+        time.sleep(0.5)
+        with running(out, rank1):
+            mark_done(out, rank1, "job", rows=1)
+
+    thread = threading.Thread(target=rank_1)
+    thread.start()
+    wait_for_ranks(out, rank0, "job", grace_s=30)          # returns: the stale mark was not taken for this job's
+    thread.join()
+    spread._mark(out, 1, 2, "done").unlink()
+    spread._mark(out, 1, 2, "failed").write_text(json.dumps({"error": "this job's error"}))
+    with pytest.raises(RankFailed, match="rank 1 of 2 failed: this job's error"):
+        wait_for_ranks(out, rank0, "job", grace_s=30)

@@ -39,6 +39,10 @@ from .inputs import Shard
 from .results import read_rows, write_rows
 
 GRACE_S = 120.0   # how long rank 0 waits for a rank it has never seen running to show up
+# A .failed mark older than this process (less a margin for the clocks of several nodes) is an
+# earlier job's: the rank that left it removes it when it starts again, maybe after rank 0 looked.
+STARTED = time.time()
+STALE_MARGIN_S = 5.0
 POLL_S = 0.25
 
 
@@ -128,8 +132,11 @@ def _write_json(path: Path, obj) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(obj) + "\n"), "w")
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: Path, since: float | None = None) -> dict | None:
+    """The mark's JSON; None when it is missing, unreadable, or older than `since` (a timestamp)."""
     try:
+        if since is not None and path.stat().st_mtime < since:
+            return None
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
@@ -165,7 +172,8 @@ def wait_for_ranks(out: Path, rank: Rank, digest: str, grace_s: float | None = N
             if done is not None and done.get("job") == digest:
                 pending.discard(other)
                 continue
-            failed = _read_json(_mark(out, other, rank.world, "failed"))
+            failed = _read_json(_mark(out, other, rank.world, "failed"),
+                                since=STARTED - STALE_MARGIN_S)
             if failed is not None:
                 raise RankFailed(f"rank {other} of {rank.world} failed: {failed.get('error')}; "
                                  f"{again}")
