@@ -253,3 +253,13 @@ def test_a_node_gone_silent_ends_the_job_after_the_collective_timeout(shapes_dir
     assert code != 0, output[-3000:]
     assert re.search(r"^error: rank \d of 2: another process of the job stopped answering", output, re.M), \
         output[-3000:]
+
+
+def test_gloo_s_messages_of_a_lost_peer_are_recognised():
+    """Both ways gloo words a peer gone: its transport's read error, and its own timeout (seen in CI)."""
+    from captioning.cli.main import _lost_peer
+
+    assert _lost_peer(RuntimeError("[gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4242: Connection reset "
+                                   "by peer"))
+    assert _lost_peer(RuntimeError("Application timeout caused pair closure"))
+    assert not _lost_peer(RuntimeError("a.png: not an image")) and not _lost_peer(ValueError("pair closure"))

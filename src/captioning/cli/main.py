@@ -330,6 +330,8 @@ def _lost_peer(error: BaseException) -> bool:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and isinstance(error, getattr(dist, "DistError", ())):
         return True
-    # gloo raises a plain RuntimeError naming its transport ("gloo/transport/tcp/pair.cc: Read
-    # error ...: Connection reset by peer")
-    return isinstance(error, RuntimeError) and "gloo/transport" in str(error)
+    # gloo raises a plain RuntimeError, naming its transport ("gloo/transport/tcp/pair.cc: Read
+    # error ...: Connection reset by peer") or, at its timeout, not ("Application timeout caused
+    # pair closure")
+    return isinstance(error, RuntimeError) and any(
+        text in str(error) for text in ("gloo/transport", "caused pair closure"))
