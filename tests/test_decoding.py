@@ -69,6 +69,8 @@ def test_step_matches_decode_at_every_position(norm_first):
     tokens = torch.randint(3, V, (B, T), generator=torch.Generator().manual_seed(2))
     tokens[:, 0] = BOS
     cache = init_cache(model, memory)
+    # read at every step: as strided views (slices of the packed k/v projection) each step's product would copy them
+    assert all(k.is_contiguous() and v.is_contiguous() for k, v in zip(cache.cross_k, cache.cross_v))
     with torch.no_grad():
         for t in range(T):
             got = step(model, cache, tokens[:, t])                         # (B, V)

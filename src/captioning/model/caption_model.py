@@ -128,8 +128,10 @@ class CaptionModel(nn.Module):
         self_k, self_v, cross_k, cross_v = [], [], [], []
         for layer in self.transformer.decoder.layers:
             k, v = cross_keys_values(layer, memory)                            # (M, H, L, hd)
-            cross_k.append(k)
-            cross_v.append(v)
+            # contiguous once: every step reads them, and a strided view (a slice of the packed
+            # k/v projection) would be copied by each step's product instead
+            cross_k.append(k.contiguous())
+            cross_v.append(v.contiguous())
             # empty, in the dtype the projections give (bf16 under autocast): appending never
             # upcasts
             empty = k.new_empty(M * group, k.size(1), 0, k.size(-1))
