@@ -143,11 +143,16 @@ def self_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, past=None
     qkv, D = F.linear(x, attn.in_proj_weight, attn.in_proj_bias), attn.embed_dim    # (N, T, 3D)
     # q, k, v (N, H, T, hd): slices at constant offsets (chunk() would be traced as a chain of
     # shape nodes run at every step)
-    q, k, v = (split_heads(qkv[..., i * D:(i + 1) * D], attn.num_heads) for i in range(3))
+    # one word a sequence (a decoding step): (N, 1, D) -> (N, H, 1, hd) is a reshape, no transpose
+    # (the step graph's 24 Transpose nodes fewer)
+    one = x.size(1) == 1
+    q, k, v = (reshape(qkv[..., i * D:(i + 1) * D], 0, attn.num_heads, 1, -1) if one else
+               split_heads(qkv[..., i * D:(i + 1) * D], attn.num_heads) for i in range(3))
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (N, H, T', hd)
     y = attention(attn, q, k, v, allowed)
-    return layer.dropout1(attn.out_proj(merge_heads(y))), k, v
+    y = reshape(y, 0, 1, -1) if one else merge_heads(y)                          # (N, T, D)
+    return layer.dropout1(attn.out_proj(y)), k, v
 
 
 def cross_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch.Tensor,
