@@ -19,7 +19,8 @@ code in search.py drives either engine. `quantize="int8"` stores the weights of 
 step.onnx's matrix products, the output layer's included, as 8-bit blocks (onnxruntime's
 MatMulNBits), and step.onnx rescores the 16 best words of each step with the output layer's fp32
 weights; it also quantizes encoder.onnx's ResNet statically, calibrated on images of the run's
-training split (quantize.py), unless `encoder="fp32"` (docs/design.md says why).
+training split, and packs its transformer encoder's weights in 8-bit blocks too (quantize.py),
+unless `encoder="fp32"` (docs/design.md says why).
 
 Everything is written into a hidden folder beside `out`, checked (the exported graphs must give the
 PyTorch model's logits within a stated tolerance) and only then renamed to `out`: a failed or
@@ -48,7 +49,7 @@ from ..model.checkpoint import checkpoint_path, load_checkpoint
 from ..model.kv_cache import DecoderCache
 from ..model.layers import cross_keys_values
 from .onnx_engine import EXPORT_FORMAT, OrtEngine, load_session, preprocess, require_onnx
-from .quantize import calibration_images, quantize_encoder
+from .quantize import calibration_images, pack_matmuls, quantize_encoder
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -176,33 +177,12 @@ class _Encode(nn.Module):
 
 
 def quantize_int8(folder: Path) -> None:
-    """start.onnx and step.onnx with 8-bit weights in their matrix products, the output layer's too.
-
-    ONNX Runtime's MatMulNBits: symmetric, a scale per INT8_BLOCK input rows of each output column,
-    and int8 compute (accuracy level 4: activations quantized per block on the fly). Only products
-    with a constant weight (never q @ k^T or w @ v); the word embedding (a Gather) stays fp32.
-    """
-    require_onnx("export --quantize int8", "onnx", "onnxruntime", "onnx_ir")
-    import onnx
-    import onnxruntime.quantization.matmul_nbits_quantizer as nbits
-
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)              # the quantizer logs each node it packs
-    block = INT8_BLOCK      # read when called: benchmarks/export_agreement.py compares others
-    try:
-        for name in ("start.onnx", "step.onnx"):
-            config = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True,
-                                                        accuracy_level=4, bits=8,
-                                                        op_types_to_quantize=("MatMul",))
-            quantizer = nbits.MatMulNBitsQuantizer(onnx.load(folder / name), bits=8,
-                                                   block_size=block, is_symmetric=True,
-                                                   accuracy_level=4, algo_config=config)
-            quantizer.process()
-            if not any(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node):
-                raise ExportCheckError(f"{name}: the quantizer left no matrix product in 8 bits")
-            quantizer.model.save_model_to_file(str(folder / name), use_external_data_format=False)
-    finally:
-        root.setLevel(level)
+    """start.onnx and step.onnx with 8-bit weights in their matrix products, the output layer's too
+    (quantize.pack_matmuls, blocks of INT8_BLOCK rows); the word embedding (a Gather) stays fp32."""
+    for name in ("start.onnx", "step.onnx"):
+        # INT8_BLOCK read when called: benchmarks/export_agreement.py compares others
+        if not pack_matmuls(folder / name, folder / name, INT8_BLOCK):
+            raise ExportCheckError(f"{name}: the quantizer left no matrix product in 8 bits")
 
 
 @torch.no_grad()
@@ -331,7 +311,8 @@ def _quantize_encoder(folder: Path, calibration: list[Path], pre: dict) -> dict:
     """folder/encoder.onnx with its ResNet in int8 (quantize.py), its weights beside it again."""
     with tempfile.TemporaryDirectory(prefix=".encoder-", dir=folder) as tmp:
         quantized = Path(tmp) / "encoder.onnx"
-        recipe = quantize_encoder(folder / "encoder.onnx", quantized, calibration, pre)
+        recipe = quantize_encoder(folder / "encoder.onnx", quantized, calibration, pre,
+                                  INT8_BLOCK)
         (folder / "encoder.onnx.data").unlink()
         weights_beside(quantized, folder / "encoder.onnx")
     return recipe

@@ -1,12 +1,19 @@
-"""The int8 encoder: encoder.onnx's ResNet quantized statically, calibrated on real images.
+"""int8: the decoder's and encoder's matrix products in 8-bit blocks, and the encoder's ResNet
+quantized statically, calibrated on real images.
+
+A matrix product with a constant weight is bound by reading that weight (a decoding step reads every
+decoder weight once per word), so `pack_matmuls` stores each as ONNX Runtime's MatMulNBits: 8 bits,
+symmetric, a scale per `block` input rows of each output column, computed in int8 (accuracy level 4:
+activations quantized per block on the fly). Products without a constant weight (q k^T, w v) stay
+fp32.
 
 A convolution's cost is its multiply-adds, not its weight bytes, so int8 pays only when the
 activations are int8 too: static quantization fixes each activation's range beforehand, from
 images run through the fp32 graph (calibration), and ONNX Runtime then runs the convolutions as
-int8 kernels (QLinearConv; VNNI where the CPU has it). Only the ResNet's nodes are quantized
-(convolutions, their ReLUs, the residual additions, the max pooling); the projection to d_model
-and the transformer encoder after it stay fp32: they are a small part of the time and would add
-error where the words are read from.
+int8 kernels (QLinearConv; VNNI where the CPU has it). Only the ResNet's nodes are quantized so
+(convolutions, their ReLUs, the residual additions, the max pooling); the projection to d_model and
+the transformer encoder after it get 8-bit weights as the decoder's do (`pack_matmuls`), their
+activations quantized per block as they come rather than to calibrated ranges.
 
 The recipe (docs/design.md says why): QDQ format, int8 weights with a scale per output channel,
 uint8 activations with ranges from min/max over the calibration images.
@@ -14,9 +21,11 @@ uint8 activations with ranges from min/max over the calibration images.
     calibration_images(cfg, checkpoint)     a seeded sample of the run's training images
     calibration_images(cfg, ckpt, "DIR")    ... or of the image files in DIR
     quantize_encoder(src, dst, images, preprocess)   encoder.onnx (fp32) -> dst (int8 ResNet)
+    pack_matmuls(src, dst, block)           a graph's constant-weight MatMuls -> MatMulNBits
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import tempfile
@@ -36,6 +45,7 @@ CALIBRATION_BATCH = 8      # images a calibration run (the augmented graph is ru
 FORMAT = "qdq"             # or "qoperator"
 PER_CHANNEL = True
 ACTIVATIONS = "uint8"      # or "int8"
+ACCURACY_LEVEL = 4         # MatMulNBits' compute: 4 = int8 (activations quantized per block)
 ENCODER_NODES = "/encoder/body/"  # the ResNet's nodes (the names the TorchScript exporter gives)
 
 
@@ -97,17 +107,48 @@ class _Reader:
         self.start = 0
 
 
-def quantize_encoder(src: Path, dst: Path, images: list[Path], pre: dict) -> dict:
+@contextlib.contextmanager
+def _quiet():
+    """The root logger at ERROR for a while: the quantizers log every node they touch."""
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def pack_matmuls(src: Path, dst: Path, block: int, external_data: bool = False) -> int:
+    """The graph `src` -> `dst` with every MatMul whose weight is a constant stored as MatMulNBits
+    (8 bits, symmetric, a scale per `block` input rows, int8 compute); the number packed.
+    `external_data`: the weights in dst.data beside it."""
+    require_onnx("export --quantize int8", "onnx", "onnxruntime", "onnx_ir")
+    import onnx
+    import onnxruntime.quantization.matmul_nbits_quantizer as nbits
+
+    with _quiet():
+        config = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True,
+                                                    accuracy_level=ACCURACY_LEVEL, bits=8,
+                                                    op_types_to_quantize=("MatMul",))
+        quantizer = nbits.MatMulNBitsQuantizer(onnx.load(src), bits=8, block_size=block,
+                                               is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                                               algo_config=config)
+        quantizer.process()
+        graph = quantizer.model.model.graph
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=external_data)
+    return sum(n.op_type == "MatMulNBits" for n in graph.node)
+
+
+def quantize_encoder(src: Path, dst: Path, images: list[Path], pre: dict, block: int) -> dict:
     """encoder.onnx `src` (fp32) -> `dst` with its ResNet in int8, calibrated on `images`
-    (preprocessed as `pre`, preprocess.json's); the recipe, for config.json."""
+    (preprocessed as `pre`, preprocess.json's), and its other matrix products in 8-bit blocks of
+    `block` rows; the recipe, for config.json."""
     require_onnx("export --quantize int8 (the encoder)", "onnx", "onnxruntime")
     import onnx
     from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)              # the quantizer logs every node it touches
-    try:
+    with _quiet():
         with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as tmp:
             prepared = Path(tmp) / "prepared.onnx"
             # ONNX Runtime's own advice before quantize_static: shapes inferred, graph simplified
@@ -120,16 +161,18 @@ def quantize_encoder(src: Path, dst: Path, images: list[Path], pre: dict) -> dic
                 raise ValueError(f"{src}: no node named {ENCODER_NODES}*: nothing to quantize")
             reader = _Reader(images, pre)
             activation = q.QuantType.QUInt8 if ACTIVATIONS == "uint8" else q.QuantType.QInt8
+            static = Path(tmp) / "static.onnx"
             q.quantize_static(
-                str(prepared), str(dst), reader,
+                str(prepared), str(static), reader,
                 quant_format=q.QuantFormat.QDQ if FORMAT == "qdq" else q.QuantFormat.QOperator,
                 per_channel=PER_CHANNEL, activation_type=activation,
                 weight_type=q.QuantType.QInt8, nodes_to_quantize=nodes,
                 calibrate_method=q.CalibrationMethod.MinMax, use_external_data_format=True)
-    finally:
-        root.setLevel(level)
-    if not reader.used:
-        raise CalibrationError(f"none of the {len(images)} calibration images could be read")
+            if not reader.used:
+                raise CalibrationError(f"none of the {len(images)} calibration images could be "
+                                       "read")
+            packed = pack_matmuls(static, dst, block, external_data=True)
     return {"encoder": "static", "format": FORMAT, "per_channel": PER_CHANNEL,
             "weights": "int8", "activations": ACTIVATIONS, "calibration": "min/max",
-            "calibration_images": reader.used}
+            "calibration_images": reader.used,
+            "matmuls": f"{packed} in MatMulNBits, 8 bits, blocks of {block}"}
