@@ -85,6 +85,19 @@ def test_a_changed_checkpoint_is_exported_again_and_its_stale_export_removed(che
 
 
 @needs_ort
+def test_a_newer_exporter_exports_again_and_removes_the_older_export(checkpoint, caplog, monkeypatch):
+    caplog.set_level(logging.INFO)
+    old = Captioner.from_checkpoint(checkpoint).export["folder"]
+    monkeypatch.setattr(engines, "EXPORTER_REVISION", engines.EXPORTER_REVISION + 1)   # graphs changed since
+    caplog.clear()
+    new = Captioner.from_checkpoint(checkpoint).export["folder"]
+    assert new != old and len(export_lines(caplog)) == 1
+    assert [p.name for p in new.parent.iterdir()] == [new.name]
+    caplog.clear()
+    assert Captioner.from_checkpoint(checkpoint).export["folder"] == new and not export_lines(caplog)
+
+
+@needs_ort
 def test_a_cache_folder_that_cannot_be_written_falls_back_to_the_system_cache_then_to_pytorch(
         checkpoint, tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)

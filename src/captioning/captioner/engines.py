@@ -8,12 +8,15 @@
 
 The cache holds one export folder per checkpoint content and export settings,
 `<root>/<checkpoint stem>-<sha256 of its bytes, 16 digits>-<settings digest>`, so a changed
-checkpoint (same path, other bytes) gets a new export and never a stale one. Its root is
+checkpoint (same path, other bytes) gets a new export and never a stale one; the settings include
+the exporter's revision (onnx_engine.EXPORTER_REVISION), so a newer exporter's graphs replace an
+older one's. Its root is
 `.export-cache/` beside the checkpoint, or else, when that cannot be written, the system's cache
 directory ($XDG_CACHE_HOME/captioning, ~/.cache/captioning); when neither can be, PyTorch runs it,
 with one line saying why. The first use exports (a line says so, with the time it took); later
 uses load the folder, and a hit needs no torch at all (only the hash of the checkpoint's bytes).
-Beside the checkpoint, the exports of its earlier contents are removed once the new one is made.
+Beside the checkpoint, the exports of its earlier contents, or of other settings, are removed once
+the new one is made.
 """
 from __future__ import annotations
 
@@ -29,7 +32,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..decode.onnx_engine import EXPORT_FORMAT, ExportError, read_export, require_onnx
+from ..decode.onnx_engine import (
+    EXPORT_FORMAT,
+    EXPORTER_REVISION,
+    ExportError,
+    read_export,
+    require_onnx,
+)
 from ..files import content_hash
 
 log = logging.getLogger(__name__)
@@ -95,7 +104,8 @@ def settings_key(quantize: str | None = None) -> str:
         version = importlib.metadata.version("captioning")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    settings = {"format": EXPORT_FORMAT, "quantize": quantize, "package": version}
+    settings = {"format": EXPORT_FORMAT, "exporter": EXPORTER_REVISION, "quantize": quantize,
+                "package": version}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -168,8 +178,8 @@ def _export_into(checkpoint: Path, folder: Path, pruning: bool) -> Path | None:
     log.info("exported %s for ONNX Runtime in %.1f s, once: later uses load %s "
              "(--engine torch runs PyTorch)", checkpoint, time.perf_counter() - start, folder)
     if pruning:
-        stale = [p for p in folder.parent.glob(f"{checkpoint.stem}-*-{settings_key()}")
+        stale = [p for p in folder.parent.glob(f"{checkpoint.stem}-*")
                  if p != folder and p.name.count("-") == folder.name.count("-")]
-        for old in stale:            # the exports of this checkpoint's earlier contents
+        for old in stale:   # the exports of its earlier contents, or by an earlier exporter
             shutil.rmtree(old, ignore_errors=True)
     return folder
