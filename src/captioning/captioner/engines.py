@@ -10,13 +10,12 @@ The cache holds one export folder per checkpoint content and export settings,
 `<root>/<checkpoint stem>-<sha256 of its bytes, 16 digits>-<settings digest>`, so a changed
 checkpoint (same path, other bytes) gets a new export and never a stale one; the settings include
 the exporter's revision (onnx_engine.EXPORTER_REVISION), so a newer exporter's graphs replace an
-older one's. Its root is
-`.export-cache/` beside the checkpoint, or else, when that cannot be written, the system's cache
-directory ($XDG_CACHE_HOME/captioning, ~/.cache/captioning); when neither can be, PyTorch runs it,
-with one line saying why. The first use exports (a line says so, with the time it took); later
-uses load the folder, and a hit needs no torch at all (only the hash of the checkpoint's bytes).
-Beside the checkpoint, the exports of its earlier contents, or of other settings, are removed once
-the new one is made.
+older one's. Its root is `.export-cache/` beside the checkpoint, or else, when that cannot be
+written, the system's cache directory ($XDG_CACHE_HOME/captioning, ~/.cache/captioning); when
+neither can be, PyTorch runs it, with one line saying why. The first use exports (a line says so,
+with the time it took); later uses load the folder, and a hit needs no torch at all (only the hash
+of the checkpoint's bytes). Beside the checkpoint, the exports of its earlier contents, or of other
+settings, are removed once the new one is made.
 """
 from __future__ import annotations
 

@@ -20,7 +20,9 @@ uint8 activations with ranges from min/max over the calibration images.
 
     calibration_images(cfg, checkpoint)     a seeded sample of the run's training images
     calibration_images(cfg, ckpt, "DIR")    ... or of the image files in DIR
-    quantize_encoder(src, dst, images, preprocess)   encoder.onnx (fp32) -> dst (int8 ResNet)
+    quantize_encoder(src, dst, images, pre, block)
+                                            encoder.onnx (fp32) -> dst (int8 ResNet, 8-bit
+                                            transformer weights)
     pack_matmuls(src, dst, block)           a graph's constant-weight MatMuls -> MatMulNBits
 """
 from __future__ import annotations
