@@ -145,9 +145,9 @@ def self_attention(layer: nn.TransformerDecoderLayer, x: torch.Tensor, past=None
     # shape nodes run at every step)
     # one word a sequence (a decoding step): (N, 1, D) -> (N, H, 1, hd) is a reshape, no transpose
     # (the step graph's 24 Transpose nodes fewer)
-    one = x.size(1) == 1
-    q, k, v = (reshape(qkv[..., i * D:(i + 1) * D], 0, attn.num_heads, 1, -1) if one else
-               split_heads(qkv[..., i * D:(i + 1) * D], attn.num_heads) for i in range(3))
+    one, H = x.size(1) == 1, attn.num_heads
+    q, k, v = (reshape(part, 0, H, 1, -1) if one else split_heads(part, H)
+               for part in (qkv[..., i * D:(i + 1) * D] for i in range(3)))
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (N, H, T', hd)
     y = attention(attn, q, k, v, allowed)
