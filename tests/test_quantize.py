@@ -60,7 +60,22 @@ def test_quantize_int8_makes_every_resnet_convolution_int8_and_the_transformers_
     recipe = json.loads((int8_exports / "all" / "config.json").read_text())["int8"]["encoder"]
     assert recipe["calibration_images"] == min(256, len(train)) and recipe["format"] == "qdq"
     assert recipe["matmuls"] == f"{packed} in MatMulNBits, 8 bits, blocks of 128"
+    assert recipe["weights"] == "int8, -64..64"
     assert json.loads((int8_exports / "fp32_encoder" / "config.json").read_text())["int8"]["encoder"] == "fp32"
+
+
+def test_the_int8_convolution_weights_keep_within_7_bits_so_avx2_kernels_cannot_saturate(int8_exports):
+    # without VNNI, ONNX Runtime's int8 convolutions sum each pair of uint8 x int8 products in a saturating int16
+    # (VPMADDUBSW): 2 * 255 * 64 fits in it, 2 * 255 * 127 does not (docs/design.md)
+    from onnx import numpy_helper
+    g = graph(int8_exports / "all" / "encoder.onnx")
+    conv_weights = {n.input[1] for n in g.node if n.op_type == "Conv"}
+    int8 = {t.name: numpy_helper.to_array(t) for t in g.initializer if t.data_type == 3}      # TensorProto.INT8
+    weights = [int8[n.input[0]] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in int8
+               and n.output[0] in conv_weights]
+    assert weights and len(weights) == len(conv_weights)
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) > 32       # the range is used, not wasted
 
 
 def test_the_int8_encoders_memory_is_close_to_fp32s_and_the_captions_mostly_agree(tiny_run, int8_exports, shapes_dir):

@@ -15,8 +15,11 @@ int8 kernels (QLinearConv; VNNI where the CPU has it). Only the ResNet's nodes a
 the transformer encoder after it get 8-bit weights as the decoder's do (`pack_matmuls`), their
 activations quantized per block as they come rather than to calibrated ranges.
 
-The recipe (docs/design.md says why): QDQ format, int8 weights with a scale per output channel,
-uint8 activations with ranges from min/max over the calibration images.
+The recipe (docs/design.md says why): QDQ format, int8 weights with a scale per output channel in
+7 bits' range (-64..64: `REDUCE_RANGE`), uint8 activations with ranges from min/max over the
+calibration images. The 7-bit weights make an export's captions the same on every CPU: without VNNI
+(AVX2 alone) ONNX Runtime's int8 convolutions add each pair of uint8 x int8 products in a saturating
+int16 (VPMADDUBSW), and 255 * 127 * 2 overflows it where 255 * 64 * 2 does not.
 
     calibration_images(cfg, checkpoint)     a seeded sample of the run's training images
     calibration_images(cfg, ckpt, "DIR")    ... or of the image files in DIR
@@ -46,6 +49,7 @@ CALIBRATION_BATCH = 8      # images a calibration run (the augmented graph is ru
 # the recipe, module-level so that benchmarks/export_agreement.py can compare others
 FORMAT = "qdq"             # or "qoperator"
 PER_CHANNEL = True
+REDUCE_RANGE = True        # int8 weights within -64..64: no int16 saturation on CPUs without VNNI
 ACTIVATIONS = "uint8"      # or "int8"
 ACCURACY_LEVEL = 4         # MatMulNBits' compute: 4 = int8 (activations quantized per block)
 ENCODER_NODES = "/encoder/body/"  # the ResNet's nodes (the names the TorchScript exporter gives)
@@ -167,7 +171,7 @@ def quantize_encoder(src: Path, dst: Path, images: list[Path], pre: dict, block:
             q.quantize_static(
                 str(prepared), str(static), reader,
                 quant_format=q.QuantFormat.QDQ if FORMAT == "qdq" else q.QuantFormat.QOperator,
-                per_channel=PER_CHANNEL, activation_type=activation,
+                per_channel=PER_CHANNEL, reduce_range=REDUCE_RANGE, activation_type=activation,
                 weight_type=q.QuantType.QInt8, nodes_to_quantize=nodes,
                 calibrate_method=q.CalibrationMethod.MinMax, use_external_data_format=True)
             if not reader.used:
@@ -175,6 +179,6 @@ def quantize_encoder(src: Path, dst: Path, images: list[Path], pre: dict, block:
                                        "read")
             packed = pack_matmuls(static, dst, block, external_data=True)
     return {"encoder": "static", "format": FORMAT, "per_channel": PER_CHANNEL,
-            "weights": "int8", "activations": ACTIVATIONS, "calibration": "min/max",
+            "weights": "int8, -64..64" if REDUCE_RANGE else "int8", "activations": ACTIVATIONS, "calibration": "min/max",
             "calibration_images": reader.used,
             "matmuls": f"{packed} in MatMulNBits, 8 bits, blocks of {block}"}
