@@ -179,6 +179,6 @@ def quantize_encoder(src: Path, dst: Path, images: list[Path], pre: dict, block:
                                        "read")
             packed = pack_matmuls(static, dst, block, external_data=True)
     return {"encoder": "static", "format": FORMAT, "per_channel": PER_CHANNEL,
-            "weights": "int8, -64..64" if REDUCE_RANGE else "int8", "activations": ACTIVATIONS, "calibration": "min/max",
-            "calibration_images": reader.used,
+            "weights": "int8, -64..64" if REDUCE_RANGE else "int8", "activations": ACTIVATIONS,
+            "calibration": "min/max", "calibration_images": reader.used,
             "matmuls": f"{packed} in MatMulNBits, 8 bits, blocks of {block}"}
