@@ -50,9 +50,15 @@ CALIBRATION_BATCH = 8      # images a calibration run (the augmented graph is ru
 FORMAT = "qdq"             # or "qoperator"
 PER_CHANNEL = True
 REDUCE_RANGE = True        # int8 weights within -64..64: no int16 saturation on CPUs without VNNI
+CALIBRATION_METHOD = "minmax"   # or "entropy", "percentile" (quantize_static's)
 ACTIVATIONS = "uint8"      # or "int8"
 ACCURACY_LEVEL = 4         # MatMulNBits' compute: 4 = int8 (activations quantized per block)
 ENCODER_NODES = "/encoder/body/"  # the ResNet's nodes (the names the TorchScript exporter gives)
+
+
+METHODS = {"minmax": lambda q: q.CalibrationMethod.MinMax,
+           "entropy": lambda q: q.CalibrationMethod.Entropy,
+           "percentile": lambda q: q.CalibrationMethod.Percentile}
 
 
 class CalibrationError(ValueError):
@@ -60,10 +66,12 @@ class CalibrationError(ValueError):
 
 
 def calibration_images(cfg: Config, checkpoint: str | Path, folder: str | Path | None = None,
-                       count: int = CALIBRATION_IMAGES, seed: int = 0) -> list[Path]:
-    """`count` image files, a seeded sample: of `folder` (every image file in it, recursively), or
-    else of the run's training split (splits.json beside the checkpoint or in cfg.run_dir, names
-    under cfg.data.images). CalibrationError when there are none."""
+                       count: int | None = None, seed: int = 0) -> list[Path]:
+    """`count` image files (None: CALIBRATION_IMAGES), a seeded sample: of `folder` (every image
+    file in it, recursively), or else of the run's training split (splits.json beside the
+    checkpoint or in cfg.run_dir, names under cfg.data.images). CalibrationError when there are
+    none."""
+    count = CALIBRATION_IMAGES if count is None else count
     hint = ("name a folder of images with --calibration DIR, or keep the encoder fp32 with "
             "--encoder fp32")
     if folder is not None:
@@ -173,12 +181,12 @@ def quantize_encoder(src: Path, dst: Path, images: list[Path], pre: dict, block:
                 quant_format=q.QuantFormat.QDQ if FORMAT == "qdq" else q.QuantFormat.QOperator,
                 per_channel=PER_CHANNEL, reduce_range=REDUCE_RANGE, activation_type=activation,
                 weight_type=q.QuantType.QInt8, nodes_to_quantize=nodes,
-                calibrate_method=q.CalibrationMethod.MinMax, use_external_data_format=True)
+                calibrate_method=METHODS[CALIBRATION_METHOD](q), use_external_data_format=True)
             if not reader.used:
                 raise CalibrationError(f"none of the {len(images)} calibration images could be "
                                        "read")
             packed = pack_matmuls(static, dst, block, external_data=True)
     return {"encoder": "static", "format": FORMAT, "per_channel": PER_CHANNEL,
             "weights": "int8, -64..64" if REDUCE_RANGE else "int8", "activations": ACTIVATIONS,
-            "calibration": "min/max", "calibration_images": reader.used,
+            "calibration": CALIBRATION_METHOD, "calibration_images": reader.used,
             "matmuls": f"{packed} in MatMulNBits, 8 bits, blocks of {block}"}
