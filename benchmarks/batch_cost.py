@@ -9,8 +9,11 @@ Each part is timed in turns with the others, round after round (medians); the st
 are timed inside the search, by wrapping the engine's two calls.
 
 Last line: batch_cost: encoder_ms=... caption_ms=... efficiency=... open_ms=... transform_ms=...
-encode_ms=... start_ms=... steps_ms=... search_other_ms=... budget_ms=... (budget: what may come on
-top of the bare encoder for an efficiency of 0.9, encoder_ms / 0.9 - encoder_ms)
+encode_ms=... chunks_ms=... start_ms=... steps_ms=... search_other_ms=... rest_ms=... budget_ms=...
+weights=... (chunks: what encoding 8 at a time adds, encode - transform - encoder; rest: caption
+less every part; budget: what may come on top of the bare encoder for an efficiency of 0.9,
+encoder_ms / 0.9 - encoder_ms; weights: the export's int8 encoder weights, "-64..64", "int8" for
+full range, or "fp32")
 
     python benchmarks/decode.py --exports DIR        # makes DIR/fp32, DIR/int8, DIR/all_int8 once
     python benchmarks/batch_cost.py DIR/all_int8 [--repeats 5] [--json PATH]
@@ -64,7 +67,9 @@ def main() -> None:
         timed.seconds.update(start=0.0, steps=0.0)
         start = time.perf_counter()
         captioner.search(memory, options)
-        parts.append((time.perf_counter() - start, timed.seconds["start"], timed.seconds["steps"]))
+        total = time.perf_counter() - start
+        parts.append((timed.seconds["start"], timed.seconds["steps"],
+                      total - timed.seconds["start"] - timed.seconds["steps"]))
 
     captioner.engine = timed
     words = len(captioner.caption(images[:1])[0].caption.split())
@@ -75,17 +80,21 @@ def main() -> None:
                         "transform": lambda: np.stack([captioner.transform(p) for p in opened]),
                         "encode": lambda: captioner.encode(opened),
                         "search": search}, args.repeats)
-    parts = np.array(parts[1:])                                  # the warm-up round left out
-    total, start, steps = (float(np.median(parts[:, i])) for i in range(3))
+    start, steps, other = (float(np.median(column)) * 1e3 for column in np.array(parts[-args.repeats:]).T)
     env = common.machine("cpu", captioner.precision)
     ms = {key: value * 1e3 for key, value in t.items()}
+    chunks = ms["encode"] - ms["transform"] - ms["encoder"]
     figures = {"encoder_ms": ms["encoder"], "caption_ms": ms["caption"], "efficiency": t["encoder"] / t["caption"],
-               "open_ms": ms["open"], "transform_ms": ms["transform"], "encode_ms": ms["encode"],
-               "start_ms": start * 1e3, "steps_ms": steps * 1e3, "search_other_ms": (total - start - steps) * 1e3,
+               "open_ms": ms["open"], "transform_ms": ms["transform"], "encode_ms": ms["encode"], "chunks_ms": chunks,
+               "start_ms": start, "steps_ms": steps, "search_other_ms": other,
+               "rest_ms": ms["caption"] - ms["open"] - ms["encode"] - start - steps - other,
                "budget_ms": ms["encoder"] / 0.9 - ms["encoder"]}
-    print(f"{args.export}: 32 photos, {WORDS} words each; {env.get('threads')} threads")
-    common.finish("batch_cost", {key: f"{value:.2f}" if key == "efficiency" else f"{value:.1f}"
-                                 for key, value in figures.items()}, env, args.json)
+    int8 = captioner.export.get("int8") or {}
+    recipe = int8.get("encoder") if isinstance(int8.get("encoder"), dict) else {}
+    weights = recipe.get("weights", "fp32").replace("int8, ", "")
+    print(f"{args.export}: 32 photos, {WORDS} words each; {env.get('threads')} threads; encoder weights {weights}")
+    common.finish("batch_cost", {**{key: f"{value:.2f}" if key == "efficiency" else f"{value:.1f}"
+                                    for key, value in figures.items()}, "weights": weights}, env, args.json)
 
 
 if __name__ == "__main__":

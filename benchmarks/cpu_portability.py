@@ -13,7 +13,7 @@ Last line: cpu_portability: NAME_differ=... (captions that differ between this C
 NAME_same_here=... NAME_same_avx2=... (the share equal to the fp32 checkpoint's on each) NAME_memory_diff=...
 NAME_memory_cosine=... (the encoder graph's memory of the first 64 images on the two CPUs: the largest difference,
 the lowest cosine), for NAME in fp32, int8, all_int8, all_int8_full_range; emulated=... (the emulated CPU's vector
-units, as numpy saw them)
+units, as numpy saw them; it must have AVX2 and neither AVX-512 nor VNNI) qemu=... (QEMU's version)
 
     apt-get install qemu-user        # Debian and Ubuntu: qemu-x86_64
     python benchmarks/cpu_portability.py --checkpoint runs/shapes/best.pt --data data/shapes [--split test]
@@ -40,8 +40,8 @@ def vector_units() -> str:
         from numpy._core._multiarray_umath import __cpu_features__ as features
     except ImportError:                                                    # numpy < 2
         from numpy.core._multiarray_umath import __cpu_features__ as features
-    return "+".join(k.lower() for k in ("AVX2", "FMA3", "AVX512F", "AVX512VNNI", "AVX512_BF16") if features.get(k)
-                    ) or "none"
+    units = ("AVX2", "FMA3", "AVX512F", "AVX512VNNI", "AVX512BF16", "AVXVNNI")
+    return "+".join(k.lower() for k in units if features.get(k)) or "none"
 
 
 def caption_child(export: Path, images: Path, out: Path) -> None:
@@ -59,6 +59,15 @@ def caption_child(export: Path, images: Path, out: Path) -> None:
         raise SystemExit(f"{len(bad)} images failed, e.g. {bad[0]}")
     np.save(out.with_suffix(".npy"), captioner.encode([captioner._open(p) for p in paths[:MEMORY_IMAGES]]))
     out.write_text(json.dumps({"units": vector_units(), "captions": [r.caption for r in results]}))
+
+
+def check_emulated(units: str, cpu: str) -> None:
+    """Stop unless the emulated CPU has AVX2 and no VNNI or AVX-512: an older QEMU without AVX2 would
+    otherwise be measured as if it were the AVX2 kernels."""
+    have = units.split("+")
+    if "avx2" not in have or any(u.startswith(("avx512", "avxvnni")) for u in have):
+        raise SystemExit(f"cpu_portability: the emulated CPU ({cpu}) has {units}, not AVX2 without VNNI or "
+                         "AVX-512: a newer QEMU (7.2 or later emulates AVX2), or another --cpu")
 
 
 def compare_memory(a, b) -> tuple[float, float]:
@@ -108,10 +117,15 @@ def main() -> None:
             captions = {}
             for where, prefix in (("here", []), ("avx2", [qemu, "-cpu", args.cpu])):
                 start, out = time.perf_counter(), Path(tmp) / f"{name}-{where}.json"
-                subprocess.run([*prefix, sys.executable, __file__, "--child", Path(tmp) / name, listing, out],
-                               check=True, stderr=subprocess.DEVNULL if prefix else None)  # QEMU's feature warnings
+                child = subprocess.run([*prefix, sys.executable, __file__, "--child", Path(tmp) / name, listing, out],
+                                       capture_output=True, text=True)
+                if child.returncode:
+                    raise SystemExit(f"cpu_portability: captioning with {name} {where} failed: "
+                                     f"{child.stderr.strip()[-2000:]}")
                 result = json.loads(out.read_text())
                 captions[where], units[where] = result["captions"], result["units"]
+                if prefix:
+                    check_emulated(units[where], args.cpu)
                 same = sum(a == b for a, b in zip(captions[where], reference)) / len(paths)
                 acc = accuracy(dict(zip(names, captions[where])), truth)
                 print(f"{name:20s} {where}: same as the checkpoint {same:7.2%}, accuracy {acc:.4f} "
@@ -129,8 +143,10 @@ def main() -> None:
     print(f"{len(paths)} {args.split} images; this CPU: {units['here']}; emulated ({args.cpu}): {units['avx2']}")
     order = [f"{name}_{kind}" for name in EXPORTS
              for kind in ("differ", "same_here", "same_avx2", "memory_diff", "memory_cosine")]
+    version = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.split()
     common.finish("cpu_portability", {**{key: figures[key] for key in order}, "images": len(paths),
-                                      "emulated": units["avx2"]}, env, args.json)
+                                      "emulated": units["avx2"], "qemu": version[2] if len(version) > 2 else "?"},
+                  env, args.json)
 
 
 if __name__ == "__main__":

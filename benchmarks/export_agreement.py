@@ -12,7 +12,7 @@ accuracy_int8=C accuracy_all_int8=D ... (int8: the fp32 encoder; all_int8: the i
 
     python benchmarks/export_agreement.py --checkpoint runs/shapes/best.pt --data data/shapes [--split test]
         [--int8-block 128] [--shortlist 16]      (another int8 recipe than export.py's, to compare)
-        [--calibration-images 256] [--calibration-method minmax] [--weights-range 7]   (... and encoder recipe)
+        [--calibration-images 256] [--calibration-method minmax] [--weight-bits 7]   (... and encoder recipe)
         [--json PATH]
 """
 from __future__ import annotations
@@ -54,12 +54,12 @@ def main() -> None:
                         help="another int8 encoder recipe: training images its ranges come from")
     parser.add_argument("--calibration-method", default=recipe.CALIBRATION_METHOD, choices=sorted(recipe.METHODS),
                         help="another int8 encoder recipe: how the ranges are found")
-    parser.add_argument("--weights-range", type=int, default=7 if recipe.REDUCE_RANGE else 8, choices=[7, 8],
+    parser.add_argument("--weight-bits", type=int, default=7 if recipe.REDUCE_RANGE else 8, choices=[7, 8],
                         help="another int8 encoder recipe: 7: weights within -64..64, 8: the full int8 range")
     args = parser.parse_args()
     export_module.INT8_BLOCK, export_module.SHORTLIST = args.int8_block, args.shortlist
     recipe.CALIBRATION_IMAGES, recipe.CALIBRATION_METHOD = args.calibration_images, args.calibration_method
-    recipe.REDUCE_RANGE = args.weights_range == 7
+    recipe.REDUCE_RANGE = args.weight_bits == 7
     checkpoint = Path(args.checkpoint)
     names = json.loads(Path(args.splits or checkpoint.parent / "splits.json").read_text())[args.split]
     paths = [Path(args.data) / "flickr30k_images" / n for n in names]
@@ -99,7 +99,7 @@ def main() -> None:
         f"checkpoint_{auto}_same": f"{same['checkpoint_auto']:.4f}",
         f"accuracy_checkpoint_{auto}": f"{acc['checkpoint_auto']:.4f}", "images": len(paths),
         "int8_block": args.int8_block, "shortlist": args.shortlist, "calibration_images": args.calibration_images,
-        "calibration_method": args.calibration_method, "weights_range": args.weights_range}, env, args.json)
+        "calibration_method": args.calibration_method, "weight_bits": args.weight_bits}, env, args.json)
 
 
 if __name__ == "__main__":

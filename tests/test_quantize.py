@@ -60,7 +60,7 @@ def test_quantize_int8_makes_every_resnet_convolution_int8_and_the_transformers_
     recipe = json.loads((int8_exports / "all" / "config.json").read_text())["int8"]["encoder"]
     assert recipe["calibration_images"] == min(256, len(train)) and recipe["format"] == "qdq"
     assert recipe["matmuls"] == f"{packed} in MatMulNBits, 8 bits, blocks of 128"
-    assert recipe["weights"] == "int8, -64..64"
+    assert recipe["weights"] == "int8, -64..64" and recipe["calibration"] == "minmax"
     assert json.loads((int8_exports / "fp32_encoder" / "config.json").read_text())["int8"]["encoder"] == "fp32"
 
 
@@ -100,6 +100,14 @@ def test_calibration_images_are_a_seeded_sample_of_the_training_split(tiny_run):
     assert picked == calibration_images(cfg, tiny_run / "best.pt", count=5)                    # seeded
     assert picked != calibration_images(cfg, tiny_run / "best.pt", count=5, seed=1)
     assert len(calibration_images(cfg, tiny_run / "best.pt")) == len(splits["train"])           # all, when fewer
+
+
+def test_calibration_images_default_count_is_the_module_setting_when_called(tiny_run, monkeypatch):
+    from captioning.decode import quantize
+    from captioning.model.checkpoint import load_checkpoint
+    _, _, cfg = load_checkpoint(tiny_run / "best.pt")
+    monkeypatch.setattr(quantize, "CALIBRATION_IMAGES", 3)       # what export_agreement.py --calibration-images sets
+    assert len(quantize.calibration_images(cfg, tiny_run / "best.pt")) == 3
 
 
 def test_calibration_dir_picks_its_own_images_and_a_run_without_splits_says_what_to_do(tiny_run, shapes_dir,

@@ -27,7 +27,7 @@ from ..model.kv_cache import DecoderCache
 EXPORT_FORMAT = 1
 # the exporter's graphs: raised when a checkpoint would export to other graphs than before (the
 # captions the same, the graphs faster), so that engine="auto" makes its cached exports again
-EXPORTER_REVISION = 3
+EXPORTER_REVISION = 2
 FILES = ("encoder.onnx", "encoder.onnx.data", "start.onnx", "step.onnx", "vocab.json",
          "preprocess.json", "config.json")
 

@@ -17,9 +17,11 @@ activations quantized per block as they come rather than to calibrated ranges.
 
 The recipe (docs/design.md says why): QDQ format, int8 weights with a scale per output channel in
 7 bits' range (-64..64: `REDUCE_RANGE`), uint8 activations with ranges from min/max over the
-calibration images. The 7-bit weights make an export's captions the same on every CPU: without VNNI
-(AVX2 alone) ONNX Runtime's int8 convolutions add each pair of uint8 x int8 products in a saturating
-int16 (VPMADDUBSW), and 255 * 127 * 2 overflows it where 255 * 64 * 2 does not.
+calibration images. The 7-bit range keeps an export's captions the same with and without VNNI:
+without it (AVX2 alone) ONNX Runtime's int8 convolutions add each pair of uint8 x int8 products in a
+saturating int16 (VPMADDUBSW), and 255 * 127 * 2 overflows it where 255 * 64 * 2 does not
+(benchmarks/cpu_portability.py: on an emulated AVX2 CPU 1 of 600 Shapes captions differs, 20 with
+the full int8 range).
 
     calibration_images(cfg, checkpoint)     a seeded sample of the run's training images
     calibration_images(cfg, ckpt, "DIR")    ... or of the image files in DIR
