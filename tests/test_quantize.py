@@ -146,3 +146,29 @@ def test_cli_export_with_calibration_dir_and_the_flags_that_do_not_go_together(t
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and complaint in err[0], err
         assert not (tmp_path / "x").exists()
+
+
+def test_an_int8_export_with_full_range_weights_warns_where_the_int8_sums_can_saturate(int8_exports, tmp_path,
+                                                                                      monkeypatch, caplog):
+    import shutil
+
+    from captioning.decode import onnx_engine
+    old = tmp_path / "old"
+    shutil.copytree(int8_exports / "all", old)
+    meta = json.loads((old / "config.json").read_text())
+    meta["int8"]["encoder"]["weights"] = "int8"                      # what exports made before -64..64 say
+    (old / "config.json").write_text(json.dumps(meta))
+    for saturates, folder, warned in ((True, old, True), (False, old, False), (True, int8_exports / "all", False)):
+        monkeypatch.setattr(onnx_engine, "int8_sums_saturate", lambda s=saturates: s)
+        caplog.clear()
+        Captioner.from_export(folder)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert bool(warnings) == warned, (saturates, folder, warnings)
+        if warned:
+            assert str(old) in warnings[0] and "export the checkpoint again" in warnings[0]
+
+
+def test_int8_sums_saturate_only_on_x86_without_vnni(monkeypatch):
+    from captioning.decode import onnx_engine
+    monkeypatch.setattr(onnx_engine.platform, "machine", lambda: "aarch64")
+    assert onnx_engine.int8_sums_saturate() is False                 # ARM's dot products are exact

@@ -15,6 +15,8 @@ import contextlib
 import functools
 import importlib.util
 import json
+import logging
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from ..config import EnvironmentProblem, from_dict
 from ..data.vocab import Vocabulary
 from ..model.kv_cache import DecoderCache
 
+log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1
 # the exporter's graphs: raised when a checkpoint would export to other graphs than before (the
 # captions the same, the graphs faster), so that engine="auto" makes its cached exports again
@@ -147,6 +150,30 @@ def _check_runtime(export: dict) -> None:
                           "pip install -U onnxruntime")
 
 
+def int8_sums_saturate() -> bool:
+    """Whether ONNX Runtime's int8 convolutions on this CPU add pairs of products in a saturating
+    int16 (VPMADDUBSW): an x86 CPU without VNNI. numpy's dispatcher says what the CPU has."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:                                                    # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    return not (features.get("AVX512VNNI") or features.get("AVXVNNI"))
+
+
+def _warn_full_range(export: dict) -> None:
+    """A warning when an int8 encoder with full-range weights (made before they were kept within
+    -64..64) runs where its sums can saturate: its captions may then differ (design.md)."""
+    int8 = export.get("int8")
+    encoder = int8.get("encoder") if isinstance(int8, dict) else None
+    if isinstance(encoder, dict) and encoder.get("weights") == "int8" and int8_sums_saturate():
+        log.warning("%s: its int8 encoder has full-range weights, which this CPU's int8 kernels "
+                    "(x86 without VNNI) can saturate, so some captions may differ from a VNNI "
+                    "CPU's: export the checkpoint again (its weights are then kept within -64..64)",
+                    export["folder"])
+
+
 def preprocess(image: Image.Image, image_size: int, mean, std) -> np.ndarray:
     """data.build_transform with PIL and numpy: square bilinear resize, [0, 1], normalise ->
     (3, S, S)."""
@@ -192,6 +219,7 @@ def load_export(folder: str | Path,
     require_onnx("captioning from an export")
     export = read_export(folder)
     _check_runtime(export)
+    _warn_full_range(export)
     folder = export["folder"]
     encoder = OrtEncoder(load_session(folder / "encoder.onnx", threads), export["preprocess"],
                          export.get("quantize") or "fp32")
