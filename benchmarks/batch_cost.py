@@ -27,6 +27,7 @@ import numpy as np
 
 import common
 from captioning import Captioner
+from captioning.decode.onnx_engine import encoder_recipe
 from decode import WORDS, photos
 
 
@@ -89,9 +90,7 @@ def main() -> None:
                "start_ms": start, "steps_ms": steps, "search_other_ms": other,
                "rest_ms": ms["caption"] - ms["open"] - ms["encode"] - start - steps - other,
                "budget_ms": ms["encoder"] / 0.9 - ms["encoder"]}
-    int8 = captioner.export.get("int8") or {}
-    recipe = int8.get("encoder") if isinstance(int8.get("encoder"), dict) else {}
-    weights = recipe.get("weights", "fp32").replace("int8, ", "")
+    weights = (encoder_recipe(captioner.export) or {}).get("weights", "fp32").replace("int8, ", "")
     print(f"{args.export}: 32 photos, {WORDS} words each; {env.get('threads')} threads; encoder weights {weights}")
     common.finish("batch_cost", {**{key: f"{value:.2f}" if key == "efficiency" else f"{value:.1f}"
                                     for key, value in figures.items()}, "weights": weights}, env, args.json)

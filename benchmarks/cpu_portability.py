@@ -36,10 +36,9 @@ MEMORY_IMAGES = 64
 
 def vector_units() -> str:
     """The CPU's vector units as numpy's dispatcher sees them (under the emulator: the emulated CPU's)."""
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:                                                    # numpy < 2
-        from numpy.core._multiarray_umath import __cpu_features__ as features
+    from captioning.decode.onnx_engine import cpu_features
+
+    features = cpu_features()
     units = ("AVX2", "FMA3", "AVX512F", "AVX512VNNI", "AVX512BF16", "AVXVNNI")
     return "+".join(k.lower() for k in units if features.get(k)) or "none"
 

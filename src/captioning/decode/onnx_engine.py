@@ -150,24 +150,39 @@ def _check_runtime(export: dict) -> None:
                           "pip install -U onnxruntime")
 
 
-def int8_sums_saturate() -> bool:
-    """Whether ONNX Runtime's int8 convolutions on this CPU add pairs of products in a saturating
-    int16 (VPMADDUBSW): an x86 CPU without VNNI. numpy's dispatcher says what the CPU has."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return False
+def cpu_features() -> dict[str, bool]:
+    """What the CPU has (AVX2, AVX512VNNI, AVXVNNI, ...), as numpy's dispatcher reads it from CPUID:
+    the source ONNX Runtime picks its kernels by (/proc/cpuinfo may tell another story, e.g. under
+    an emulator)."""
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as features
     except ImportError:                                                    # numpy < 2
         from numpy.core._multiarray_umath import __cpu_features__ as features
+    return dict(features)
+
+
+def int8_sums_saturate() -> bool:
+    """Whether ONNX Runtime's int8 convolutions on this CPU add pairs of products in a saturating
+    int16 (VPMADDUBSW): an x86 CPU without VNNI."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    features = cpu_features()
     return not (features.get("AVX512VNNI") or features.get("AVXVNNI"))
+
+
+def encoder_recipe(export: dict) -> dict | None:
+    """An export's int8 encoder recipe (config.json's int8.encoder: weights, calibration, ...), or
+    None for an fp32 encoder."""
+    int8 = export.get("int8")
+    encoder = int8.get("encoder") if isinstance(int8, dict) else None
+    return encoder if isinstance(encoder, dict) else None
 
 
 def _warn_full_range(export: dict) -> None:
     """A warning when an int8 encoder with full-range weights (made before they were kept within
     -64..64) runs where its sums can saturate: its captions may then differ (design.md)."""
-    int8 = export.get("int8")
-    encoder = int8.get("encoder") if isinstance(int8, dict) else None
-    if isinstance(encoder, dict) and encoder.get("weights") == "int8" and int8_sums_saturate():
+    recipe = encoder_recipe(export)
+    if recipe is not None and recipe.get("weights") == "int8" and int8_sums_saturate():
         log.warning("%s: its int8 encoder has full-range weights, which this CPU's int8 kernels "
                     "(x86 without VNNI) can saturate, so some captions may differ from a VNNI "
                     "CPU's: export the checkpoint again (its weights are then kept within -64..64)",

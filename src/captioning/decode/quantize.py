@@ -58,9 +58,8 @@ ACCURACY_LEVEL = 4         # MatMulNBits' compute: 4 = int8 (activations quantiz
 ENCODER_NODES = "/encoder/body/"  # the ResNet's nodes (the names the TorchScript exporter gives)
 
 
-METHODS = {"minmax": lambda q: q.CalibrationMethod.MinMax,
-           "entropy": lambda q: q.CalibrationMethod.Entropy,
-           "percentile": lambda q: q.CalibrationMethod.Percentile}
+# --calibration-method's names -> onnxruntime's CalibrationMethod members
+METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
 class CalibrationError(ValueError):
@@ -183,7 +182,8 @@ def quantize_encoder(src: Path, dst: Path, images: list[Path], pre: dict, block:
                 quant_format=q.QuantFormat.QDQ if FORMAT == "qdq" else q.QuantFormat.QOperator,
                 per_channel=PER_CHANNEL, reduce_range=REDUCE_RANGE, activation_type=activation,
                 weight_type=q.QuantType.QInt8, nodes_to_quantize=nodes,
-                calibrate_method=METHODS[CALIBRATION_METHOD](q), use_external_data_format=True)
+                calibrate_method=getattr(q.CalibrationMethod, METHODS[CALIBRATION_METHOD]),
+                use_external_data_format=True)
             if not reader.used:
                 raise CalibrationError(f"none of the {len(images)} calibration images could be "
                                        "read")
