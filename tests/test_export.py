@@ -166,6 +166,23 @@ def test_an_exports_arrays_are_numpy_and_its_search_still_takes_a_tensor(exports
 
 
 @needs_ort
+def test_an_exports_session_threads_spin_within_a_run_and_stop_after_it(exports, images, monkeypatch):
+    from captioning.decode import onnx_engine
+
+    def settings(captioner):
+        sessions = (captioner.encoder.session, captioner.engine.start, captioner.engine.step_session)
+        return {(s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"),
+                 s.get_session_options().get_session_config_entry("session.force_spinning_stop")) for s in sessions}
+
+    spinning = Captioner.from_export(exports / "int8")
+    assert settings(spinning) == {("1", "1")}
+    monkeypatch.setattr(onnx_engine, "SPIN_WITHIN_RUN", False)     # what benchmarks/session_threads.py compares
+    never = Captioner.from_export(exports / "int8")
+    assert settings(never) == {("0", "1")}
+    assert [r.caption for r in never.caption(images[:4])] == [r.caption for r in spinning.caption(images[:4])]
+
+
+@needs_ort
 def test_captioning_from_an_export_imports_neither_torch_nor_torchvision_nor_pandas_nor_matplotlib(exports, images):
     code = ("import sys; from captioning import Captioner; "
             f"c = Captioner.from_export({str(exports / 'int8')!r}); print(c({str(images[0])!r}) != ''); "

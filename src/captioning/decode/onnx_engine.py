@@ -52,15 +52,22 @@ def require_onnx(what: str, *modules: str) -> None:
                            f"pip install -e '.[export]' (or pip install {' '.join(missing)})")
 
 
+SPIN_WITHIN_RUN = True     # False: the threads never spin (benchmarks/session_threads.py compares)
+
+
 def load_session(path: str | Path, threads: int | None = None):
     """An ONNX Runtime CPU session of one graph, all optimisations on; threads None: one a core."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # three sessions take turns on the same cores: threads that spin after a run starve the next
-    # session's (docs/benchmarks.md); no arena, and initializers outside it, for a smaller peak RSS
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # threads spin between a run's operators (no wake-up per operator), and stop when the run
+    # returns: three sessions take turns on the same cores, and threads that went on spinning after
+    # a run starved the next session's (docs/design.md, "The sessions"; SPIN_WITHIN_RUN False:
+    # never spin, to compare); no arena, and initializers outside it, for a smaller peak RSS
+    spin = "1" if SPIN_WITHIN_RUN else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
     options.enable_cpu_mem_arena = False
     if threads:

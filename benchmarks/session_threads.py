@@ -1,0 +1,91 @@
+"""ONNX Runtime's threads: spinning within a run against never spinning, side by side in one process.
+
+An export runs as three sessions (encoder, start, step) taking turns on the same cores. With
+spinning off, a session's worker threads sleep whenever they run out of work and are woken for
+every operator that runs in parallel: a decoding step has a few hundred operators, each woken for.
+With spinning on and left on, the idle threads of one session keep spinning after its run and
+starve the next session's. `onnx_engine.load_session` lets the threads spin within a run and stops
+them when it returns (`session.force_spinning_stop`); `onnx_engine.SPIN_WITHIN_RUN = False` gives
+the sessions as they were before, threads that never spin.
+
+Two captioners of one export, one of each, caption the same photos in turns, round after round
+(medians): one photo, and 32 in one batch; and each bare encoder graph on 32 preprocessed images,
+for the batch efficiency (as decode.py measures it). Also the CPU time the process uses in the
+0.3 s after a run of a spinning session that is not stopped, and of `load_session`'s (threads
+that went on spinning), and whether both captioners give the same captions.
+
+Last line: session_threads: one_ms_never=... one_ms=... speedup_one=... batch_ms_never=...
+batch_ms=... speedup_batch=... batch_efficiency_never=... batch_efficiency=...
+idle_cpu_ms_spinning=... idle_cpu_ms=... same_captions=...
+
+    python benchmarks/decode.py --exports DIR        # makes DIR/fp32, DIR/int8, DIR/all_int8 once
+    python benchmarks/session_threads.py DIR/all_int8 [--rounds 20] [--json PATH]
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+import common
+from captioning import Captioner
+from captioning.decode import onnx_engine
+from decode import photos
+
+
+def idle_cpu_ms(export: Path, stop: bool, x: np.ndarray) -> float:
+    """CPU milliseconds this process uses while sleeping 0.3 s right after a run of the encoder
+    graph, in a session whose threads spin (and, with `stop`, stop spinning when a run returns)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1" if stop else "0")
+    session = ort.InferenceSession(str(export / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for _ in range(3):
+        session.run(None, {name: x})
+    start = time.process_time()
+    time.sleep(0.3)
+    return (time.process_time() - start) * 1e3
+
+
+def main() -> None:
+    parser = common.parser(__doc__)
+    parser.add_argument("export", type=Path, help="an export folder, e.g. decode.py's DIR/all_int8")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of one photo (batches: a fifth of them)")
+    args = parser.parse_args()
+    env = common.machine("cpu", "fp32")
+    captioners = {}
+    for name, spin in (("never", False), ("within_run", True)):
+        onnx_engine.SPIN_WITHIN_RUN = spin
+        captioners[name] = Captioner.from_export(args.export)
+    onnx_engine.SPIN_WITHIN_RUN = True
+    images = photos()
+    x = np.stack([np.asarray(captioners["never"].transform(p)) for p in images])
+    one = common.medians({name: (lambda c=c: c.caption(images[:1], batch_size=1))
+                          for name, c in captioners.items()}, args.rounds)
+    batch_jobs = {}
+    for name, c in captioners.items():
+        batch_jobs[f"{name}_batch"] = lambda c=c: c.caption(images, batch_size=32)
+        batch_jobs[f"{name}_encoder"] = lambda c=c: c.encoder.memory(images=x)
+    batch = common.medians(batch_jobs, max(1, args.rounds // 5))
+    captions = {name: [r.caption for r in c.caption(images, batch_size=32)] for name, c in captioners.items()}
+    efficiency = {name: batch[f"{name}_encoder"] / batch[f"{name}_batch"] for name in captioners}
+    idle_spinning, idle = idle_cpu_ms(args.export, False, x[:1]), idle_cpu_ms(args.export, True, x[:1])
+    for name in captioners:
+        print(f"{name:10s} one photo {one[name] * 1e3:7.1f} ms   32 photos {batch[f'{name}_batch'] * 1e3:7.1f} ms "
+              f"(bare encoder {batch[f'{name}_encoder'] * 1e3:7.1f} ms, efficiency {efficiency[name]:.2f})")
+    common.finish("session_threads", {
+        "one_ms_never": f"{one['never'] * 1e3:.1f}", "one_ms": f"{one['within_run'] * 1e3:.1f}",
+        "speedup_one": f"{one['never'] / one['within_run']:.2f}",
+        "batch_ms_never": f"{batch['never_batch'] * 1e3:.1f}", "batch_ms": f"{batch['within_run_batch'] * 1e3:.1f}",
+        "speedup_batch": f"{batch['never_batch'] / batch['within_run_batch']:.2f}",
+        "batch_efficiency_never": f"{efficiency['never']:.2f}", "batch_efficiency": f"{efficiency['within_run']:.2f}",
+        "idle_cpu_ms_spinning": f"{idle_spinning:.1f}", "idle_cpu_ms": f"{idle:.1f}",
+        "same_captions": int(captions["never"] == captions["within_run"])}, env, args.json)
+
+
+if __name__ == "__main__":
+    main()
