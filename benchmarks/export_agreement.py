@@ -7,8 +7,14 @@ at `precision: auto`) and by each export through the same `Captioner.caption`. M
 images whose caption equals the fp32 checkpoint's, and the Shapes accuracy of each (the caption names every object with
 the right colour and shape, and nothing else).
 
+How close each caption was to another: along the fp32 checkpoint's greedy path, the smallest gap between the two best
+words' log-probabilities (0.01: their probabilities within 1% of each other). A caption an export changes is listed
+with its gap and its rank among the split's (1: the closest call); `near_ties` counts the captions with a gap under
+0.01, and `<export>_changed_near_ties` how many of an export's changed captions are among them.
+
 Last line: export_agreement: fp32_same=X int8_same=Y all_int8_same=Z accuracy_checkpoint=A accuracy_fp32=B
-accuracy_int8=C accuracy_all_int8=D ... (int8: the fp32 encoder; all_int8: the int8 encoder too)
+accuracy_int8=C accuracy_all_int8=D ... near_ties=N int8_changed_near_ties=... all_int8_changed_near_ties=...
+(int8: the fp32 encoder; all_int8: the int8 encoder too)
 
     python benchmarks/export_agreement.py --checkpoint runs/shapes/best.pt --data data/shapes [--split test]
         [--int8-block 128] [--shortlist 16]      (another int8 recipe than export.py's, to compare)
@@ -21,6 +27,8 @@ import json
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 import common
 from captioning import Captioner
@@ -38,6 +46,33 @@ def caption_all(captioner: Captioner, paths: list[Path]) -> tuple[dict[str, str]
     if bad:
         raise RuntimeError(f"{len(bad)} images failed, e.g. {bad[0]}")
     return {p.name: r.caption for p, r in zip(paths, results)}, time.perf_counter() - start
+
+
+NEAR_TIE = 0.01     # log-probability gap between the two best words
+
+
+def closest_calls(captioner: Captioner, paths: list[Path]) -> dict[str, float]:
+    """name -> the smallest gap between the two best words' log-probabilities along the greedy path
+    (each step up to and with <eos>), one image at a time through the captioner's engine."""
+    engine, gaps = captioner.engine, []
+    step = engine.step
+
+    def recording(cache, tokens, attention=None):
+        out = step(cache, tokens, attention)
+        best = np.sort(np.asarray(out, dtype=np.float64)[0])[-2:]   # one image, one row; the gap
+        gaps.append(float(best[1] - best[0]))                       # of logits is that of log-probs
+        return out
+
+    engine.step = recording
+    try:
+        closest = {}
+        for path in paths:
+            gaps.clear()
+            words = captioner.caption([path], batch_size=1)[0].caption.split()
+            closest[path.name] = min(gaps[:len(words) + 1])
+        return closest
+    finally:
+        del engine.step
 
 
 def main() -> None:
@@ -87,10 +122,18 @@ def main() -> None:
     for name in captions:
         print(f"{name:16s} same as checkpoint fp32: {same[name]:7.2%}  accuracy {acc[name]:.4f}  "
               f"{seconds[name]:6.1f} s")
-    for name in ("onnx_fp32", "onnx_int8", "onnx_all_int8"):
-        for n in reference:
-            if captions[name][n] != reference[n]:
-                print(f"  {name} {n}: {reference[n]!r} -> {captions[name][n]!r}")
+    gap = closest_calls(captioners["checkpoint_fp32"], paths)
+    rank = {n: i + 1 for i, n in enumerate(sorted(gap, key=gap.get))}
+    near = {n for n in gap if gap[n] < NEAR_TIE}
+    print(f"near ties (the two best words within {NEAR_TIE} in log-probability somewhere on the greedy path): "
+          f"{len(near)} of {len(gap)}")
+    changed_near = {}
+    for name in ("checkpoint_auto", "onnx_fp32", "onnx_int8", "onnx_all_int8"):
+        changed = [n for n in reference if captions[name][n] != reference[n]]
+        changed_near[name] = len(near.intersection(changed))
+        for n in sorted(changed, key=rank.get):
+            print(f"  {name} {n} (gap {gap[n]:.3f}, closest call {rank[n]} of {len(gap)}): "
+                  f"{reference[n]!r} -> {captions[name][n]!r}")
     common.finish("export_agreement", {
         "fp32_same": f"{same['onnx_fp32']:.4f}", "int8_same": f"{same['onnx_int8']:.4f}",
         "all_int8_same": f"{same['onnx_all_int8']:.4f}",
@@ -99,7 +142,10 @@ def main() -> None:
         f"checkpoint_{auto}_same": f"{same['checkpoint_auto']:.4f}",
         f"accuracy_checkpoint_{auto}": f"{acc['checkpoint_auto']:.4f}", "images": len(paths),
         "int8_block": args.int8_block, "shortlist": args.shortlist, "calibration_images": args.calibration_images,
-        "calibration_method": args.calibration_method, "weight_bits": args.weight_bits}, env, args.json)
+        "calibration_method": args.calibration_method, "weight_bits": args.weight_bits, "near_ties": len(near),
+        f"checkpoint_{auto}_changed_near_ties": changed_near["checkpoint_auto"],
+        "int8_changed_near_ties": changed_near["onnx_int8"],
+        "all_int8_changed_near_ties": changed_near["onnx_all_int8"]}, env, args.json)
 
 
 if __name__ == "__main__":
