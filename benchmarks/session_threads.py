@@ -10,19 +10,21 @@ the sessions as they were before, threads that never spin.
 
 Two captioners of one export, one of each, caption the same photos in turns, round after round
 (medians): one photo, and 32 in one batch; and each bare encoder graph on 32 preprocessed images,
-for the batch efficiency (as decode.py measures it). Also the CPU time the process uses in the
+for the batch efficiency (as decode.py measures it); and a folder of 96 JPEG photos in batches of
+16, which four threads open while the model runs (`caption_iter`'s default). Also the CPU time the process uses in the
 0.3 s after a run of a spinning session that is not stopped, and of `load_session`'s (threads
 that went on spinning), and whether both captioners give the same captions.
 
 Last line: session_threads: one_ms_never=... one_ms=... speedup_one=... batch_ms_never=...
-batch_ms=... speedup_batch=... batch_efficiency_never=... batch_efficiency=...
-idle_cpu_ms_spinning=... idle_cpu_ms=... same_captions=...
+batch_ms=... speedup_batch=... batch_efficiency_never=... batch_efficiency=... folder_s_never=...
+folder_s=... idle_cpu_ms_spinning=... idle_cpu_ms=... same_captions=...
 
     python benchmarks/decode.py --exports DIR        # makes DIR/fp32, DIR/int8, DIR/all_int8 once
     python benchmarks/session_threads.py DIR/all_int8 [--rounds 20] [--json PATH]
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,18 +73,26 @@ def main() -> None:
         batch_jobs[f"{name}_batch"] = lambda c=c: c.caption(images, batch_size=32)
         batch_jobs[f"{name}_encoder"] = lambda c=c: c.encoder.memory(images=x)
     batch = common.medians(batch_jobs, max(1, args.rounds // 5))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = [Path(tmp) / f"{i:03d}.jpg" for i in range(96)]
+        for path, photo in zip(folder, photos(96)):
+            photo.save(path, quality=90)
+        stream = common.medians({name: (lambda c=c: list(c.caption_iter(folder, batch_size=16)))
+                                 for name, c in captioners.items()}, max(1, args.rounds // 5))
     captions = {name: [r.caption for r in c.caption(images, batch_size=32)] for name, c in captioners.items()}
     efficiency = {name: batch[f"{name}_encoder"] / batch[f"{name}_batch"] for name in captioners}
     idle_spinning, idle = idle_cpu_ms(args.export, False, x[:1]), idle_cpu_ms(args.export, True, x[:1])
     for name in captioners:
         print(f"{name:10s} one photo {one[name] * 1e3:7.1f} ms   32 photos {batch[f'{name}_batch'] * 1e3:7.1f} ms "
-              f"(bare encoder {batch[f'{name}_encoder'] * 1e3:7.1f} ms, efficiency {efficiency[name]:.2f})")
+              f"(bare encoder {batch[f'{name}_encoder'] * 1e3:7.1f} ms, efficiency {efficiency[name]:.2f})   "
+              f"96 JPEGs {stream[name]:.2f} s")
     common.finish("session_threads", {
         "one_ms_never": f"{one['never'] * 1e3:.1f}", "one_ms": f"{one['within_run'] * 1e3:.1f}",
         "speedup_one": f"{one['never'] / one['within_run']:.2f}",
         "batch_ms_never": f"{batch['never_batch'] * 1e3:.1f}", "batch_ms": f"{batch['within_run_batch'] * 1e3:.1f}",
         "speedup_batch": f"{batch['never_batch'] / batch['within_run_batch']:.2f}",
         "batch_efficiency_never": f"{efficiency['never']:.2f}", "batch_efficiency": f"{efficiency['within_run']:.2f}",
+        "folder_s_never": f"{stream['never']:.2f}", "folder_s": f"{stream['within_run']:.2f}",
         "idle_cpu_ms_spinning": f"{idle_spinning:.1f}", "idle_cpu_ms": f"{idle:.1f}",
         "same_captions": int(captions["never"] == captions["within_run"])}, env, args.json)
 
