@@ -17,6 +17,7 @@ accuracy_int8=C accuracy_all_int8=D ... near_ties=N int8_changed_near_ties=... a
 (int8: the fp32 encoder; all_int8: the int8 encoder too)
 
     python benchmarks/export_agreement.py --checkpoint runs/shapes/best.pt --data data/shapes [--split test]
+        (--split train: the training images less the ones the int8 encoder is calibrated on)
         [--int8-block 128] [--shortlist 16]      (another int8 recipe than export.py's, to compare)
         [--calibration-images 256] [--calibration-method minmax] [--weight-bits 7]   (... and encoder recipe)
         [--json PATH]
@@ -36,6 +37,7 @@ from captioning.data.shapes import accuracy, load_ground_truth
 from captioning.decode import export as export_module
 from captioning.decode import quantize as recipe
 from captioning.decode.export import export
+from captioning.model.checkpoint import load_checkpoint
 
 
 def caption_all(captioner: Captioner, paths: list[Path]) -> tuple[dict[str, str], float]:
@@ -97,6 +99,9 @@ def main() -> None:
     recipe.REDUCE_RANGE = args.weight_bits == 7
     checkpoint = Path(args.checkpoint)
     names = json.loads(Path(args.splits or checkpoint.parent / "splits.json").read_text())[args.split]
+    if args.split == "train":       # less the images the int8 encoder is calibrated on
+        calibrated = {p.name for p in recipe.calibration_images(load_checkpoint(checkpoint)[2], checkpoint)}
+        names = [n for n in names if n not in calibrated]
     paths = [Path(args.data) / "flickr30k_images" / n for n in names]
     truth = load_ground_truth(args.data)
 
