@@ -7,17 +7,20 @@ uint8 activations by int8 weights with VPMADDUBSW, which adds each pair of produ
 the fp32 encoder, all int8 (what `--quantize int8` does) and all int8 with full-range weights (REDUCE_RANGE off, the
 recipe before), and each export captions a Shapes split greedily twice, on this CPU and under `qemu-x86_64 -cpu
 Haswell-v4` (QEMU's user-mode emulator: AVX2 and FMA, no AVX-512, no VNNI, so ONNX Runtime runs its AVX2 kernels; the
-emulator computes what they compute, not how fast they are: no speed is measured).
+emulator computes what they compute, not how fast they are: no speed is measured). `--runner cpuid` runs the AVX2 side
+on this CPU with CPUID masked instead (`avx2_only.py`: the same kernels, natively; it needs gcc and a CPU that can make
+CPUID fault), which checks that the mask gives ONNX Runtime the kernels the emulated CPU gets.
 
 Last line: cpu_portability: NAME_differ=... (captions that differ between this CPU and the emulated one)
 NAME_same_here=... NAME_same_avx2=... (the share equal to the fp32 checkpoint's on each) NAME_memory_diff=...
 NAME_memory_cosine=... (the encoder graph's memory of the first 64 images on the two CPUs: the largest difference,
 the lowest cosine), for NAME in fp32, int8, all_int8, all_int8_full_range; emulated=... (the emulated CPU's vector
-units, as numpy saw them; it must have AVX2 and neither AVX-512 nor VNNI) qemu=... (QEMU's version)
+units, as numpy saw them; it must have AVX2 and neither AVX-512 nor VNNI) runner=qemu|cpuid qemu=... (QEMU's
+version, with the qemu runner)
 
     apt-get install qemu-user        # Debian and Ubuntu: qemu-x86_64
     python benchmarks/cpu_portability.py --checkpoint runs/shapes/best.pt --data data/shapes [--split test]
-        [--cpu Haswell-v4] [--json PATH]
+        [--cpu Haswell-v4] [--runner qemu|cpuid] [--json PATH]
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from avx2_only import check_units, environment
 
 EXPORTS = {"fp32": (None, None, True), "int8": ("int8", "fp32", True), "all_int8": ("int8", "int8", True),
            "all_int8_full_range": ("int8", "int8", False)}     # name: quantize, encoder, REDUCE_RANGE
@@ -60,15 +65,6 @@ def caption_child(export: Path, images: Path, out: Path) -> None:
     out.write_text(json.dumps({"units": vector_units(), "captions": [r.caption for r in results]}))
 
 
-def check_emulated(units: str, cpu: str) -> None:
-    """Stop unless the emulated CPU has AVX2 and no VNNI or AVX-512: an older QEMU without AVX2 would
-    otherwise be measured as if it were the AVX2 kernels."""
-    have = units.split("+")
-    if "avx2" not in have or any(u.startswith(("avx512", "avxvnni")) for u in have):
-        raise SystemExit(f"cpu_portability: the emulated CPU ({cpu}) has {units}, not AVX2 without VNNI or "
-                         "AVX-512: a newer QEMU (7.2 or later emulates AVX2), or another --cpu")
-
-
 def compare_memory(a, b) -> tuple[float, float]:
     """The largest difference and the lowest cosine, image by image, of two memories (B, L, D)."""
     import numpy as np
@@ -94,10 +90,14 @@ def main() -> None:
     parser.add_argument("--data", default="data/shapes", help="the Shapes data set the checkpoint was trained on")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--cpu", default="Haswell-v4", help="the CPU QEMU emulates (qemu-x86_64 -cpu help lists them)")
+    parser.add_argument("--runner", default="qemu", choices=["qemu", "cpuid"],
+                        help="the AVX2 side: QEMU's emulator, or this CPU with CPUID masked (avx2_only.py)")
     args = parser.parse_args()
     qemu = shutil.which("qemu-x86_64")
-    if qemu is None:
-        raise SystemExit("cpu_portability: qemu-x86_64 not found: apt-get install qemu-user (Debian, Ubuntu)")
+    if args.runner == "qemu" and qemu is None:
+        raise SystemExit("cpu_portability: qemu-x86_64 not found: apt-get install qemu-user (Debian, Ubuntu), "
+                         "or --runner cpuid")
+    avx2 = ([qemu, "-cpu", args.cpu], None) if args.runner == "qemu" else ([], environment())
     checkpoint = Path(args.checkpoint)
     names = json.loads((checkpoint.parent / "splits.json").read_text())[args.split]
     paths = [Path(args.data) / "flickr30k_images" / n for n in names]
@@ -114,17 +114,17 @@ def main() -> None:
             quantize.REDUCE_RANGE = reduce_range
             export(checkpoint, Path(tmp) / name, quantize_to, encoder=encoder)
             captions = {}
-            for where, prefix in (("here", []), ("avx2", [qemu, "-cpu", args.cpu])):
+            for where, (prefix, child_env) in (("here", ([], None)), ("avx2", avx2)):
                 start, out = time.perf_counter(), Path(tmp) / f"{name}-{where}.json"
                 child = subprocess.run([*prefix, sys.executable, __file__, "--child", Path(tmp) / name, listing, out],
-                                       capture_output=True, text=True)
+                                       capture_output=True, text=True, env=child_env)
                 if child.returncode:
                     raise SystemExit(f"cpu_portability: captioning with {name} {where} failed: "
                                      f"{child.stderr.strip()[-2000:]}")
                 result = json.loads(out.read_text())
                 captions[where], units[where] = result["captions"], result["units"]
-                if prefix:
-                    check_emulated(units[where], args.cpu)
+                if where == "avx2":
+                    check_units(units[where], f"cpu_portability: the AVX2 side ({args.runner} {args.cpu})")
                 same = sum(a == b for a, b in zip(captions[where], reference)) / len(paths)
                 acc = accuracy(dict(zip(names, captions[where])), truth)
                 print(f"{name:20s} {where}: same as the checkpoint {same:7.2%}, accuracy {acc:.4f} "
@@ -139,13 +139,16 @@ def main() -> None:
             for n in differ[:5]:
                 i = names.index(n)
                 print(f"  {n}: here {captions['here'][i]!r}, avx2 {captions['avx2'][i]!r}")
-    print(f"{len(paths)} {args.split} images; this CPU: {units['here']}; emulated ({args.cpu}): {units['avx2']}")
+    print(f"{len(paths)} {args.split} images; this CPU: {units['here']}; "
+          f"the AVX2 side ({args.runner}): {units['avx2']}")
     order = [f"{name}_{kind}" for name in EXPORTS
              for kind in ("differ", "same_here", "same_avx2", "memory_diff", "memory_cosine")]
-    version = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.split()
+    runner = {"runner": args.runner}
+    if args.runner == "qemu":
+        version = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.split()
+        runner["qemu"] = version[2] if len(version) > 2 else "?"
     common.finish("cpu_portability", {**{key: figures[key] for key in order}, "images": len(paths),
-                                      "emulated": units["avx2"], "qemu": version[2] if len(version) > 2 else "?"},
-                  env, args.json)
+                                      "emulated": units["avx2"], **runner}, env, args.json)
 
 
 if __name__ == "__main__":

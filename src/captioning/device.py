@@ -20,7 +20,12 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 matrix units (AMX, AVX-512 BF16), where bf16 is a speed-up."""
+    """True on CPUs with native bf16 matrix units (AMX, AVX-512 BF16), where bf16 is a speed-up: as
+    PyTorch's kernels see the CPU (CPUID, which a CPUID mask or an emulator can change), or, in a
+    PyTorch without that check, as /proc/cpuinfo lists it."""
+    cpu = torch.cpu
+    if hasattr(cpu, "_is_avx512_bf16_supported") and hasattr(cpu, "_is_amx_tile_supported"):
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
