@@ -6,7 +6,9 @@ the kernels an AVX2-only CPU runs: ONNX Runtime's int8 convolutions their VPMADD
 instead of bf16 at `precision: auto` (`device.cpu_has_bf16` asks PyTorch). The cores are still this
 CPU's: its clock, caches and memory, and its AVX2 units, so the figures are what these kernels do here,
 not what an older CPU would. QEMU (`cpu_portability.py`) computes what these kernels compute but does
-not time them. /proc/cpuinfo, which env.json reads, still lists what the CPU has.
+not time them. /proc/cpuinfo, which env.json reads, still lists what the CPU has, and glibc's string
+functions keep the variants they chose before the mask. Not for pytest or anything else that installs
+a SIGSEGV handler (Python's faulthandler): the mask answers CPUID from one.
 
 Needs gcc and Linux on an x86 CPU that can make CPUID fault ("cpuid_fault" in /proc/cpuinfo, as on
 the AMD EPYC virtual machine of docs/benchmarks.md). First prints the vector units numpy sees under the
@@ -21,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpuid_avx2.c")
@@ -36,19 +37,22 @@ def check_units(units: str, where: str) -> None:
 
 
 def library() -> Path:
-    """cpuid_avx2.c built once per version of it, in the temporary folder."""
-    source = SOURCE.read_bytes()
-    built = Path(tempfile.gettempdir()) / f"cpuid_avx2-{hashlib.sha256(source).hexdigest()[:12]}.so"
-    if built.is_file():
-        return built
+    """cpuid_avx2.c built once per version of it, in this user's cache folder."""
     if not Path("/proc/cpuinfo").is_file() or "cpuid_fault" not in Path("/proc/cpuinfo").read_text():
         raise SystemExit("avx2_only: this CPU (or its hypervisor) cannot make CPUID fault: no cpuid_fault "
                          "in /proc/cpuinfo; benchmarks/cpu_portability.py emulates an AVX2 CPU instead (no speed)")
+    source = SOURCE.read_bytes()
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioning"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    built = folder / f"cpuid_avx2-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if built.is_file() and built.stat().st_uid == os.getuid() and not built.stat().st_mode & 0o022:
+        return built
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise SystemExit("avx2_only: no C compiler: apt-get install gcc")
     partial = built.with_suffix(f".{os.getpid()}.tmp")
     subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial, SOURCE], check=True)
+    partial.chmod(0o755)
     partial.replace(built)
     return built
 
@@ -56,16 +60,24 @@ def library() -> Path:
 def environment() -> dict[str, str]:
     """This process's environment with the mask preloaded (children inherit it)."""
     preload = " ".join(p for p in (str(library()), os.environ.get("LD_PRELOAD", "")) if p)
-    return {**os.environ, "LD_PRELOAD": preload, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")) if p)}
+    return {**os.environ, "LD_PRELOAD": preload}
+
+
+def masked_units(env: dict[str, str]) -> str:
+    """The vector units numpy sees in a process started with `env` (cpu_portability.vector_units)."""
+    probe = subprocess.run([sys.executable, "-c", UNITS], capture_output=True, text=True,
+                           env={**env, "PYTHONPATH": os.pathsep.join(
+                               p for p in (str(Path(__file__).parent), env.get("PYTHONPATH", "")) if p)})
+    if probe.returncode:
+        raise SystemExit(f"avx2_only: a process with CPUID masked failed: {probe.stderr.strip()[-2000:]}")
+    return probe.stdout.strip()
 
 
 def main() -> int:
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
     env = environment()
-    units = subprocess.run([sys.executable, "-c", UNITS], env=env, capture_output=True, text=True,
-                           check=True).stdout.strip()
+    units = masked_units(env)
     check_units(units, "avx2_only")
     print(f"avx2_only: CPUID masked, numpy sees {units} (/proc/cpuinfo is unchanged)", flush=True)
     return subprocess.run(sys.argv[1:], env=env).returncode

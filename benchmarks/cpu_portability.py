@@ -124,7 +124,8 @@ def main() -> None:
                 result = json.loads(out.read_text())
                 captions[where], units[where] = result["captions"], result["units"]
                 if where == "avx2":
-                    check_units(units[where], f"cpu_portability: the AVX2 side ({args.runner} {args.cpu})")
+                    check_units(units[where], "cpu_portability: the CPUID mask" if args.runner == "cpuid" else
+                                f"cpu_portability: QEMU's {args.cpu} (7.2 or later emulates AVX2; or another --cpu)")
                 same = sum(a == b for a, b in zip(captions[where], reference)) / len(paths)
                 acc = accuracy(dict(zip(names, captions[where])), truth)
                 print(f"{name:20s} {where}: same as the checkpoint {same:7.2%}, accuracy {acc:.4f} "

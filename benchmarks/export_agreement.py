@@ -55,14 +55,17 @@ NEAR_TIE = 0.01     # log-probability gap between the two best words
 
 def closest_calls(captioner: Captioner, paths: list[Path]) -> dict[str, float]:
     """name -> the smallest gap between the two best words' log-probabilities along the greedy path
-    (each step up to and with <eos>), one image at a time through the captioner's engine."""
+    (each step up to and with <eos>), one image at a time through the captioner's engine. Words the
+    search never picks (<pad>, <bos>) are not counted as the second best."""
     engine, gaps = captioner.engine, []
-    step = engine.step
+    step, never = engine.step, [captioner.vocab.pad, captioner.vocab.bos]
 
     def recording(cache, tokens, attention=None):
         out = step(cache, tokens, attention)
-        best = np.sort(np.asarray(out, dtype=np.float64)[0])[-2:]   # one image, one row; the gap
-        gaps.append(float(best[1] - best[0]))                       # of logits is that of log-probs
+        row = np.array(out.float().cpu() if hasattr(out, "cpu") else out, dtype=np.float64)[0]  # one image
+        row[never] = -np.inf
+        best = np.sort(row)[-2:]                    # the gap of logits is that of log-probabilities
+        gaps.append(float(best[1] - best[0]))
         return out
 
     engine.step = recording

@@ -15,15 +15,22 @@ for the batch efficiency (as decode.py measures it); and a folder of 96 JPEG pho
 0.3 s after a run of a spinning session that is not stopped, and of `load_session`'s (threads
 that went on spinning), and whether both captioners give the same captions.
 
+With --served, also two `serve` processes of the export on 127.0.0.1 (threads never spinning:
+CAPTIONING_ORT_SPIN=0; and the default), each posted one JPEG at a time, in turns with the two
+captioners here captioning the same bytes: the served latency against the in-process one.
+
 Last line: session_threads: one_ms_never=... one_ms=... speedup_one=... batch_ms_never=...
 batch_ms=... speedup_batch=... batch_efficiency_never=... batch_efficiency=... folder_s_never=...
-folder_s=... idle_cpu_ms_spinning=... idle_cpu_ms=... same_captions=...
+folder_s=... idle_cpu_ms_spinning=... idle_cpu_ms=... same_captions=... [served_ms_never=... served_ms=...
+offline_ms_never=... offline_ms=...]
 
     python benchmarks/decode.py --exports DIR        # makes DIR/fp32, DIR/int8, DIR/all_int8 once
-    python benchmarks/session_threads.py DIR/all_int8 [--rounds 20] [--json PATH]
+    python benchmarks/session_threads.py DIR/all_int8 [--rounds 20] [--served] [--json PATH]
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -53,10 +60,37 @@ def idle_cpu_ms(export: Path, stop: bool, x: np.ndarray) -> float:
     return (time.process_time() - start) * 1e3
 
 
+def served(export: Path, captioners: dict, rounds: int) -> dict[str, float]:
+    """--served: median seconds of one JPEG posted to a `serve` process whose threads never spin
+    and to one whose threads spin within runs, and of each captioner here on the same bytes."""
+    import httpx
+
+    from serve import Server, jpegs
+
+    jpeg, servers = jpegs(1)[0], {}
+    with contextlib.ExitStack() as stack:
+        for name, spin in (("never", "0"), ("within_run", "")):
+            os.environ[onnx_engine.SPIN_ENV] = spin          # the server process inherits it
+            servers[name] = stack.enter_context(Server(export, 8, 64))
+        os.environ.pop(onnx_engine.SPIN_ENV)
+        client = stack.enter_context(httpx.Client(timeout=120))
+
+        def post(url):
+            response = client.post(url + "/", content=jpeg)
+            response.raise_for_status()
+
+        jobs = {}
+        for name in servers:
+            jobs[f"served_{name}"] = lambda url=servers[name].url: post(url)
+            jobs[f"offline_{name}"] = lambda c=captioners[name]: c.caption([jpeg], batch_size=1)
+        return common.medians(jobs, rounds, warmup=2)
+
+
 def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("export", type=Path, help="an export folder, e.g. decode.py's DIR/all_int8")
     parser.add_argument("--rounds", type=int, default=20, help="rounds of one photo (batches: a fifth of them)")
+    parser.add_argument("--served", action="store_true", help="also one JPEG at a time through two `serve` processes")
     args = parser.parse_args()
     env = common.machine("cpu", "fp32")
     captioners = {}
@@ -86,6 +120,15 @@ def main() -> None:
         print(f"{name:10s} one photo {one[name] * 1e3:7.1f} ms   32 photos {batch[f'{name}_batch'] * 1e3:7.1f} ms "
               f"(bare encoder {batch[f'{name}_encoder'] * 1e3:7.1f} ms, efficiency {efficiency[name]:.2f})   "
               f"96 JPEGs {stream[name]:.2f} s")
+    extra = {}
+    if args.served:
+        t = served(args.export, captioners, args.rounds)
+        extra = {"served_ms_never": f"{t['served_never'] * 1e3:.1f}",
+                 "served_ms": f"{t['served_within_run'] * 1e3:.1f}",
+                 "offline_ms_never": f"{t['offline_never'] * 1e3:.1f}",
+                 "offline_ms": f"{t['offline_within_run'] * 1e3:.1f}"}
+        print(f"one JPEG served: never {extra['served_ms_never']} ms, within runs {extra['served_ms']} ms; here: "
+              f"never {extra['offline_ms_never']} ms, within runs {extra['offline_ms']} ms")
     common.finish("session_threads", {
         "one_ms_never": f"{one['never'] * 1e3:.1f}", "one_ms": f"{one['within_run'] * 1e3:.1f}",
         "speedup_one": f"{one['never'] / one['within_run']:.2f}",
@@ -94,7 +137,7 @@ def main() -> None:
         "batch_efficiency_never": f"{efficiency['never']:.2f}", "batch_efficiency": f"{efficiency['within_run']:.2f}",
         "folder_s_never": f"{stream['never']:.2f}", "folder_s": f"{stream['within_run']:.2f}",
         "idle_cpu_ms_spinning": f"{idle_spinning:.1f}", "idle_cpu_ms": f"{idle:.1f}",
-        "same_captions": int(captions["never"] == captions["within_run"])}, env, args.json)
+        "same_captions": int(captions["never"] == captions["within_run"]), **extra}, env, args.json)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ tests are skipped, except the one that checks the CLI says what to install.
 """
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -180,6 +181,21 @@ def test_an_exports_session_threads_spin_within_a_run_and_stop_after_it(exports,
     never = Captioner.from_export(exports / "int8")
     assert settings(never) == {("0", "1")}
     assert [r.caption for r in never.caption(images[:4])] == [r.caption for r in spinning.caption(images[:4])]
+
+
+def test_threads_do_not_spin_where_they_would_outnumber_the_cpus_or_when_told_not_to(tmp_path, monkeypatch):
+    from captioning.decode import onnx_engine
+
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(onnx_engine, "CGROUP_CPU_MAX", tmp_path / "cpu.max")      # none: no quota
+    assert onnx_engine.spins(cpus) and not onnx_engine.spins(cpus + 1)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert onnx_engine.usable_cpus() == cpus
+    (tmp_path / "cpu.max").write_text("50000 100000\n")                              # half a CPU's time
+    assert onnx_engine.usable_cpus() == 0.5 and not onnx_engine.spins(1)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    monkeypatch.setenv(onnx_engine.SPIN_ENV, "0")
+    assert not onnx_engine.spins(1)
 
 
 @needs_ort

@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import json
 import logging
+import os
 import platform
 from pathlib import Path
 
@@ -53,6 +54,28 @@ def require_onnx(what: str, *modules: str) -> None:
 
 
 SPIN_WITHIN_RUN = True     # False: the threads never spin (benchmarks/session_threads.py compares)
+SPIN_ENV = "CAPTIONING_ORT_SPIN"    # 0: never spin either (a machine whose cores others share)
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus() -> float:
+    """The CPUs this process may run on (its affinity), less a cgroup v2 CPU quota below that."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    cpus = float(len(affinity(0)) if affinity else os.cpu_count() or 1)
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        return cpus if quota == "max" else min(cpus, int(quota) / int(period))
+    except (OSError, ValueError):
+        return cpus
+
+
+def spins(threads: int | None) -> bool:
+    """Whether a session's threads spin within a run: yes, unless SPIN_ENV says 0 or the threads
+    (None: one a core) outnumber the CPUs this process may use, where spinning takes CPU time
+    from the other threads instead of idle cores."""
+    if not SPIN_WITHIN_RUN or os.environ.get(SPIN_ENV, "").strip() == "0":
+        return False
+    return (threads or os.cpu_count() or 1) <= usable_cpus()
 
 
 def load_session(path: str | Path, threads: int | None = None):
@@ -63,9 +86,9 @@ def load_session(path: str | Path, threads: int | None = None):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # threads spin between a run's operators (no wake-up per operator), and stop when the run
     # returns: three sessions take turns on the same cores, and threads that went on spinning after
-    # a run starved the next session's (docs/design.md, "The sessions"; SPIN_WITHIN_RUN False:
-    # never spin, to compare); no arena, and initializers outside it, for a smaller peak RSS
-    spin = "1" if SPIN_WITHIN_RUN else "0"
+    # a run starved the next session's (docs/design.md, "The sessions"; `spins` says where not);
+    # no arena, and initializers outside it, for a smaller peak RSS
+    spin = "1" if spins(threads) else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.force_spinning_stop", "1")
     options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
