@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from captioning.files import user_cache_dir
+
 SOURCE = Path(__file__).with_name("cpuid_avx2.c")
 UNITS = "from cpu_portability import vector_units; print(vector_units())"
 
@@ -42,7 +44,7 @@ def library() -> Path:
         raise SystemExit("avx2_only: this CPU (or its hypervisor) cannot make CPUID fault: no cpuid_fault "
                          "in /proc/cpuinfo; benchmarks/cpu_portability.py emulates an AVX2 CPU instead (no speed)")
     source = SOURCE.read_bytes()
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioning"
+    folder = user_cache_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     built = folder / f"cpuid_avx2-{hashlib.sha256(source).hexdigest()[:12]}.so"
     if built.is_file() and built.stat().st_uid == os.getuid() and not built.stat().st_mode & 0o022:

@@ -60,19 +60,31 @@ def idle_cpu_ms(export: Path, stop: bool, x: np.ndarray) -> float:
     return (time.process_time() - start) * 1e3
 
 
+def pair(key: str, seconds: dict, scale: float = 1e3, digits: int = 1, suffix: str = "") -> dict[str, str]:
+    """Last-line figures of the two settings: KEY_never and KEY (within runs), from `seconds`' entries
+    never+suffix and within_run+suffix, times `scale`."""
+    return {f"{key}_never": f"{seconds['never' + suffix] * scale:.{digits}f}",
+            key: f"{seconds['within_run' + suffix] * scale:.{digits}f}"}
+
+
 def served(export: Path, captioners: dict, rounds: int) -> dict[str, float]:
     """--served: median seconds of one JPEG posted to a `serve` process whose threads never spin
-    and to one whose threads spin within runs, and of each captioner here on the same bytes."""
+    and to one whose threads spin within runs (never_served, within_run_served), and of each
+    captioner here on the same bytes (never_offline, within_run_offline)."""
     import httpx
 
     from serve import Server, jpegs
 
-    jpeg, servers = jpegs(1)[0], {}
+    jpeg, servers, before = jpegs(1)[0], {}, os.environ.get(onnx_engine.SPIN_ENV)
     with contextlib.ExitStack() as stack:
-        for name, spin in (("never", "0"), ("within_run", "")):
-            os.environ[onnx_engine.SPIN_ENV] = spin          # the server process inherits it
-            servers[name] = stack.enter_context(Server(export, 8, 64))
-        os.environ.pop(onnx_engine.SPIN_ENV)
+        try:
+            for name, spin in (("never", "0"), ("within_run", "")):
+                os.environ[onnx_engine.SPIN_ENV] = spin          # the server process inherits it
+                servers[name] = stack.enter_context(Server(export, 8, 64))
+        finally:
+            os.environ.pop(onnx_engine.SPIN_ENV)
+            if before is not None:
+                os.environ[onnx_engine.SPIN_ENV] = before
         client = stack.enter_context(httpx.Client(timeout=120))
 
         def post(url):
@@ -81,8 +93,8 @@ def served(export: Path, captioners: dict, rounds: int) -> dict[str, float]:
 
         jobs = {}
         for name in servers:
-            jobs[f"served_{name}"] = lambda url=servers[name].url: post(url)
-            jobs[f"offline_{name}"] = lambda c=captioners[name]: c.caption([jpeg], batch_size=1)
+            jobs[f"{name}_served"] = lambda url=servers[name].url: post(url)
+            jobs[f"{name}_offline"] = lambda c=captioners[name]: c.caption([jpeg], batch_size=1)
         return common.medians(jobs, rounds, warmup=2)
 
 
@@ -123,19 +135,14 @@ def main() -> None:
     extra = {}
     if args.served:
         t = served(args.export, captioners, args.rounds)
-        extra = {"served_ms_never": f"{t['served_never'] * 1e3:.1f}",
-                 "served_ms": f"{t['served_within_run'] * 1e3:.1f}",
-                 "offline_ms_never": f"{t['offline_never'] * 1e3:.1f}",
-                 "offline_ms": f"{t['offline_within_run'] * 1e3:.1f}"}
+        extra = {**pair("served_ms", t, suffix="_served"), **pair("offline_ms", t, suffix="_offline")}
         print(f"one JPEG served: never {extra['served_ms_never']} ms, within runs {extra['served_ms']} ms; here: "
               f"never {extra['offline_ms_never']} ms, within runs {extra['offline_ms']} ms")
     common.finish("session_threads", {
-        "one_ms_never": f"{one['never'] * 1e3:.1f}", "one_ms": f"{one['within_run'] * 1e3:.1f}",
-        "speedup_one": f"{one['never'] / one['within_run']:.2f}",
-        "batch_ms_never": f"{batch['never_batch'] * 1e3:.1f}", "batch_ms": f"{batch['within_run_batch'] * 1e3:.1f}",
+        **pair("one_ms", one), "speedup_one": f"{one['never'] / one['within_run']:.2f}",
+        **pair("batch_ms", batch, suffix="_batch"),
         "speedup_batch": f"{batch['never_batch'] / batch['within_run_batch']:.2f}",
-        "batch_efficiency_never": f"{efficiency['never']:.2f}", "batch_efficiency": f"{efficiency['within_run']:.2f}",
-        "folder_s_never": f"{stream['never']:.2f}", "folder_s": f"{stream['within_run']:.2f}",
+        **pair("batch_efficiency", efficiency, scale=1, digits=2), **pair("folder_s", stream, scale=1, digits=2),
         "idle_cpu_ms_spinning": f"{idle_spinning:.1f}", "idle_cpu_ms": f"{idle:.1f}",
         "same_captions": int(captions["never"] == captions["within_run"]), **extra}, env, args.json)
 

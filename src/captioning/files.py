@@ -109,3 +109,8 @@ def content_hash(path: str | Path, length: int = 16) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()[:length]
+
+
+def user_cache_dir() -> Path:
+    """This user's cache folder: $XDG_CACHE_HOME/captioning, else ~/.cache/captioning."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioning"

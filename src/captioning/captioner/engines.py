@@ -38,7 +38,7 @@ from ..decode.onnx_engine import (
     read_export,
     require_onnx,
 )
-from ..files import content_hash
+from ..files import content_hash, user_cache_dir
 
 log = logging.getLogger(__name__)
 ENGINES = ("auto", "torch", "onnx")
@@ -111,7 +111,7 @@ def settings_key(quantize: str | None = None) -> str:
 def cache_roots(checkpoint: Path, cache_dir: str | Path | None = None) -> list[Path]:
     """Where exports are cached, in order: `cache_dir` or .export-cache beside the checkpoint, then
     the system's cache directory."""
-    system = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioning"
+    system = user_cache_dir()
     first = Path(cache_dir).expanduser() if cache_dir else checkpoint.parent / CACHE_FOLDER
     return [first] + ([system] if system != first else [])
 
